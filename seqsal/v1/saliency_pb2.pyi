@@ -1,0 +1,112 @@
+from seqsal.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SaliencyRequest(_message.Message):
+    __slots__ = ("model", "prompt", "target", "target_token_ids", "target_mask", "target_spans", "methods", "foil", "granularity", "custom_regex", "ig_steps")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    TARGET_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MASK_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SPANS_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    FOIL_FIELD_NUMBER: _ClassVar[int]
+    GRANULARITY_FIELD_NUMBER: _ClassVar[int]
+    CUSTOM_REGEX_FIELD_NUMBER: _ClassVar[int]
+    IG_STEPS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    prompt: str
+    target: str
+    target_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    target_mask: _containers.RepeatedScalarFieldContainer[bool]
+    target_spans: _containers.RepeatedCompositeFieldContainer[_common_pb2.CharSpan]
+    methods: _containers.RepeatedScalarFieldContainer[_common_pb2.Method]
+    foil: str
+    granularity: _common_pb2.Granularity
+    custom_regex: str
+    ig_steps: int
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., target: _Optional[str] = ..., target_token_ids: _Optional[_Iterable[int]] = ..., target_mask: _Optional[_Iterable[bool]] = ..., target_spans: _Optional[_Iterable[_Union[_common_pb2.CharSpan, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[_common_pb2.Method, str]]] = ..., foil: _Optional[str] = ..., granularity: _Optional[_Union[_common_pb2.Granularity, str]] = ..., custom_regex: _Optional[str] = ..., ig_steps: _Optional[int] = ...) -> None: ...
+
+class MethodScores(_message.Message):
+    __slots__ = ("method", "scores", "completeness_residual", "ig_steps")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    COMPLETENESS_RESIDUAL_FIELD_NUMBER: _ClassVar[int]
+    IG_STEPS_FIELD_NUMBER: _ClassVar[int]
+    method: _common_pb2.Method
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    completeness_residual: float
+    ig_steps: int
+    def __init__(self, method: _Optional[_Union[_common_pb2.Method, str]] = ..., scores: _Optional[_Iterable[float]] = ..., completeness_residual: _Optional[float] = ..., ig_steps: _Optional[int] = ...) -> None: ...
+
+class SaliencyResponse(_message.Message):
+    __slots__ = ("tokens", "scores", "segments", "granularity", "target_mask", "target_logprob", "target_token_logprobs", "foil_logprob", "model", "revision", "dtype", "device", "cache_hit", "server_time_ms")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    GRANULARITY_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MASK_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TARGET_TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    FOIL_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[_common_pb2.Token]
+    scores: _containers.RepeatedCompositeFieldContainer[MethodScores]
+    segments: _containers.RepeatedCompositeFieldContainer[_common_pb2.Segment]
+    granularity: _common_pb2.Granularity
+    target_mask: _containers.RepeatedScalarFieldContainer[bool]
+    target_logprob: float
+    target_token_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    foil_logprob: float
+    model: str
+    revision: str
+    dtype: str
+    device: str
+    cache_hit: bool
+    server_time_ms: float
+    def __init__(self, tokens: _Optional[_Iterable[_Union[_common_pb2.Token, _Mapping]]] = ..., scores: _Optional[_Iterable[_Union[MethodScores, _Mapping]]] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.Segment, _Mapping]]] = ..., granularity: _Optional[_Union[_common_pb2.Granularity, str]] = ..., target_mask: _Optional[_Iterable[bool]] = ..., target_logprob: _Optional[float] = ..., target_token_logprobs: _Optional[_Iterable[float]] = ..., foil_logprob: _Optional[float] = ..., model: _Optional[str] = ..., revision: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., server_time_ms: _Optional[float] = ...) -> None: ...
+
+class SaliencyAllSegmentsRequest(_message.Message):
+    __slots__ = ("model", "prompt", "target", "target_token_ids", "methods", "foil", "granularity", "custom_regex", "ig_steps")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    TARGET_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    FOIL_FIELD_NUMBER: _ClassVar[int]
+    GRANULARITY_FIELD_NUMBER: _ClassVar[int]
+    CUSTOM_REGEX_FIELD_NUMBER: _ClassVar[int]
+    IG_STEPS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    prompt: str
+    target: str
+    target_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    methods: _containers.RepeatedScalarFieldContainer[_common_pb2.Method]
+    foil: str
+    granularity: _common_pb2.Granularity
+    custom_regex: str
+    ig_steps: int
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., target: _Optional[str] = ..., target_token_ids: _Optional[_Iterable[int]] = ..., methods: _Optional[_Iterable[_Union[_common_pb2.Method, str]]] = ..., foil: _Optional[str] = ..., granularity: _Optional[_Union[_common_pb2.Granularity, str]] = ..., custom_regex: _Optional[str] = ..., ig_steps: _Optional[int] = ...) -> None: ...
+
+class SaliencyAllSegmentsResponse(_message.Message):
+    __slots__ = ("segment_index", "segment_count", "target_segment", "saliency")
+    SEGMENT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    SALIENCY_FIELD_NUMBER: _ClassVar[int]
+    segment_index: int
+    segment_count: int
+    target_segment: _common_pb2.Segment
+    saliency: SaliencyResponse
+    def __init__(self, segment_index: _Optional[int] = ..., segment_count: _Optional[int] = ..., target_segment: _Optional[_Union[_common_pb2.Segment, _Mapping]] = ..., saliency: _Optional[_Union[SaliencyResponse, _Mapping]] = ...) -> None: ...
