@@ -25,9 +25,8 @@ def proto_files() -> list[Path]:
 
 def generate(out_root: Path) -> list[Path]:
     """Run protoc into ``out_root`` and return the generated files, relative to it."""
-    from grpc_tools import protoc  # dev dependency, imported only here
-
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency, imported only here
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     args = [
