@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 
@@ -35,7 +35,7 @@ class Settings(BaseSettings):
         default_factory=_default_data_dir,
         description="Where converted models and other product data are stored.",
     )
-    models: list[str] = Field(
+    models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description=(
             "Models to host, each 'ID=PATH' or 'PATH' (a local Hugging Face model directory; "

@@ -1,0 +1,1 @@
+"""The saliency service: teacher-forced gradient saliency over gRPC (PyTorch)."""

@@ -1,0 +1,321 @@
+"""Teacher-forced gradient saliency for one causal LM (PyTorch).
+
+Given token ids ``x = prompt + target`` the objective for a selection ``w``
+(one weight per target token, 1 = explain it) is
+
+    L = sum_t w_t * log p(x_t | x_<t)                     (one forward pass)
+
+and, with a foil, ``L - sum_f log p(foil_f | prompt, foil_<f)``. Gradients are
+taken with respect to the input embeddings ``e_i`` (the output of the model's
+input embedding module, so Gemma's scaling is included and GPT-2's position
+embeddings are not):
+
+    GRAD_L2[i]        = ||dL/de_i||_2
+    GRAD_DOT_INPUT[i] = dL/de_i . e_i
+    IG[i]             = e_i . mean_k dL/de_i (alpha_k * e)   (zero baseline,
+                                                              midpoint rule)
+
+Several selections share one forward pass: their gradients are vector-Jacobian
+products of the same per-token log-probabilities, computed as one batched
+backward (``is_grads_batched``). Tokens at or after the last selected
+position get exactly 0.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from seqsal.errors import CancelledError
+from seqsal.v1 import common_pb2
+
+logger = logging.getLogger("seqsal.engine")
+
+GRADIENT_METHODS = (common_pb2.GRAD_L2, common_pb2.GRAD_DOT_INPUT)
+
+
+@dataclass(frozen=True)
+class SaliencyInputs:
+    """Token ids of one teacher-forced problem."""
+
+    prompt_ids: Sequence[int]
+    target_ids: Sequence[int]
+    foil_ids: Sequence[int] | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.target_ids) + len(self.foil_ids or ())
+
+
+@dataclass
+class SaliencyResult:
+    """Scores for one selection: one float32 array per method over all tokens (prompt, target, foil)."""
+
+    scores: dict[int, np.ndarray]
+    target_token_logprobs: np.ndarray
+    target_logprob: float
+    foil_logprob: float | None = None
+    ig_residual: float | None = None
+    ig_steps: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+CancelCheck = Callable[[], bool]
+
+
+def _check(cancelled: CancelCheck | None) -> None:
+    if cancelled is not None and cancelled():
+        raise CancelledError("request cancelled by the client or its deadline passed")
+
+
+class GradientEngine:
+    """Computes saliency on one loaded model. Thread-safe; runs in worker threads."""
+
+    def __init__(self, model: Any, *, ig_batch_size: int = 8, segment_batch_size: int = 8) -> None:
+        self.model = model
+        self.embeddings = model.get_input_embeddings()
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.ig_batch_size = ig_batch_size
+        self.segment_batch_size = segment_batch_size
+        self._supports_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._batched_vjp_ok = True
+        self._lock = threading.Lock()
+        self.pad_id = 0
+
+    # --- building blocks ---------------------------------------------------------------------------
+
+    def embed(self, ids: Sequence[int]) -> torch.Tensor:
+        """Input embeddings ``(len(ids), D)`` as the model's embedding module produces them."""
+        with torch.no_grad():
+            tensor = torch.tensor(list(ids), dtype=torch.long, device=self.device)
+            return self.embeddings(tensor)
+
+    def _layout(self, inputs: SaliencyInputs) -> tuple[list[list[int]], int]:
+        """Rows fed to the model (target row, then foil row) and the prompt length."""
+        prompt = list(inputs.prompt_ids)
+        rows = [prompt + list(inputs.target_ids)]
+        if inputs.foil_ids is not None:
+            rows.append(prompt + list(inputs.foil_ids))
+        return rows, len(prompt)
+
+    def _log_probs(self, leaf: torch.Tensor, inputs: SaliencyInputs) -> torch.Tensor:
+        """Per-token log-probs ``(B, n_target + n_foil)`` for each interpolation ``alpha``.
+
+        ``leaf`` is ``(B, T, D)`` without a foil (the whole sequence) and
+        ``(B, P, D)`` with one: only the prompt is explained, so only the prompt
+        is interpolated; target and foil embeddings stay as they are.
+        """
+        rows, n_prompt = self._layout(inputs)
+        n_target = len(inputs.target_ids)
+        batch = leaf.shape[0]
+        if inputs.foil_ids is None:
+            embeds = leaf
+            attention = None
+            ids = torch.tensor(rows, device=self.device)
+        else:
+            n_foil = len(inputs.foil_ids)
+            width = n_prompt + max(n_target, n_foil)
+            parts = []
+            attention_rows = []
+            for tail_ids in (inputs.target_ids, inputs.foil_ids):
+                tail = self.embed(tail_ids).unsqueeze(0).expand(batch, -1, -1)
+                pad = torch.zeros(batch, width - n_prompt - len(tail_ids), leaf.shape[-1], dtype=leaf.dtype)
+                parts.append(torch.cat([leaf, tail, pad.to(leaf.device)], dim=1))
+                attention_rows.append(
+                    [1] * (n_prompt + len(tail_ids)) + [0] * (width - n_prompt - len(tail_ids))
+                )
+            # rows: [target_0, foil_0, target_1, foil_1, ...]
+            embeds = torch.stack(parts, dim=1).reshape(batch * 2, width, leaf.shape[-1])
+            attention = torch.tensor(attention_rows * batch, device=self.device)
+            ids = torch.tensor(
+                [r + [self.pad_id] * (width - len(r)) for r in rows] * batch, device=self.device
+            )
+        n_predict = ids.shape[1] - n_prompt
+        positions = torch.arange(n_prompt - 1, n_prompt - 1 + n_predict, device=self.device)
+        kwargs: dict[str, Any] = {"inputs_embeds": embeds, "use_cache": False}
+        if attention is not None:
+            kwargs["attention_mask"] = attention
+        if self._supports_logits_to_keep:
+            logits = self.model(**kwargs, logits_to_keep=positions).logits
+        else:
+            logits = self.model(**kwargs).logits[:, positions]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        next_ids = ids[:, n_prompt : n_prompt + n_predict]
+        token_lp = log_probs.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
+        if inputs.foil_ids is None:
+            return token_lp  # (B, n_target)
+        token_lp = token_lp.view(batch, 2, n_predict)
+        return torch.cat([token_lp[:, 0, :n_target], token_lp[:, 1, : len(inputs.foil_ids)]], dim=1)
+
+    def _objective_weights(self, inputs: SaliencyInputs, masks: np.ndarray) -> torch.Tensor:
+        """``(K, n_target + n_foil)`` weights: the selection, then -1 on every foil token."""
+        weights = torch.tensor(masks, dtype=torch.float32, device=self.device)
+        if inputs.foil_ids is not None:
+            foil = -torch.ones(weights.shape[0], len(inputs.foil_ids), device=self.device)
+            weights = torch.cat([weights, foil], dim=1)
+        return weights
+
+    def _vjp(self, outputs: torch.Tensor, leaf: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Gradients of ``(weights[k] * outputs).sum()`` w.r.t. ``leaf`` for every k: ``(K, *leaf.shape)``."""
+        k = weights.shape[0]
+        grad_outputs = weights.unsqueeze(1).expand(k, *outputs.shape).contiguous()
+        if k == 1:
+            (grad,) = torch.autograd.grad(outputs, leaf, grad_outputs=grad_outputs[0], retain_graph=True)
+            return grad.unsqueeze(0)
+        if self._batched_vjp_ok:
+            try:
+                (grads,) = torch.autograd.grad(
+                    outputs, leaf, grad_outputs=grad_outputs, retain_graph=True, is_grads_batched=True
+                )
+                return grads
+            except RuntimeError as exc:  # an op without a vmap rule: loop instead, once and for all
+                logger.warning("batched backward unsupported for this model (%s); looping instead", exc)
+                self._batched_vjp_ok = False
+        return torch.stack(
+            [torch.autograd.grad(outputs, leaf, grad_outputs=g, retain_graph=True)[0] for g in grad_outputs]
+        )
+
+    # --- public API --------------------------------------------------------------------------------
+
+    def saliency(
+        self,
+        inputs: SaliencyInputs,
+        mask: Sequence[bool],
+        methods: Sequence[int],
+        *,
+        ig_steps: int = 16,
+        cancelled: CancelCheck | None = None,
+    ) -> SaliencyResult:
+        """Saliency for one selection (one forward and one backward for the gradient methods)."""
+        masks = np.asarray([mask], dtype=bool)
+        return next(self.saliency_batch(inputs, masks, methods, ig_steps=ig_steps, cancelled=cancelled))
+
+    def saliency_batch(
+        self,
+        inputs: SaliencyInputs,
+        masks: np.ndarray,
+        methods: Sequence[int],
+        *,
+        ig_steps: int = 16,
+        cancelled: CancelCheck | None = None,
+    ) -> Iterator[SaliencyResult]:
+        """Saliency for K selections ``masks (K, n_target)`` sharing one forward pass.
+
+        Yields one result per selection, in order, as soon as its chunk of the
+        batched backward is done (IG, when asked, needs all its passes first).
+        """
+        masks = np.asarray(masks, dtype=bool)
+        if masks.ndim != 2 or masks.shape[1] != len(inputs.target_ids) or not masks.any(axis=1).all():
+            raise ValueError("masks must be (K, n_target) with at least one selected token per row")
+        with self._lock:  # one computation per model at a time: autograd graphs are large
+            yield from self._saliency_batch(inputs, masks, methods, ig_steps, cancelled)
+
+    def _saliency_batch(
+        self,
+        inputs: SaliencyInputs,
+        masks: np.ndarray,
+        methods: Sequence[int],
+        ig_steps: int,
+        cancelled: CancelCheck | None,
+    ) -> Iterator[SaliencyResult]:
+        _check(cancelled)
+        rows, n_prompt = self._layout(inputs)
+        total = inputs.total_tokens
+        n_target = len(inputs.target_ids)
+        full_embeds = self.embed(rows[0])
+        leaf_embeds = full_embeds[:n_prompt] if inputs.foil_ids is not None else full_embeds
+        want_grad = any(m in GRADIENT_METHODS for m in methods)
+        weights = self._objective_weights(inputs, masks)
+        # Tokens at or after the last selected position get 0 (prompt only with a foil).
+        last_selected = np.array([n_prompt + int(np.flatnonzero(m)[-1]) for m in masks])
+        limit = np.full(len(masks), n_prompt) if inputs.foil_ids is not None else last_selected
+
+        leaf = leaf_embeds.unsqueeze(0).clone().requires_grad_(want_grad)
+        with torch.set_grad_enabled(want_grad):
+            outputs = self._log_probs(leaf, inputs)
+        token_lp = outputs[0].detach().cpu().numpy().astype(np.float32)
+        _check(cancelled)
+
+        ig_scores: np.ndarray | None = None
+        ig_residuals: np.ndarray | None = None
+        if common_pb2.INTEGRATED_GRADIENTS in methods:
+            ig_scores, ig_residuals = self._integrated_gradients(
+                inputs, leaf_embeds, weights, outputs.detach(), ig_steps, cancelled
+            )
+
+        embeds32 = leaf_embeds.float()
+        for chunk_start in range(0, len(masks), self.segment_batch_size):
+            chunk = slice(chunk_start, chunk_start + self.segment_batch_size)
+            grads = None
+            if want_grad:
+                _check(cancelled)
+                grads = self._vjp(outputs, leaf, weights[chunk])[:, 0].float()  # (k, T_leaf, D)
+            for offset, k in enumerate(
+                range(chunk_start, min(chunk_start + self.segment_batch_size, len(masks)))
+            ):
+                scores: dict[int, np.ndarray] = {}
+                for method in methods:
+                    values = np.zeros(total, dtype=np.float32)
+                    if method == common_pb2.GRAD_L2:
+                        assert grads is not None
+                        values[: leaf.shape[1]] = grads[offset].norm(dim=-1).cpu().numpy()
+                    elif method == common_pb2.GRAD_DOT_INPUT:
+                        assert grads is not None
+                        values[: leaf.shape[1]] = (grads[offset] * embeds32).sum(-1).cpu().numpy()
+                    elif method == common_pb2.INTEGRATED_GRADIENTS:
+                        assert ig_scores is not None
+                        values[: leaf.shape[1]] = ig_scores[k]
+                    values[limit[k] :] = 0.0
+                    scores[method] = values
+                selected_lp = float(token_lp[:n_target][masks[k]].astype(np.float64).sum())
+                foil_lp = (
+                    float(token_lp[n_target:].astype(np.float64).sum())
+                    if inputs.foil_ids is not None
+                    else None
+                )
+                yield SaliencyResult(
+                    scores=scores,
+                    target_token_logprobs=token_lp[:n_target].copy(),
+                    target_logprob=selected_lp,
+                    foil_logprob=foil_lp,
+                    ig_residual=None if ig_residuals is None else float(ig_residuals[k]),
+                    ig_steps=ig_steps if ig_scores is not None else 0,
+                )
+
+    def _integrated_gradients(
+        self,
+        inputs: SaliencyInputs,
+        embeds: torch.Tensor,
+        weights: torch.Tensor,
+        outputs_at_input: torch.Tensor,
+        steps: int,
+        cancelled: CancelCheck | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """IG with a zero baseline for K objectives; returns scores ``(K, T_leaf)`` and residuals ``(K,)``."""
+        alphas = (torch.arange(steps, dtype=torch.float32, device=self.device) + 0.5) / steps
+        total_grad = torch.zeros(weights.shape[0], *embeds.shape, dtype=torch.float32, device=self.device)
+        for start in range(0, steps, self.ig_batch_size):
+            _check(cancelled)
+            batch_alphas = alphas[start : start + self.ig_batch_size]
+            scale = batch_alphas.view(-1, 1, 1).to(self.dtype)
+            leaf = (embeds.unsqueeze(0) * scale).detach().requires_grad_(True)
+            with torch.enable_grad():
+                outputs = self._log_probs(leaf, inputs)
+                grads = self._vjp(outputs, leaf, weights)  # (K, B, T, D)
+            total_grad += grads.float().sum(dim=1)
+        scores = (total_grad / steps * embeds.float().unsqueeze(0)).sum(-1)  # (K, T)
+        with torch.no_grad():
+            zero = torch.zeros_like(embeds).unsqueeze(0)
+            baseline_out = self._log_probs(zero, inputs)
+        objective_x = (weights * outputs_at_input.float()).sum(-1)  # (K,)
+        objective_0 = (weights * baseline_out.float()).sum(-1)
+        residual = (scores.sum(-1) - (objective_x - objective_0)).abs()
+        return scores.cpu().numpy(), residual.cpu().numpy()

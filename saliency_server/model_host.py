@@ -1,0 +1,113 @@
+"""The models one saliency server hosts, loaded once at start-up."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from saliency_server.engine import GradientEngine
+from seqsal.errors import NotFoundError
+from seqsal.model_registry import (
+    ModelSpec,
+    load_causal_lm,
+    load_tokenizer,
+    model_revision,
+    resolve_device,
+    resolve_dtype,
+)
+from seqsal.settings import Settings
+from seqsal.v1 import common_pb2
+
+logger = logging.getLogger("seqsal.saliency")
+
+
+@dataclass
+class HostedModel:
+    """A loaded model with its tokenizer, gradient engine and public description."""
+
+    spec: ModelSpec
+    tokenizer: Any
+    engine: GradientEngine
+    info: common_pb2.ModelInfo
+    load_seconds: float
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+
+def _max_tokens(model: Any, tokenizer: Any, limit: int) -> int:
+    config_max = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None
+    )
+    candidates = [limit]
+    if isinstance(config_max, int) and config_max > 0:
+        candidates.append(config_max)
+    return min(candidates)
+
+
+def load_hosted_model(spec: ModelSpec, settings: Settings, *, is_default: bool) -> HostedModel:
+    """Load one model for gradient computation, as the settings say (device, dtype, batch sizes)."""
+    started = time.perf_counter()
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    tokenizer = load_tokenizer(spec.path)
+    model = load_causal_lm(spec.path, device, dtype)
+    engine = GradientEngine(
+        model, ig_batch_size=settings.ig_batch_size, segment_batch_size=settings.segment_batch_size
+    )
+    if tokenizer.pad_token_id is not None:
+        engine.pad_id = int(tokenizer.pad_token_id)
+    info = common_pb2.ModelInfo(
+        id=spec.id,
+        revision=model_revision(spec.path),
+        architecture=type(model).__name__,
+        max_tokens=_max_tokens(model, tokenizer, settings.max_tokens),
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        is_default=is_default,
+    )
+    seconds = time.perf_counter() - started
+    logger.info(
+        "loaded model %s (%s, %s on %s, revision %s) from %s in %.1f s",
+        spec.id,
+        info.architecture,
+        info.dtype,
+        info.device,
+        info.revision,
+        spec.path,
+        seconds,
+    )
+    return HostedModel(spec=spec, tokenizer=tokenizer, engine=engine, info=info, load_seconds=seconds)
+
+
+class ModelHost:
+    """Looks hosted models up by id; the first one is the default."""
+
+    def __init__(self, models: list[HostedModel]) -> None:
+        if not models:
+            raise ValueError("a server needs at least one model")
+        self._models = {m.id: m for m in models}
+        self.default = models[0]
+
+    @classmethod
+    def load(cls, specs: list[ModelSpec], settings: Settings) -> ModelHost:
+        return cls([load_hosted_model(s, settings, is_default=i == 0) for i, s in enumerate(specs)])
+
+    def get(self, model_id: str) -> HostedModel:
+        """The model named ``model_id``; empty = the default model."""
+        if not model_id:
+            return self.default
+        try:
+            return self._models[model_id]
+        except KeyError:
+            raise NotFoundError(
+                f"model {model_id!r} is not hosted here; available: {sorted(self._models)} "
+                "(or leave `model` empty for the default)",
+                field="model",
+            ) from None
+
+    def infos(self) -> list[common_pb2.ModelInfo]:
+        return [m.info for m in self._models.values()]

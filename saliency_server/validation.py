@@ -1,0 +1,203 @@
+"""Turn a wire request into a validated computation, or a clear error naming the field.
+
+Everything a client can get wrong is checked here, before any model work:
+empty texts, both or neither target forms, masks and spans that do not fit the
+target, unknown methods and granularities, invalid regexes, too many tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from saliency_server.engine import SaliencyInputs
+from saliency_server.model_host import HostedModel
+from seqsal import segmentation
+from seqsal.errors import InvalidArgumentError
+from seqsal.tokenization import part_text, tokenize, tokens_from_ids
+from seqsal.v1 import common_pb2, saliency_pb2
+
+DEFAULT_METHODS = (common_pb2.GRAD_L2, common_pb2.GRAD_DOT_INPUT)
+MAX_IG_STEPS = 1024
+METHOD_NAMES = ", ".join(n for n in common_pb2.Method.keys() if n != "METHOD_UNSPECIFIED")
+GRANULARITY_NAMES = ", ".join(n for n in common_pb2.Granularity.keys() if n != "GRANULARITY_UNSPECIFIED")
+
+
+@dataclass
+class Problem:
+    """A validated teacher-forced problem: tokens, ids and what to compute."""
+
+    hosted: HostedModel
+    prompt_tokens: list[common_pb2.Token]
+    target_tokens: list[common_pb2.Token]
+    foil_tokens: list[common_pb2.Token] | None
+    methods: list[int]
+    granularity: int
+    custom_regex: str
+    ig_steps: int
+
+    @property
+    def tokens(self) -> list[common_pb2.Token]:
+        return self.prompt_tokens + self.target_tokens + (self.foil_tokens or [])
+
+    @property
+    def inputs(self) -> SaliencyInputs:
+        return SaliencyInputs(
+            prompt_ids=[t.id for t in self.prompt_tokens],
+            target_ids=[t.id for t in self.target_tokens],
+            foil_ids=None if self.foil_tokens is None else [t.id for t in self.foil_tokens],
+        )
+
+    @property
+    def target_text(self) -> str:
+        return part_text(self.target_tokens)
+
+
+def validate_methods(methods: Sequence[int]) -> list[int]:
+    """Requested methods without repeats, in order; empty = GRAD_L2 and GRAD_DOT_INPUT."""
+    if not methods:
+        return list(DEFAULT_METHODS)
+    known = set(common_pb2.Method.values()) - {common_pb2.METHOD_UNSPECIFIED}
+    out: list[int] = []
+    for i, method in enumerate(methods):
+        if method not in known:
+            raise InvalidArgumentError(
+                f"methods[{i}] = {method} is not a saliency method; use one of {METHOD_NAMES}",
+                field="methods",
+            )
+        if method not in out:
+            out.append(method)
+    return out
+
+
+def validate_granularity(granularity: int, custom_regex: str, *, required: bool) -> str:
+    """Check the granularity (and its regex); returns the regex to use ('' unless CUSTOM_REGEX)."""
+    if granularity not in common_pb2.Granularity.values():
+        raise InvalidArgumentError(
+            f"granularity = {granularity} is unknown; use one of {GRANULARITY_NAMES}", field="granularity"
+        )
+    if required and granularity == common_pb2.GRANULARITY_UNSPECIFIED:
+        raise InvalidArgumentError(
+            f"granularity is required here; use one of {GRANULARITY_NAMES}", field="granularity"
+        )
+    if granularity == common_pb2.CUSTOM_REGEX:
+        segmentation.validate_regex(custom_regex)
+        return custom_regex
+    if custom_regex:
+        raise InvalidArgumentError(
+            "custom_regex is only used with granularity CUSTOM_REGEX; set that granularity or drop the regex",
+            field="custom_regex",
+        )
+    return ""
+
+
+def _target_tokens(hosted: HostedModel, target: str, target_ids: Sequence[int]) -> list[common_pb2.Token]:
+    if target and target_ids:
+        raise InvalidArgumentError(
+            "both target and target_token_ids are set; send exactly one of them", field="target"
+        )
+    if target_ids:
+        return tokens_from_ids(hosted.tokenizer, target_ids, part=common_pb2.TARGET, field="target_token_ids")
+    if not target:
+        raise InvalidArgumentError(
+            "target is empty; send the text to explain in `target` or its ids in `target_token_ids`",
+            field="target",
+        )
+    tokens = tokenize(hosted.tokenizer, target, part=common_pb2.TARGET, add_special_tokens=False)
+    if not tokens:
+        raise InvalidArgumentError("target has no tokens for this model's tokenizer", field="target")
+    return tokens
+
+
+def build_problem(
+    hosted: HostedModel,
+    *,
+    prompt: str,
+    target: str,
+    target_token_ids: Sequence[int],
+    methods: Sequence[int],
+    foil: str | None,
+    granularity: int,
+    custom_regex: str,
+    ig_steps: int,
+    default_ig_steps: int,
+    require_granularity: bool = False,
+) -> Problem:
+    """Validate and tokenise; raises InvalidArgumentError naming the field at the first problem."""
+    if not prompt:
+        raise InvalidArgumentError("prompt is empty; send the text the model was given", field="prompt")
+    resolved_methods = validate_methods(methods)
+    regex = validate_granularity(granularity, custom_regex, required=require_granularity)
+    if not 0 <= ig_steps <= MAX_IG_STEPS:
+        raise InvalidArgumentError(
+            f"ig_steps = {ig_steps} is out of range; use 1..{MAX_IG_STEPS}, or 0 for the default",
+            field="ig_steps",
+        )
+    prompt_tokens = tokenize(hosted.tokenizer, prompt, part=common_pb2.PROMPT, add_special_tokens=True)
+    target_tokens = _target_tokens(hosted, target, target_token_ids)
+    foil_tokens = None
+    if foil is not None:
+        if not foil:
+            raise InvalidArgumentError(
+                "foil is set but empty; send the alternative text, or leave foil unset", field="foil"
+            )
+        foil_tokens = tokenize(hosted.tokenizer, foil, part=common_pb2.FOIL, add_special_tokens=False)
+    total = len(prompt_tokens) + len(target_tokens) + len(foil_tokens or [])
+    limit = hosted.info.max_tokens
+    if total > limit:
+        raise InvalidArgumentError(
+            f"prompt + target{' + foil' if foil_tokens else ''} is {total} tokens; model "
+            f"{hosted.id!r} on this server accepts at most {limit} (SEQSAL_MAX_TOKENS); shorten the prompt",
+            field="prompt",
+        )
+    return Problem(
+        hosted=hosted,
+        prompt_tokens=prompt_tokens,
+        target_tokens=target_tokens,
+        foil_tokens=foil_tokens,
+        methods=resolved_methods,
+        granularity=granularity,
+        custom_regex=regex,
+        ig_steps=ig_steps or default_ig_steps,
+    )
+
+
+def resolve_selection(problem: Problem, request: saliency_pb2.SaliencyRequest) -> np.ndarray:
+    """The target tokens to explain, as one bool per target token."""
+    n_target = len(problem.target_tokens)
+    mask = list(request.target_mask)
+    spans = list(request.target_spans)
+    if mask and spans:
+        raise InvalidArgumentError(
+            "both target_mask and target_spans are set; send one of them", field="target_spans"
+        )
+    if mask:
+        if len(mask) != n_target:
+            raise InvalidArgumentError(
+                f"target_mask has {len(mask)} entries but the target has {n_target} tokens; send one bool "
+                "per target token (Tokenize with as_target shows them) or leave it empty for all",
+                field="target_mask",
+            )
+        selection = np.asarray(mask, dtype=bool)
+    elif spans:
+        text_length = len(problem.target_text)
+        selection = np.zeros(n_target, dtype=bool)
+        for i, span in enumerate(spans):
+            if not 0 <= span.start < span.end <= text_length:
+                raise InvalidArgumentError(
+                    f"target_spans[{i}] = [{span.start}, {span.end}) is not a non-empty range inside the "
+                    f"target text (0..{text_length} chars)",
+                    field="target_spans",
+                )
+            for j, token in enumerate(problem.target_tokens):
+                if not token.special and token.start < span.end and token.end > span.start:
+                    selection[j] = True
+    else:
+        selection = np.ones(n_target, dtype=bool)
+    if not selection.any():
+        raise InvalidArgumentError(
+            "the selection covers no target token; select at least one", field="target_mask"
+        )
+    return selection

@@ -1,0 +1,279 @@
+"""The ``seqsal`` command line: serve, explain, tokenize, and find the default model.
+
+A thin layer over :class:`seqsal.settings.Settings`: flags override the
+``SEQSAL_*`` environment variables, which override the defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from seqsal.errors import SeqsalError
+from seqsal.settings import Settings
+from seqsal.v1 import common_pb2
+
+app = typer.Typer(help="seqsal: interactive prompt debugging with sequence saliency.", no_args_is_help=True)
+serve_app = typer.Typer(help="Run a seqsal server.", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class MethodOption(StrEnum):
+    grad_l2 = "grad_l2"
+    grad_dot_input = "grad_dot_input"
+    integrated_gradients = "integrated_gradients"
+
+
+class GranularityOption(StrEnum):
+    tokens = "tokens"
+    words = "words"
+    sentences = "sentences"
+    lines = "lines"
+    paragraphs = "paragraphs"
+    custom_regex = "custom_regex"
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    json = "json"
+    html = "html"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=True)],
+        force=True,
+    )
+
+
+def _settings(**overrides: Any) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None and v != []})
+
+
+def _fail(error: SeqsalError) -> None:
+    where = f" (field: {error.field})" if error.field else ""
+    err_console.print(f"[bold red]{error.code.name}[/]{where}: {error.message}")
+    raise typer.Exit(code=2)
+
+
+ServerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--server", "-s", help="Address of a running saliency server (host:port); none = in-process."
+    ),
+]
+ModelOption = Annotated[
+    list[str] | None,
+    typer.Option("--model", "-m", help="Model to host, 'ID=PATH' or 'PATH'; repeatable. Default: SmolLM2."),
+]
+
+
+@serve_app.command("saliency")
+def serve_saliency(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on (default 50051; 0 = any free).")] = None,
+    model: ModelOption = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda:N.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16 (GPU).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Most tokens per request.")] = None,
+    max_concurrency: Annotated[int | None, typer.Option(help="Requests computed at once.")] = None,
+    max_queue: Annotated[int | None, typer.Option(help="Requests waiting before RESOURCE_EXHAUSTED.")] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis URL for a shared cache (or REDIS_URL).")
+    ] = None,
+) -> None:
+    """Serve SaliencyService over gRPC until SIGTERM/SIGINT (then drain in-flight calls)."""
+    from saliency_server.server import serve
+
+    settings = _settings(
+        host=host,
+        port=port,
+        models=model,
+        device=device,
+        dtype=dtype,
+        max_tokens=max_tokens,
+        max_concurrency=max_concurrency,
+        max_queue=max_queue,
+        redis_url=redis_url,
+    )
+    _setup_logging(settings.log_level)
+    asyncio.run(serve(settings))
+
+
+@app.command("model-path")
+def model_path() -> None:
+    """Print the default model's local directory, converting it from the GGUF on first use."""
+    from seqsal.default_model import ensure_default_model
+
+    settings = _settings()
+    _setup_logging(settings.log_level)
+    print(ensure_default_model(settings))
+
+
+def _client(server: str | None, model: list[str] | None) -> Any:
+    if server:
+        from seqsal.client import SaliencyClient
+
+        return SaliencyClient(server)
+    from saliency_server.local import LocalSaliencyClient
+
+    settings = _settings(models=model)
+    _setup_logging("WARNING")
+    return LocalSaliencyClient(settings)
+
+
+def _read_text(value: str | None, file: Path | None, name: str) -> str | None:
+    if value is not None and file is not None:
+        raise typer.BadParameter(f"give --{name} or --{name}-file, not both")
+    if file is not None:
+        return sys.stdin.read() if str(file) == "-" else file.read_text(encoding="utf-8")
+    return value
+
+
+@app.command()
+def tokenize(
+    text: Annotated[str, typer.Argument(help="Text to tokenise.")],
+    as_target: Annotated[bool, typer.Option(help="Tokenise as a target (no BOS).")] = False,
+    server: ServerOption = None,
+    model: ModelOption = None,
+) -> None:
+    """Show how a model tokenises a text (ids, pieces, char offsets)."""
+    try:
+        with _client(server, model) as client:
+            response = client.tokenize(text, as_target=as_target)
+    except SeqsalError as error:
+        _fail(error)
+    table = Table(
+        "#", "id", "piece", "chars", "special", title=f"{len(response.tokens)} tokens ({response.model})"
+    )
+    for i, token in enumerate(response.tokens):
+        table.add_row(
+            str(i),
+            str(token.id),
+            repr(token.text),
+            f"{token.start}-{token.end}",
+            "yes" if token.special else "",
+        )
+    console.print(table)
+
+
+@app.command()
+def saliency(
+    prompt: Annotated[str | None, typer.Option(help="Prompt text.")] = None,
+    prompt_file: Annotated[
+        Path | None, typer.Option(help="Read the prompt from a file ('-' = stdin).")
+    ] = None,
+    target: Annotated[str | None, typer.Option(help="Target text to explain.")] = None,
+    target_file: Annotated[Path | None, typer.Option(help="Read the target from a file.")] = None,
+    foil: Annotated[
+        str | None, typer.Option(help="Contrastive foil: why the target rather than this?")
+    ] = None,
+    method: Annotated[list[MethodOption] | None, typer.Option(help="Method(s); repeatable.")] = None,
+    granularity: Annotated[
+        GranularityOption, typer.Option(help="Segment granularity.")
+    ] = GranularityOption.words,
+    regex: Annotated[str, typer.Option(help="With --granularity custom_regex: where segments start.")] = "",
+    span: Annotated[
+        list[str] | None, typer.Option(help="Explain only target chars START:END; repeatable. Default: all.")
+    ] = None,
+    ig_steps: Annotated[int, typer.Option(help="Integrated-gradients steps (0 = server default).")] = 0,
+    output_format: Annotated[
+        OutputFormat, typer.Option("--format", "-f", help="Output format.")
+    ] = OutputFormat.table,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write json/html here instead of stdout.")
+    ] = None,
+    intensity: Annotated[float, typer.Option(help="Colour intensity (>0).")] = 1.0,
+    server: ServerOption = None,
+    model: ModelOption = None,
+) -> None:
+    """Explain which parts of a prompt made the model produce a target."""
+    from seqsal import render
+    from seqsal.client import saliency_request
+
+    prompt_text = _read_text(prompt, prompt_file, "prompt")
+    target_text = _read_text(target, target_file, "target")
+    if not prompt_text or not target_text:
+        raise typer.BadParameter(
+            "both a prompt (--prompt/--prompt-file) and a target (--target/--target-file) are needed"
+        )
+    spans = []
+    for item in span or []:
+        start, _, end = item.partition(":")
+        if not start.isdigit() or not end.isdigit():
+            raise typer.BadParameter(f"--span {item!r} must be START:END char offsets into the target")
+        spans.append((int(start), int(end)))
+    request = saliency_request(
+        prompt=prompt_text,
+        target=target_text,
+        target_spans=spans,
+        methods=[common_pb2.Method.Value(m.value.upper()) for m in method or []],
+        foil=foil,
+        granularity=common_pb2.Granularity.Value(granularity.value.upper()),
+        custom_regex=regex,
+        ig_steps=ig_steps,
+    )
+    try:
+        with _client(server, model) as client:
+            response = client.saliency(request)
+    except SeqsalError as error:
+        _fail(error)
+    if output_format is OutputFormat.table:
+        for index in range(len(response.scores)):
+            console.rule(render.method_name(response.scores[index].method))
+            console.print(render.render_terminal(response, index, intensity=intensity))
+        console.print(
+            f"[dim]model {response.model} ({response.dtype}, {response.device}) · "
+            f"log p(target) = {response.target_logprob:.3f} · {response.server_time_ms:.0f} ms"
+            f"{' · cached' if response.cache_hit else ''}[/]"
+        )
+        return
+    text = (
+        render.render_json(response)
+        if output_format is OutputFormat.json
+        else render.render_html(response, intensity=intensity)
+    )
+    if out:
+        out.write_text(text, encoding="utf-8")
+        err_console.print(f"wrote {out}")
+    else:
+        sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+
+
+@app.command()
+def models(server: ServerOption = None, model: ModelOption = None) -> None:
+    """List the models a server (or the in-process service) hosts."""
+    try:
+        with _client(server, model) as client:
+            response = client.list_models()
+    except SeqsalError as error:
+        _fail(error)
+    table = Table("id", "architecture", "max tokens", "dtype", "device", "revision")
+    for info in response.models:
+        table.add_row(
+            info.id + (" (default)" if info.is_default else ""),
+            info.architecture,
+            str(info.max_tokens),
+            info.dtype,
+            info.device,
+            info.revision,
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

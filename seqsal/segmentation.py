@@ -1,0 +1,333 @@
+"""Group tokens into segments: the one segmentation used by the servers and the UI.
+
+Input is the token list of a response (``seqsal.v1.common_pb2.Token``): the PROMPT
+tokens, then the TARGET tokens, then possibly the FOIL tokens. Within a part the
+non-special tokens tile the part's text (the first starts at 0, each starts where
+the previous one ended, ``text == part_text[start:end]``), so the part text is the
+concatenation of their texts. Special tokens (BOS, ...) carry their literal form
+(``"<s>"``) as ``text``, cover no chars and are not part of the part text.
+
+A segment is a half-open run ``[token_start, token_end)`` of tokens. The segments of
+a granularity partition the token list: they are contiguous, non-empty, cover every
+token exactly once and never cross a part boundary. A token *starts a segment* when
+
+* it is the first token of its part;
+* it is special, or it follows a special token (a special token is always a
+  segment of its own);
+* the granularity's rule says so:
+
+  - ``TOKENS``: every token.
+  - ``WORDS``: it is non-empty and its text begins with whitespace or ``'▁'``
+    (U+2581, the SentencePiece space), or the nearest preceding non-empty token of
+    its part ends with ``'\\n'``.
+  - ``SENTENCES``, ``LINES``, ``PARAGRAPHS``, ``CUSTOM_REGEX``: it holds a char
+    *boundary* of its part text (below).
+
+Char boundaries are positions in the part text. Boundary ``b`` makes the token whose
+char span ``[start, end)`` contains ``b`` start a segment: a boundary inside a token
+makes the whole token start the new segment. Boundaries at 0 or at ``len(text)`` are
+no-ops (the part's first token already starts a segment; nothing follows the last).
+Empty non-special tokens contain no char, so they never hold a boundary and stay in
+the segment before them. Throughout, "space" means whitespace other than ``'\\n'``,
+or ``'▁'``.
+
+* ``LINES``: right after every run of ``'\\n'``: the newlines end the previous line.
+  ``"\\r\\n"`` works the same (the ``'\\r'`` stays before its ``'\\n'``).
+* ``SENTENCES``: every ``LINES`` boundary, plus, after each of ``.``, ``?`` or ``!``
+  followed by a run of spaces that is followed by a non-space char, a boundary at
+  the start of that run: the space goes with the next sentence, as tokenizers put
+  leading spaces on the next token. A run that reaches a ``'\\n'`` or the end of the
+  text gives no boundary of its own (the newline rule splits it; trailing spaces
+  stay with the last sentence).
+* ``PARAGRAPHS``: right after the last ``'\\n'`` of every blank-line run, i.e. every
+  match of ``\\n(?:[spaces]*\\n)+``: two or more newlines with only spaces between
+  them (``"\\n\\n"``, ``"\\n\\n\\n"``, ``"\\n  \\n"``, ``"\\r\\n\\r\\n"``). Indentation
+  of the next paragraph's first line goes with that paragraph.
+* ``CUSTOM_REGEX``: at the start of every ``re.finditer`` match of the pattern in the
+  part text (zero-length matches included; no flags are added, use inline flags such
+  as ``(?m)``). Applies to every part. The pattern must be non-empty and compile.
+
+``GRANULARITY_UNSPECIFIED`` gives no segments. A segment's ``char_start``/``char_end``
+are the char span of its tokens in the part text (``char_start == char_end`` at the
+special token's position for a special segment) and its ``text`` is the
+concatenation of its token texts (the literal form for a special token), so for
+non-special segments ``text == part_text[char_start:char_end]``.
+
+Tokens that break the tiling contract raise ``ValueError`` (a server bug, not a bad
+request); a bad granularity or regex raises ``InvalidArgumentError``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from bisect import bisect_right
+from collections.abc import Sequence
+
+from seqsal.errors import InvalidArgumentError
+from seqsal.v1 import common_pb2
+
+SPACE_CHARS = "\u2581"
+"""Chars treated as spaces besides Python whitespace (the SentencePiece space)."""
+
+_SPACE = r"(?:[^\S\n]|\u2581)"
+_LINE_END = re.compile(r"\n+")
+_SENTENCE_END = re.compile(rf"[.?!]({_SPACE}+)(?=[^\s\u2581])")
+_PARAGRAPH_END = re.compile(rf"\n(?:{_SPACE}*\n)+")
+
+_CHAR_GRANULARITIES = frozenset(
+    {
+        common_pb2.SENTENCES,
+        common_pb2.LINES,
+        common_pb2.PARAGRAPHS,
+        common_pb2.CUSTOM_REGEX,
+    }
+)
+_KNOWN_GRANULARITIES = _CHAR_GRANULARITIES | {
+    common_pb2.GRANULARITY_UNSPECIFIED,
+    common_pb2.TOKENS,
+    common_pb2.WORDS,
+}
+
+
+def validate_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a ``custom_regex``; raise ``InvalidArgumentError`` naming the pattern if it is bad.
+
+    An empty pattern is rejected too: ``CUSTOM_REGEX`` needs something to match.
+    """
+    if not pattern:
+        raise InvalidArgumentError(
+            "custom_regex is required with granularity CUSTOM_REGEX", field="custom_regex"
+        )
+    try:
+        return re.compile(pattern)
+    except (re.error, OverflowError, RecursionError, ValueError) as exc:
+        raise InvalidArgumentError(
+            f"custom_regex {pattern!r} is not a valid Python regular expression: {exc}",
+            field="custom_regex",
+        ) from exc
+
+
+def part_runs(tokens: Sequence[common_pb2.Token]) -> list[tuple[int, int, int]]:
+    """The parts of ``tokens`` as ``(part, first, end)`` token index runs, in order.
+
+    Raises ``ValueError`` if a part appears in two separate runs.
+    """
+    runs: list[tuple[int, int, int]] = []
+    first = 0
+    for i in range(1, len(tokens) + 1):
+        if i == len(tokens) or tokens[i].part != tokens[first].part:
+            part = int(tokens[first].part)
+            if any(run[0] == part for run in runs):
+                raise ValueError(f"tokens of part {_part_name(part)} are not contiguous (index {first})")
+            runs.append((part, first, i))
+            first = i
+    return runs
+
+
+def _part_name(part: int) -> str:
+    """The enum name of a part, or its number if unknown."""
+    try:
+        return common_pb2.Part.Name(part)  # type: ignore[arg-type]
+    except ValueError:
+        return str(part)
+
+
+def _char_offsets(tokens: Sequence[common_pb2.Token], first: int, end: int) -> list[int]:
+    """Char position of every token of one part run: its ``start``, or the running offset for specials.
+
+    Checks the tiling contract of the non-special tokens and raises ``ValueError`` if broken.
+    """
+    offsets: list[int] = []
+    pos = 0
+    for i in range(first, end):
+        token = tokens[i]
+        offsets.append(pos)
+        if token.special:
+            continue
+        if token.start != pos or token.end != pos + len(token.text):
+            raise ValueError(
+                f"token {i} ({token.text!r}, [{token.start}, {token.end})) does not tile its part text: "
+                f"expected start {pos} and end {pos + len(token.text)}"
+            )
+        pos = token.end
+    return offsets
+
+
+def part_texts(tokens: Sequence[common_pb2.Token]) -> dict[int, str]:
+    """Each part's text (part enum value -> text), rebuilt from its non-special tokens.
+
+    Raises ``ValueError`` if the tokens break the tiling contract.
+    """
+    texts: dict[int, str] = {}
+    for part, first, end in part_runs(tokens):
+        _char_offsets(tokens, first, end)
+        texts[part] = "".join(t.text for t in tokens[first:end] if not t.special)
+    return texts
+
+
+def char_boundaries(text: str, granularity: int, pattern: re.Pattern[str] | None = None) -> set[int]:
+    """Char boundaries of a part text for a char-based granularity (see the module docstring).
+
+    ``pattern`` is required for ``CUSTOM_REGEX``. The result may include 0 and ``len(text)``.
+    """
+    if granularity == common_pb2.LINES:
+        return {m.end() for m in _LINE_END.finditer(text)}
+    if granularity == common_pb2.SENTENCES:
+        lines = char_boundaries(text, common_pb2.LINES)
+        return lines | {m.start(1) for m in _SENTENCE_END.finditer(text)}
+    if granularity == common_pb2.PARAGRAPHS:
+        return {m.end() for m in _PARAGRAPH_END.finditer(text)}
+    if granularity == common_pb2.CUSTOM_REGEX:
+        if pattern is None:
+            raise ValueError("CUSTOM_REGEX needs a compiled pattern")
+        return {m.start() for m in pattern.finditer(text)}
+    raise ValueError(f"granularity {granularity} has no char boundaries")
+
+
+def _is_word_start(text: str) -> bool:
+    """True if a token text begins with whitespace or the SentencePiece space."""
+    return bool(text) and (text[0].isspace() or text[0] in SPACE_CHARS)
+
+
+def _word_starts(tokens: Sequence[common_pb2.Token], first: int, end: int) -> list[bool]:
+    """WORDS rule for one part run: which tokens start a word."""
+    starts: list[bool] = []
+    after_newline = False
+    for token in tokens[first:end]:
+        starts.append(bool(token.text) and (_is_word_start(token.text) or after_newline))
+        if token.text and not token.special:
+            after_newline = token.text.endswith("\n")
+    return starts
+
+
+def _boundary_starts(
+    tokens: Sequence[common_pb2.Token],
+    first: int,
+    end: int,
+    offsets: Sequence[int],
+    boundaries: set[int],
+) -> list[bool]:
+    """Char-boundary rule for one part run: which tokens contain a boundary char."""
+    starts = [False] * (end - first)
+    # Non-empty non-special tokens in order: their char starts are sorted and they tile the text.
+    holders = [j for j in range(end - first) if not tokens[first + j].special and tokens[first + j].text]
+    holder_starts = [offsets[j] for j in holders]
+    text_len = tokens[first + holders[-1]].end if holders else 0
+    for b in boundaries:
+        if 0 < b < text_len:
+            starts[holders[bisect_right(holder_starts, b) - 1]] = True
+    return starts
+
+
+def _segment_starts(
+    tokens: Sequence[common_pb2.Token],
+    first: int,
+    end: int,
+    offsets: Sequence[int],
+    granularity: int,
+    pattern: re.Pattern[str] | None,
+) -> list[bool]:
+    """For one part run, which tokens start a segment (all rules combined)."""
+    if granularity == common_pb2.TOKENS:
+        return [True] * (end - first)
+    if granularity == common_pb2.WORDS:
+        starts = _word_starts(tokens, first, end)
+    else:
+        text = "".join(t.text for t in tokens[first:end] if not t.special)
+        starts = _boundary_starts(tokens, first, end, offsets, char_boundaries(text, granularity, pattern))
+    starts[0] = True
+    for j in range(end - first):
+        if tokens[first + j].special:
+            starts[j] = True
+            if j + 1 < end - first:
+                starts[j + 1] = True
+    return starts
+
+
+def _make_segment(
+    tokens: Sequence[common_pb2.Token], part: int, start: int, stop: int, char_start: int
+) -> common_pb2.Segment:
+    """A segment of tokens ``[start, stop)`` of one part, starting at ``char_start`` in its text."""
+    text = "".join(t.text for t in tokens[start:stop])
+    char_len = sum(len(t.text) for t in tokens[start:stop] if not t.special)
+    return common_pb2.Segment(
+        part=part,  # type: ignore[arg-type]
+        token_start=start,
+        token_end=stop,
+        char_start=char_start,
+        char_end=char_start + char_len,
+        text=text,
+    )
+
+
+def _check_granularity(granularity: int) -> None:
+    """Raise ``InvalidArgumentError`` for a granularity this module does not know."""
+    if granularity not in _KNOWN_GRANULARITIES:
+        raise InvalidArgumentError(f"unknown granularity {granularity}", field="granularity")
+
+
+def segment_tokens(
+    tokens: Sequence[common_pb2.Token], granularity: int, custom_regex: str = ""
+) -> list[common_pb2.Segment]:
+    """Segments of all parts at ``granularity``, in token order, with empty ``scores``.
+
+    ``custom_regex`` is used (and validated) only with ``CUSTOM_REGEX``.
+    ``GRANULARITY_UNSPECIFIED`` gives ``[]``. Raises ``InvalidArgumentError`` for an unknown
+    granularity or a bad regex, ``ValueError`` for tokens that break the tiling contract.
+    """
+    _check_granularity(granularity)
+    pattern = validate_regex(custom_regex) if granularity == common_pb2.CUSTOM_REGEX else None
+    if granularity == common_pb2.GRANULARITY_UNSPECIFIED:
+        return []
+    segments: list[common_pb2.Segment] = []
+    for part, first, end in part_runs(tokens):
+        offsets = _char_offsets(tokens, first, end)
+        starts = _segment_starts(tokens, first, end, offsets, granularity, pattern)
+        begins = [j for j, s in enumerate(starts) if s] + [end - first]
+        for a, b in itertools.pairwise(begins):
+            segments.append(_make_segment(tokens, part, first + a, first + b, offsets[a]))
+    return segments
+
+
+def with_scores(
+    segments: Sequence[common_pb2.Segment], token_scores: Sequence[Sequence[float]]
+) -> list[common_pb2.Segment]:
+    """Copies of ``segments`` whose ``scores`` hold, per method, the sum of their token scores.
+
+    ``token_scores`` has one score list per method, each indexed like the token list the
+    segments came from. Sums are taken in float64 (``math.fsum``) before the proto's float32.
+    """
+    n_tokens = len(token_scores[0]) if token_scores else 0
+    if any(len(scores) != n_tokens for scores in token_scores):
+        raise ValueError(f"token score lists differ in length: {[len(s) for s in token_scores]}")
+    rows = [[float(x) for x in scores] for scores in token_scores]
+    out: list[common_pb2.Segment] = []
+    for segment in segments:
+        if token_scores and not 0 <= segment.token_start < segment.token_end <= n_tokens:
+            raise ValueError(
+                f"segment [{segment.token_start}, {segment.token_end}) is out of range for {n_tokens} tokens"
+            )
+        copy = common_pb2.Segment()
+        copy.CopyFrom(segment)
+        del copy.scores[:]
+        copy.scores.extend(math.fsum(row[segment.token_start : segment.token_end]) for row in rows)
+        out.append(copy)
+    return out
+
+
+def segment_target_masks(
+    tokens: Sequence[common_pb2.Token], segments: Sequence[common_pb2.Segment]
+) -> list[tuple[common_pb2.Segment, list[bool]]]:
+    """For every TARGET segment, in order: the segment and its mask over the TARGET tokens.
+
+    The mask has one bool per TARGET token (in token order), True for the segment's tokens:
+    the ``target_mask`` that explains that segment.
+    """
+    target_indices = [i for i, t in enumerate(tokens) if t.part == common_pb2.TARGET]
+    return [
+        (segment, [segment.token_start <= i < segment.token_end for i in target_indices])
+        for segment in segments
+        if segment.part == common_pb2.TARGET
+    ]

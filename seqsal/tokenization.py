@@ -1,0 +1,118 @@
+"""One tokenisation per model, with char offsets, used by every service.
+
+A prompt is tokenised with the tokenizer's own special tokens (BOS...); a
+target or foil on its own, without them. Returned tokens *tile* their text:
+each non-special token starts where the previous one ended, so whitespace is
+kept on the token that follows it and the token texts concatenate back to the
+input. Special tokens get an empty char span at their position and their
+literal form as text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from seqsal.errors import InvalidArgumentError
+from seqsal.v1 import common_pb2
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+def _tile(
+    text: str, ids: Sequence[int], offsets: Sequence[tuple[int, int]], special: Sequence[int], part: int
+) -> list[common_pb2.Token]:
+    """Turn tokenizer offsets into tiled tokens covering ``text`` exactly."""
+    last_regular = max((i for i, s in enumerate(special) if not s), default=-1)
+    tokens: list[common_pb2.Token] = []
+    cursor = 0
+    for i, (token_id, (_, end), is_special) in enumerate(zip(ids, offsets, special, strict=True)):
+        if is_special:
+            tokens.append(
+                common_pb2.Token(id=token_id, text="", start=cursor, end=cursor, special=True, part=part)
+            )
+            continue
+        stop = len(text) if i == last_regular else min(max(end, cursor), len(text))
+        tokens.append(
+            common_pb2.Token(
+                id=token_id, text=text[cursor:stop], start=cursor, end=stop, special=False, part=part
+            )
+        )
+        cursor = stop
+    return tokens
+
+
+def tokenize(tokenizer: Any, text: str, *, part: int, add_special_tokens: bool) -> list[common_pb2.Token]:
+    """Tokenise ``text`` as the servers do, with tiled char offsets.
+
+    ``tokenizer`` must be a fast (Rust) Hugging Face tokenizer: offsets come
+    from it, so no re-tokenisation drift is possible.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise InvalidArgumentError(
+            "the model's tokenizer is not a fast tokenizer, so it cannot report char offsets; "
+            "save the model with a tokenizer.json",
+            field="model",
+        )
+    enc = tokenizer(
+        text,
+        add_special_tokens=add_special_tokens,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+    )
+    ids = list(enc["input_ids"])
+    special = list(enc["special_tokens_mask"]) if add_special_tokens else [0] * len(ids)
+    tokens = _tile(text, ids, enc["offset_mapping"], special, part)
+    for token in tokens:
+        if token.special:
+            token.text = tokenizer.convert_ids_to_tokens(token.id)
+    return tokens
+
+
+def tokens_from_ids(tokenizer: Any, ids: Sequence[int], *, part: int, field: str) -> list[common_pb2.Token]:
+    """Tokens for given ids (e.g. from Generate); the part's text is their decoding.
+
+    Each token's text is what it adds to the incremental decoding, so the
+    texts concatenate to ``tokenizer.decode(ids)``. A token that ends in the
+    middle of a multi-byte character gets empty text; the character goes to
+    the token that completes it.
+    """
+    vocab_size = len(tokenizer)
+    for i, token_id in enumerate(ids):
+        if not 0 <= token_id < vocab_size:
+            raise InvalidArgumentError(
+                f"{field}[{i}] = {token_id} is not a token id of this model (vocabulary size {vocab_size})",
+                field=field,
+            )
+    special_ids = set(tokenizer.all_special_ids)
+    tokens: list[common_pb2.Token] = []
+    committed = ""
+    for k, token_id in enumerate(ids):
+        start = len(committed)
+        if token_id in special_ids:
+            literal = tokenizer.convert_ids_to_tokens(token_id)
+            tokens.append(
+                common_pb2.Token(id=token_id, text=literal, start=start, end=start, special=True, part=part)
+            )
+            continue
+        decoded = tokenizer.decode(
+            list(ids[: k + 1]), skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        if decoded.endswith(REPLACEMENT_CHAR) and k + 1 < len(ids):
+            piece = ""
+        elif decoded.startswith(committed):
+            piece = decoded[len(committed) :]
+        else:  # the decoder rewrote earlier text (rare): fall back to the token on its own
+            piece = tokenizer.decode([token_id], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        committed += piece
+        tokens.append(
+            common_pb2.Token(
+                id=token_id, text=piece, start=start, end=start + len(piece), special=False, part=part
+            )
+        )
+    return tokens
+
+
+def part_text(tokens: Sequence[common_pb2.Token]) -> str:
+    """The text of one part: its non-special tokens' texts concatenated."""
+    return "".join(t.text for t in tokens if not t.special)
