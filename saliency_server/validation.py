@@ -197,7 +197,9 @@ def resolve_selection(problem: Problem, request: saliency_pb2.SaliencyRequest) -
     else:
         selection = np.ones(n_target, dtype=bool)
     if not selection.any():
+        field = "target_spans" if spans else "target_mask"
         raise InvalidArgumentError(
-            "the selection covers no target token; select at least one", field="target_mask"
+            f"{field} selects no target token; select at least one, or leave it empty to explain all",
+            field=field,
         )
     return selection

@@ -78,7 +78,12 @@ ServerOption = Annotated[
 ]
 ModelOption = Annotated[
     list[str] | None,
-    typer.Option("--model", "-m", help="Model to host, 'ID=PATH' or 'PATH'; repeatable. Default: SmolLM2."),
+    typer.Option(
+        "--model",
+        "-m",
+        help="In-process: model to load, 'ID=PATH' or 'PATH' (repeatable; default SmolLM2). "
+        "With --server: the id of a model it hosts (default: its default model).",
+    ),
 ]
 
 
@@ -128,6 +133,8 @@ def _client(server: str | None, model: list[str] | None) -> Any:
     if server:
         from seqsal.client import SaliencyClient
 
+        if model and len(model) > 1:
+            raise typer.BadParameter("with --server, give at most one --model: the hosted model's id")
         return SaliencyClient(server)
     from saliency_server.local import LocalSaliencyClient
 
@@ -226,6 +233,7 @@ def saliency(
         granularity=common_pb2.Granularity.Value(granularity.value.upper()),
         custom_regex=regex,
         ig_steps=ig_steps,
+        model=model[0].partition("=")[0] if server and model else "",
     )
     try:
         with _client(server, model) as client:

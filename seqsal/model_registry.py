@@ -117,7 +117,9 @@ def load_tokenizer(path: Path) -> Any:
 def load_causal_lm(path: Path, device: Any, dtype: Any) -> Any:
     """Load a causal LM for gradient computation: eval mode, weights frozen."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
     )

@@ -75,7 +75,9 @@ def tokens_from_ids(tokenizer: Any, ids: Sequence[int], *, part: int, field: str
     Each token's text is what it adds to the incremental decoding, so the
     texts concatenate to ``tokenizer.decode(ids)``. A token that ends in the
     middle of a multi-byte character gets empty text; the character goes to
-    the token that completes it.
+    the token that completes it. Where the decoder rewrites earlier text (byte
+    fallback decodes an invalid byte run as U+FFFD per byte), the token that
+    causes it takes the rewritten text from the earlier tokens.
     """
     vocab_size = len(tokenizer)
     for i, token_id in enumerate(ids):
@@ -102,8 +104,24 @@ def tokens_from_ids(tokenizer: Any, ids: Sequence[int], *, part: int, field: str
             piece = ""
         elif decoded.startswith(committed):
             piece = decoded[len(committed) :]
-        else:  # the decoder rewrote earlier text (rare): fall back to the token on its own
-            piece = tokenizer.decode([token_id], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        else:
+            # The decoder rewrote earlier text: byte fallback turns a whole run of byte tokens that
+            # is not valid UTF-8 into U+FFFD, one per byte, including bytes already committed as
+            # valid chars. Earlier tokens give back what they claimed past the common prefix; this
+            # token takes the rewritten rest, so the texts still concatenate to the decoding.
+            keep = next(
+                (i for i, (a, b) in enumerate(zip(committed, decoded, strict=False)) if a != b),
+                min(len(committed), len(decoded)),
+            )
+            for earlier in tokens:
+                if earlier.end > keep:
+                    earlier.start = min(earlier.start, keep)
+                    earlier.end = keep
+                    if not earlier.special:
+                        earlier.text = committed[earlier.start : keep]
+            committed = committed[:keep]
+            start = keep
+            piece = decoded[keep:]
         committed += piece
         tokens.append(
             common_pb2.Token(

@@ -1,0 +1,114 @@
+"""Shared pytest setup: offline Hugging Face, a sane torch thread count, and model fixtures.
+
+Fixtures:
+- ``tiny_model_dirs``: ``{arch: dir}`` of tiny random models (see ``tests/tiny_models.py``),
+  built once per session.
+- ``tiny_llama_dir``: the Llama one of those.
+- ``default_model_dir``: the converted default model (SmolLM2-135M-Instruct), cached across
+  runs under ``$SEQSAL_DATA_DIR`` or ``<repo>/.data``. Tests using it are marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+# Before anything imports huggingface_hub / transformers: never download.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Half the cores (at most 4): tests often run a server process beside the test process, and two
+# processes with a thread per core each on a small machine are many times slower than one thread
+# each (OpenMP threads spin while they wait). OMP_NUM_THREADS, if set, wins; servers the tests
+# start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(4, (os.cpu_count() or 2) // 2))))
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+if TYPE_CHECKING:
+    from saliency_server.serving import SaliencyServing
+    from seqsal.grpc_server import GrpcServer
+    from seqsal.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Whatever uses the real default model is slow, marked or not.
+    for item in items:
+        if "default_model_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tiny_models import ARCHITECTURES, build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {arch: build_tiny_model(arch, root / arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_model_dirs: dict[str, Path]) -> Path:
+    return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from seqsal.default_model import ensure_default_model
+    from seqsal.settings import Settings
+
+    data_dir = Path(os.environ.get("SEQSAL_DATA_DIR") or REPO_ROOT / ".data")
+    return ensure_default_model(Settings(data_dir=data_dir))
+
+
+# --- in-process saliency servers (used by test_grpc_saliency.py and test_cache_integration.py) ---
+
+
+@dataclass
+class RunningSaliencyServer:
+    """A started saliency gRPC server on 127.0.0.1 with its serving layer (for monkeypatching)."""
+
+    settings: Settings
+    serving: SaliencyServing
+    server: GrpcServer
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+SaliencyServerFactory = Callable[["Settings"], AbstractAsyncContextManager[RunningSaliencyServer]]
+
+
+@pytest.fixture(scope="session")
+def saliency_server() -> SaliencyServerFactory:
+    """``async with saliency_server(settings) as srv:`` runs a real server on a free port.
+
+    The port in ``settings`` is ignored; on exit the server is stopped (0.5 s grace) and
+    the serving layer and its cache are closed.
+    """
+    from saliency_server.server import build_server, build_serving
+
+    @asynccontextmanager
+    async def run(settings: Settings) -> AsyncIterator[RunningSaliencyServer]:
+        serving = build_serving(settings)
+        server = build_server(serving, settings)
+        try:
+            port = server.bind("127.0.0.1", 0)
+            await server.start()
+            yield RunningSaliencyServer(settings=settings, serving=serving, server=server, port=port)
+        finally:
+            await server.stop(0.5)
+            serving.close()
+            await serving.cache.close()
+
+    return run
