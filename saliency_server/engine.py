@@ -170,7 +170,8 @@ class GradientEngine:
             logits = self.model(**kwargs, logits_to_keep=positions).logits
         else:
             logits = self.model(**kwargs).logits[:, positions]
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        # half-precision logits are upcast; float32 and float64 keep their precision
+        log_probs = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
         next_ids = ids[:, n_prompt : n_prompt + n_predict]
         token_lp = log_probs.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
         if inputs.foil_ids is None:
