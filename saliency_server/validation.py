@@ -16,7 +16,7 @@ from saliency_server.engine import SaliencyInputs
 from saliency_server.model_host import HostedModel
 from seqsal import segmentation
 from seqsal.errors import InvalidArgumentError
-from seqsal.tokenization import part_text, tokenize, tokens_from_ids
+from seqsal.tokenization import part_text, surely_too_long, tokenize, tokens_from_ids
 from seqsal.v1 import common_pb2, saliency_pb2
 
 DEFAULT_METHODS = (common_pb2.GRAD_L2, common_pb2.GRAD_DOT_INPUT)
@@ -93,13 +93,22 @@ def validate_granularity(granularity: int, custom_regex: str, *, required: bool)
     return ""
 
 
-def _target_tokens(hosted: HostedModel, target: str, target_ids: Sequence[int]) -> list[common_pb2.Token]:
+def _target_tokens(
+    hosted: HostedModel, target: str, target_ids: Sequence[int], prompt_tokens: Sequence[common_pb2.Token]
+) -> list[common_pb2.Token]:
     if target and target_ids:
         raise InvalidArgumentError(
             "both target and target_token_ids are set; send exactly one of them", field="target"
         )
     if target_ids:
-        return tokens_from_ids(hosted.tokenizer, target_ids, part=common_pb2.TARGET, field="target_token_ids")
+        context = [t.id for t in prompt_tokens if not t.special][-1:]
+        return tokens_from_ids(
+            hosted.tokenizer,
+            target_ids,
+            part=common_pb2.TARGET,
+            field="target_token_ids",
+            context_ids=context,
+        )
     if not target:
         raise InvalidArgumentError(
             "target is empty; send the text to explain in `target` or its ids in `target_token_ids`",
@@ -135,8 +144,16 @@ def build_problem(
             f"ig_steps = {ig_steps} is out of range; use 1..{MAX_IG_STEPS}, or 0 for the default",
             field="ig_steps",
         )
+    limit = hosted.info.max_tokens
+    chars = len(prompt) + len(target) + len(foil or "")
+    if surely_too_long(hosted.tokenizer, chars, limit):
+        raise InvalidArgumentError(
+            f"prompt + target{' + foil' if foil else ''} is {chars} chars, far more than the {limit} tokens "
+            f"model {hosted.id!r} on this server accepts (SEQSAL_MAX_TOKENS); shorten the prompt",
+            field="prompt",
+        )
     prompt_tokens = tokenize(hosted.tokenizer, prompt, part=common_pb2.PROMPT, add_special_tokens=True)
-    target_tokens = _target_tokens(hosted, target, target_token_ids)
+    target_tokens = _target_tokens(hosted, target, target_token_ids, prompt_tokens)
     foil_tokens = None
     if foil is not None:
         if not foil:
@@ -145,7 +162,6 @@ def build_problem(
             )
         foil_tokens = tokenize(hosted.tokenizer, foil, part=common_pb2.FOIL, add_special_tokens=False)
     total = len(prompt_tokens) + len(target_tokens) + len(foil_tokens or [])
-    limit = hosted.info.max_tokens
     if total > limit:
         raise InvalidArgumentError(
             f"prompt + target{' + foil' if foil_tokens else ''} is {total} tokens; model "

@@ -69,8 +69,15 @@ def tokenize(tokenizer: Any, text: str, *, part: int, add_special_tokens: bool) 
     return tokens
 
 
-def tokens_from_ids(tokenizer: Any, ids: Sequence[int], *, part: int, field: str) -> list[common_pb2.Token]:
+def tokens_from_ids(
+    tokenizer: Any, ids: Sequence[int], *, part: int, field: str, context_ids: Sequence[int] = ()
+) -> list[common_pb2.Token]:
     """Tokens for given ids (e.g. from Generate); the part's text is their decoding.
+
+    ``context_ids`` (e.g. the prompt's last token) are decoded in front and cut
+    off again, so that a continuation keeps its leading space: SentencePiece
+    decoders drop the space of a sequence's first token ("▁Paris" alone decodes
+    to "Paris", after "▁is" to " Paris").
 
     Each token's text is what it adds to the incremental decoding, so the
     texts concatenate to ``tokenizer.decode(ids)``. A token that ends in the
@@ -87,6 +94,19 @@ def tokens_from_ids(tokenizer: Any, ids: Sequence[int], *, part: int, field: str
                 field=field,
             )
     special_ids = set(tokenizer.all_special_ids)
+    context = [i for i in context_ids if i not in special_ids]
+    prefix = tokenizer.decode(context, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def decode(upto: int) -> str:
+        text = tokenizer.decode(
+            context + list(ids[:upto]), skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        if text.startswith(prefix):
+            return text[len(prefix) :]
+        return tokenizer.decode(
+            list(ids[:upto]), skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
     tokens: list[common_pb2.Token] = []
     committed = ""
     for k, token_id in enumerate(ids):
@@ -97,9 +117,7 @@ def tokens_from_ids(tokenizer: Any, ids: Sequence[int], *, part: int, field: str
                 common_pb2.Token(id=token_id, text=literal, start=start, end=start, special=True, part=part)
             )
             continue
-        decoded = tokenizer.decode(
-            list(ids[: k + 1]), skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
+        decoded = decode(k + 1)
         if decoded.endswith(REPLACEMENT_CHAR) and k + 1 < len(ids):
             piece = ""
         elif decoded.startswith(committed):
@@ -134,3 +152,22 @@ def tokens_from_ids(tokenizer: Any, ids: Sequence[int], *, part: int, field: str
 def part_text(tokens: Sequence[common_pb2.Token]) -> str:
     """The text of one part: its non-special tokens' texts concatenated."""
     return "".join(t.text for t in tokens if not t.special)
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most chars any single token of the vocabulary decodes to (computed once per tokenizer)."""
+    cached = getattr(tokenizer, "_seqsal_longest_token_chars", None)
+    if cached is None:
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        cached = max((len(tokenizer.convert_tokens_to_string([p])) for p in pieces if p), default=1)
+        cached = max(int(cached), 1)
+        tokenizer._seqsal_longest_token_chars = cached
+    return int(cached)
+
+
+def surely_too_long(tokenizer: Any, chars: int, limit: int) -> bool:
+    """True when a text of ``chars`` chars cannot fit in ``limit`` tokens, whatever its content.
+
+    Lets servers refuse a multi-megabyte prompt at once instead of tokenising it first.
+    """
+    return chars > limit * longest_token_chars(tokenizer)

@@ -90,8 +90,8 @@ SaliencyServerFactory = Callable[["Settings"], AbstractAsyncContextManager[Runni
 
 
 @pytest.fixture(scope="session")
-def saliency_server() -> SaliencyServerFactory:
-    """``async with saliency_server(settings) as srv:`` runs a real server on a free port.
+def run_saliency_server() -> SaliencyServerFactory:
+    """``async with run_saliency_server(settings) as srv:`` runs a real server on a free port.
 
     The port in ``settings`` is ignored; on exit the server is stopped (0.5 s grace) and
     the serving layer and its cache are closed.

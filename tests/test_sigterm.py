@@ -1,0 +1,157 @@
+"""``seqsal serve saliency`` drains on SIGTERM: in-flight calls finish, new ones are refused, exit 0.
+
+The server runs as a real subprocess (``python -m seqsal.cli serve saliency``) with a tiny
+model. A long integrated-gradients request keeps it busy; its length is calibrated on this
+machine first, so the request is certainly still running when the signal arrives.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from seqsal.client import SaliencyClient
+from seqsal.errors import UnavailableError
+from seqsal.v1 import common_pb2
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GRACE_S = 20.0
+LONG_REQUEST_S = 4.0  # how long the in-flight request should take
+PROMPT = (
+    "Once upon a time, in a small village by the sea, there lived an old fisherman and his wife. "
+    "Every morning he rowed out past the rocks, cast his net, and waited for the tide to turn. "
+    "Some days the net came back heavy with silver fish; other days it held nothing but weeds."
+)
+TARGET = " One morning he caught a golden fish."
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _health(address: str) -> int | None:
+    """The server's overall health status, or None if it does not answer."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return None
+        return int(response.status)
+
+
+@pytest.fixture
+def server_process(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """A running ``seqsal serve saliency`` subprocess, its address and its log file."""
+    port = _free_port()
+    log_path = tmp_path / "server.log"
+    env = dict(os.environ)
+    env.update(
+        {
+            "SEQSAL_SHUTDOWN_GRACE_S": str(GRACE_S),
+            "SEQSAL_MAX_QUEUE": "4",
+            # one interpolation point per pass: IG steps get slow enough to outlast the signal
+            "SEQSAL_IG_BATCH_SIZE": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
+            "COLUMNS": "200",
+        }
+    )
+    env.pop("REDIS_URL", None)
+    env.pop("SEQSAL_REDIS_URL", None)
+    command = [
+        sys.executable,
+        "-m",
+        "seqsal.cli",
+        "serve",
+        "saliency",
+        "--port",
+        str(port),
+        "--model",
+        f"tiny={tiny_llama_dir}",
+        "--device",
+        "cpu",
+    ]
+    with log_path.open("wb") as log:
+        # cwd: a directory without a .env file, so only the environment above configures it
+        process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while _health(address) != health_pb2.HealthCheckResponse.SERVING:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not SERVING after 60 s:\n{log_path.read_text()}")
+            time.sleep(0.1)
+        yield process, address, log_path
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_cleanly(
+    server_process: tuple[subprocess.Popen[bytes], str, Path],
+) -> None:
+    process, address, log_path = server_process
+    with SaliencyClient(address, timeout=60.0) as client:
+        # calibrate: integrated gradients cost about the same per step; the difference of two
+        # probes removes the fixed cost of a call (the first call also warms the server up)
+        timings: dict[int, float] = {}
+        for probe_steps in (8, 16, 80):
+            started = time.perf_counter()
+            probe = client.saliency(
+                prompt=PROMPT, target=TARGET, methods=[common_pb2.INTEGRATED_GRADIENTS], ig_steps=probe_steps
+            )
+            timings[probe_steps] = time.perf_counter() - started
+            assert probe.scores[0].ig_steps == probe_steps
+        per_step = max(timings[80] - timings[16], 1e-6) / 64
+        steps = min(1024, max(64, math.ceil(LONG_REQUEST_S / per_step)))
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            in_flight = pool.submit(
+                client.saliency,
+                prompt=PROMPT + " Slow.",  # not cached
+                target=TARGET,
+                methods=[common_pb2.INTEGRATED_GRADIENTS],
+                ig_steps=steps,
+            )
+            time.sleep(min(0.5, steps * per_step / 4))  # let it reach the server
+            assert not in_flight.done(), "the long request finished before SIGTERM; the test proves nothing"
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            time.sleep(0.3)
+
+            # draining: a new call on a new connection is refused
+            with SaliencyClient(address, timeout=5.0) as late, pytest.raises(UnavailableError):
+                late.saliency(prompt="Too late.", target=TARGET)
+            assert process.poll() is None, "the server quit before its in-flight request finished"
+            assert not in_flight.done(), "the long request finished too early to show draining"
+
+            # the in-flight call completes normally
+            response = in_flight.result(timeout=GRACE_S + 10)
+        assert response.scores[0].method == common_pb2.INTEGRATED_GRADIENTS
+        assert response.scores[0].ig_steps == steps and not response.cache_hit
+        assert any(v != 0.0 for v in response.scores[0].scores)
+
+    returncode = process.wait(timeout=GRACE_S + 10)
+    elapsed = time.monotonic() - signalled
+    log = log_path.read_text(errors="replace")
+    assert returncode == 0, log
+    assert elapsed < GRACE_S, f"took {elapsed:.1f} s to exit\n{log}"
+    assert "signal received" in log and "draining" in log, log
