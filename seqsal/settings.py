@@ -67,6 +67,45 @@ class Settings(BaseSettings):
         default=8, ge=1, description="Target segments per batched backward pass in SaliencyAllSegments."
     )
 
+    # --- inference server ----------------------------------------------------
+    inference_host: str = Field(default="127.0.0.1", description="Address the inference server binds to.")
+    inference_port: int = Field(default=50052, ge=0, le=65535, description="Port of the inference server.")
+    backend: Literal["vllm", "transformers", "openai"] = Field(
+        default="vllm",
+        description="Generation backend: vLLM in-process, transformers (hosts without vLLM), or a remote "
+        "OpenAI-compatible server (e.g. an existing vLLM deployment) at `openai_url`.",
+    )
+    openai_url: str | None = Field(
+        default=None, description="Base URL of the remote server, e.g. http://h:8000/v1."
+    )
+    openai_api_key: str | None = Field(
+        default=None, description="API key for the remote server, if it needs one."
+    )
+    openai_model: str | None = Field(
+        default=None, description="Model name on the remote server; default = the local model id."
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM: GPUs one model is split across.")
+    gpu_memory_utilization: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="vLLM: share of GPU memory it may take (leave room for saliency).",
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="vLLM: context length; default = model's."
+    )
+    vllm_kv_cache_gb: int = Field(default=4, ge=1, description="vLLM on CPU: KV cache size in GiB.")
+    max_candidates: int = Field(default=16, ge=1, description="Largest `n` a Generate request may ask for.")
+    default_max_new_tokens: int = Field(
+        default=256, ge=1, description="Generate's max_tokens when 0 is sent."
+    )
+
+    # --- where clients find the servers (CLI, UI, batch) ----------------------
+    saliency_address: str = Field(default="127.0.0.1:50051", description="host:port of the saliency server.")
+    inference_address: str = Field(
+        default="127.0.0.1:50052", description="host:port of the inference server."
+    )
+
     # --- cache ---------------------------------------------------------------
     redis_url: str | None = Field(
         default=None,

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 # Before anything imports huggingface_hub / transformers: never download.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -110,5 +110,62 @@ def run_saliency_server() -> SaliencyServerFactory:
             await server.stop(0.5)
             serving.close()
             await serving.cache.close()
+
+    return run
+
+
+# --- in-process inference servers --------------------------------------------------------------
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with a (simple) chat template, like an instruct model."""
+    import json
+    import shutil
+
+    target = tmp_path_factory.mktemp("tiny_chat") / "llama-chat"
+    shutil.copytree(tiny_llama_dir, target)
+    config_path = target / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    config_path.write_text(json.dumps(config))
+    return target
+
+
+@dataclass
+class RunningInferenceServer:
+    """A started inference gRPC server on 127.0.0.1 with its serving layer."""
+
+    settings: Settings
+    serving: Any
+    server: GrpcServer
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="session")
+def run_inference_server() -> Callable[[Settings], AbstractAsyncContextManager[RunningInferenceServer]]:
+    """``async with run_inference_server(settings) as srv:`` runs a real inference server on a free port."""
+    from inference_server.server import build_server, build_serving
+
+    @asynccontextmanager
+    async def run(settings: Settings) -> AsyncIterator[RunningInferenceServer]:
+        serving = await build_serving(settings)
+        server = build_server(serving, settings)
+        try:
+            port = server.bind("127.0.0.1", 0)
+            await server.start()
+            yield RunningInferenceServer(settings=settings, serving=serving, server=server, port=port)
+        finally:
+            await server.stop(0.5)
+            await serving.close()
 
     return run

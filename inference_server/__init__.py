@@ -1,0 +1,1 @@
+"""The inference service: generation and scoring over gRPC, on vLLM (or transformers, or a remote server)."""

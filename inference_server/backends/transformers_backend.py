@@ -1,0 +1,242 @@
+"""Generation with transformers in-process: the backend for hosts where vLLM cannot be installed.
+
+Same contract as the vLLM backend: logprobs are those of the model's
+distribution before temperature and top-p/top-k (after any penalties the
+model's generation config sets), the end-of-sequence token
+is kept in ``token_ids`` but not in the text, and a stop string ends a
+candidate and is cut from its text. One generation runs at a time per model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from inference_server.backends.base import Backend, CandidateDelta, GeneratedCandidate, SamplingParams
+from seqsal.model_registry import ModelSpec, load_causal_lm, resolve_device, resolve_dtype
+from seqsal.settings import Settings
+from seqsal.tokenization import REPLACEMENT_CHAR
+from seqsal.v1 import inference_pb2
+
+
+class _RawLogprobs(LogitsProcessor):
+    """Records log-softmax of the raw logits at every step (it runs first, before any warper)."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.steps.append(torch.log_softmax(scores.float(), dim=-1))
+        return scores
+
+
+@dataclass
+class _Row:
+    """Progress of one candidate."""
+
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # chars of `text` already sent
+    sent_tokens: int = 0
+    finish: int = inference_pb2.FINISH_REASON_UNSPECIFIED
+
+
+class _Collector(BaseStreamer, StoppingCriteria):
+    """Turns generate()'s token stream into candidate deltas; also stops rows at stop strings."""
+
+    def __init__(
+        self,
+        n: int,
+        tokenizer: Any,
+        stop: Sequence[str],
+        eos_ids: set[int],
+        recorder: _RawLogprobs,
+        emit: Any,
+    ) -> None:
+        self.rows = [_Row() for _ in range(n)]
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.eos_ids = eos_ids
+        self.recorder = recorder
+        self.emit = emit
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first sends the prompt
+            self.prompt_seen = True
+            return
+        logprobs = self.recorder.steps[-1]
+        tokens = value.view(-1).tolist()
+        for i, row in enumerate(self.rows):
+            if row.finish:
+                continue
+            token = tokens[i]
+            row.ids.append(token)
+            row.logprobs.append(float(logprobs[i, token]))
+            if token in self.eos_ids:
+                row.finish = inference_pb2.STOP
+            self._update_text(row)
+            self._send(i, row)
+
+    def _update_text(self, row: _Row) -> None:
+        text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+        for s in self.stop:
+            at = text.find(s)
+            if at != -1:
+                text = text[:at]
+                row.finish = inference_pb2.STOP
+        row.text = text
+
+    def _send(self, index: int, row: _Row) -> None:
+        ready = len(row.text)
+        if not row.finish and row.text.endswith(REPLACEMENT_CHAR):
+            ready = len(row.text.rstrip(REPLACEMENT_CHAR))  # wait for the rest of a multi-byte char
+        delta = CandidateDelta(
+            index=index,
+            text=row.text[row.emitted : max(ready, row.emitted)],
+            token_ids=row.ids[row.sent_tokens :],
+            logprobs=row.logprobs[row.sent_tokens :],
+            finish_reason=row.finish,
+        )
+        row.emitted = max(ready, row.emitted)
+        row.sent_tokens = len(row.ids)
+        self.emit(delta)
+
+    def finish_length(self) -> None:
+        for i, row in enumerate(self.rows):
+            if not row.finish:
+                row.finish = inference_pb2.LENGTH
+                row.emitted = min(row.emitted, len(row.text))
+                self._send(i, row)
+
+    def end(self) -> None:
+        pass
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
+    ) -> torch.BoolTensor:
+        return torch.tensor([bool(r.finish) for r in self.rows], device=input_ids.device)
+
+
+class TransformersBackend(Backend):
+    """``AutoModelForCausalLM.generate`` in a worker thread."""
+
+    name = "transformers"
+
+    def __init__(self, spec: ModelSpec, tokenizer: Any, settings: Settings) -> None:
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.model: Any = None
+        self._lock = threading.Lock()
+
+    async def start(self) -> None:
+        device = resolve_device(self.settings.device)
+        dtype = resolve_dtype(self.settings.dtype, device)
+        self.model = await asyncio.to_thread(load_causal_lm, self.spec.path, device, dtype)
+        config = self.model.config
+        limit = (
+            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+        )
+        self.context = min(int(limit), self.settings.max_model_len or int(limit))
+        self.dtype_name = str(dtype).removeprefix("torch.")
+        self.device_name = str(device)
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _run(self, prompt_ids: Sequence[int], params: SamplingParams, emit: Any) -> None:
+        recorder = _RawLogprobs()
+        collector = _Collector(params.n, self.tokenizer, params.stop, self._eos_ids(), recorder, emit)
+        device = next(self.model.parameters()).device
+        input_ids = torch.tensor([list(prompt_ids)] * params.n, device=device)
+        kwargs: dict[str, Any] = {"do_sample": not params.greedy}
+        if not params.greedy:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = next(iter(self._eos_ids()), 0)
+        with self._lock, torch.no_grad():
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            self.model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=params.max_tokens,
+                logits_processor=LogitsProcessorList([recorder]),
+                stopping_criteria=StoppingCriteriaList([collector]),
+                streamer=collector,
+                pad_token_id=pad,
+                eos_token_id=list(self._eos_ids()) or None,
+                **kwargs,
+            )
+        collector.finish_length()
+
+    async def generate_stream(
+        self, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncIterator[CandidateDelta]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        done = object()
+
+        def work() -> None:
+            try:
+                self._run(prompt_ids, params, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d))
+            except BaseException as exc:
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        worker = loop.run_in_executor(None, work)
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, CandidateDelta)
+                yield item
+        finally:
+            await asyncio.shield(worker)
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[GeneratedCandidate]:
+        candidates = [
+            GeneratedCandidate(index=i, text="", token_ids=[], logprobs=[]) for i in range(params.n)
+        ]
+        async for delta in self.generate_stream(prompt_ids, params):
+            candidate = candidates[delta.index]
+            candidate.text += delta.text
+            candidate.token_ids.extend(delta.token_ids)
+            candidate.logprobs.extend(delta.logprobs)
+            if delta.finish_reason:
+                candidate.finish_reason = delta.finish_reason
+        return candidates
+
+    def _score(self, prompt_ids: Sequence[int], targets: Sequence[Sequence[int]]) -> list[list[float]]:
+        device = next(self.model.parameters()).device
+        out: list[list[float]] = []
+        with self._lock, torch.no_grad():
+            for target in targets:
+                ids = torch.tensor([list(prompt_ids) + list(target)], device=device)
+                logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
+                lp = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, len(prompt_ids) :, None])[:, 0]
+                out.append(lp.cpu().tolist())
+        return out
+
+    async def score(self, prompt_ids: Sequence[int], targets: Sequence[Sequence[int]]) -> list[list[float]]:
+        return await asyncio.to_thread(self._score, prompt_ids, targets)

@@ -1,0 +1,210 @@
+"""The inference service's logic, independent of gRPC: validate, template, tokenise, call the backend."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from inference_server.backends.base import Backend
+from inference_server.params import sampling_params
+from seqsal.chat import apply_chat_template
+from seqsal.errors import InvalidArgumentError, NotFoundError
+from seqsal.model_registry import ModelSpec, model_revision
+from seqsal.settings import Settings
+from seqsal.tokenization import surely_too_long, tokenize, tokens_from_ids
+from seqsal.v1 import common_pb2, inference_pb2
+
+logger = logging.getLogger("seqsal.inference")
+
+
+@dataclass
+class InferenceModel:
+    """A model served for generation: its tokenizer, backend and description."""
+
+    spec: ModelSpec
+    tokenizer: Any
+    backend: Backend
+    info: common_pb2.ModelInfo
+
+
+def model_info(spec: ModelSpec, backend: Backend, *, context: int, is_default: bool) -> common_pb2.ModelInfo:
+    config = json.loads((spec.path / "config.json").read_text())
+    architectures = config.get("architectures") or ["unknown"]
+    return common_pb2.ModelInfo(
+        id=spec.id,
+        revision=model_revision(spec.path),
+        architecture=architectures[0],
+        max_tokens=context,
+        dtype=getattr(backend, "dtype_name", ""),
+        device=getattr(backend, "device_name", backend.name),
+        is_default=is_default,
+    )
+
+
+class InferenceServing:
+    """Answers InferenceService calls for a set of models."""
+
+    def __init__(self, models: list[InferenceModel], settings: Settings) -> None:
+        if not models:
+            raise ValueError("an inference server needs at least one model")
+        self.models = {m.spec.id: m for m in models}
+        self.default = models[0]
+        self.settings = settings
+
+    def get(self, model_id: str) -> InferenceModel:
+        if not model_id:
+            return self.default
+        try:
+            return self.models[model_id]
+        except KeyError:
+            raise NotFoundError(
+                f"model {model_id!r} is not hosted here; available: {sorted(self.models)} "
+                "(or leave `model` empty for the default)",
+                field="model",
+            ) from None
+
+    async def start(self) -> None:
+        for model in self.models.values():
+            await model.backend.start()
+
+    async def close(self) -> None:
+        for model in self.models.values():
+            await model.backend.close()
+
+    # --- helpers -----------------------------------------------------------------------------------
+
+    def _prompt(self, model: InferenceModel, prompt: str, use_chat_template: bool, system_prompt: str) -> str:
+        if not prompt:
+            raise InvalidArgumentError("prompt is empty; send the text to continue", field="prompt")
+        if system_prompt and not use_chat_template:
+            raise InvalidArgumentError("system_prompt needs use_chat_template = true", field="system_prompt")
+        return apply_chat_template(model.tokenizer, prompt, system_prompt) if use_chat_template else prompt
+
+    def _prompt_ids(self, model: InferenceModel, text: str) -> list[int]:
+        if surely_too_long(model.tokenizer, len(text), model.info.max_tokens):
+            raise InvalidArgumentError(
+                f"the prompt is {len(text)} chars, far more than model {model.spec.id!r}'s context of "
+                f"{model.info.max_tokens} tokens; shorten the prompt",
+                field="prompt",
+            )
+        tokens = tokenize(model.tokenizer, text, part=common_pb2.PROMPT, add_special_tokens=True)
+        if len(tokens) >= model.info.max_tokens:
+            raise InvalidArgumentError(
+                f"the prompt is {len(tokens)} tokens; model {model.spec.id!r} has a context of "
+                f"{model.info.max_tokens} tokens and needs room to answer; shorten the prompt",
+                field="prompt",
+            )
+        return [t.id for t in tokens]
+
+    async def _prepare(
+        self, request: inference_pb2.GenerateRequest
+    ) -> tuple[InferenceModel, str, list[int], Any]:
+        model = self.get(request.model)
+        text = self._prompt(model, request.prompt, request.use_chat_template, request.system_prompt)
+        ids = await asyncio.to_thread(self._prompt_ids, model, text)
+        params = sampling_params(
+            request,
+            max_candidates=self.settings.max_candidates,
+            default_max_tokens=self.settings.default_max_new_tokens,
+            room=model.info.max_tokens - len(ids),
+        )
+        return model, text, ids, params
+
+    # --- RPCs --------------------------------------------------------------------------------------
+
+    async def list_models(self, request: common_pb2.ListModelsRequest) -> common_pb2.ListModelsResponse:
+        return common_pb2.ListModelsResponse(models=[m.info for m in self.models.values()])
+
+    async def tokenize(self, request: common_pb2.TokenizeRequest) -> common_pb2.TokenizeResponse:
+        model = self.get(request.model)
+        part = common_pb2.TARGET if request.as_target else common_pb2.PROMPT
+        tokens = await asyncio.to_thread(
+            tokenize, model.tokenizer, request.text, part=part, add_special_tokens=not request.as_target
+        )
+        return common_pb2.TokenizeResponse(tokens=tokens, model=model.spec.id)
+
+    async def generate(self, request: inference_pb2.GenerateRequest) -> inference_pb2.GenerateResponse:
+        started = time.perf_counter()
+        model, text, ids, params = await self._prepare(request)
+        candidates = await model.backend.generate(ids, params)
+        return inference_pb2.GenerateResponse(
+            candidates=[
+                inference_pb2.Candidate(
+                    index=c.index,
+                    text=c.text,
+                    token_ids=c.token_ids,
+                    logprobs=c.logprobs,
+                    finish_reason=c.finish_reason,
+                )
+                for c in candidates
+            ],
+            prompt=text,
+            prompt_token_ids=ids,
+            model=model.spec.id,
+            server_time_ms=(time.perf_counter() - started) * 1000.0,
+        )
+
+    async def generate_stream(
+        self, request: inference_pb2.GenerateRequest
+    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        model, text, ids, params = await self._prepare(request)
+        first = True
+        async for delta in model.backend.generate_stream(ids, params):
+            message = inference_pb2.GenerateStreamResponse(
+                index=delta.index,
+                text=delta.text,
+                token_ids=delta.token_ids,
+                logprobs=delta.logprobs,
+                finish_reason=delta.finish_reason,
+            )
+            if first:
+                message.prompt = text
+                message.prompt_token_ids.extend(ids)
+                message.model = model.spec.id
+                first = False
+            yield message
+
+    async def score(self, request: inference_pb2.ScoreRequest) -> inference_pb2.ScoreResponse:
+        model = self.get(request.model)
+        text = self._prompt(model, request.prompt, request.use_chat_template, request.system_prompt)
+        if not request.targets:
+            raise InvalidArgumentError("targets is empty; send at least one target to score", field="targets")
+        ids = await asyncio.to_thread(self._prompt_ids, model, text)
+        targets: list[list[int]] = []
+        for i, target in enumerate(request.targets):
+            field = f"targets[{i}]"
+            if bool(target.text) == bool(target.token_ids):
+                raise InvalidArgumentError(f"{field}: set exactly one of text and token_ids", field=field)
+            if target.text:
+                tokens = tokenize(
+                    model.tokenizer, target.text, part=common_pb2.TARGET, add_special_tokens=False
+                )
+            else:
+                tokens = tokens_from_ids(
+                    model.tokenizer,
+                    list(target.token_ids),
+                    part=common_pb2.TARGET,
+                    field=f"{field}.token_ids",
+                )
+            if len(ids) + len(tokens) > model.info.max_tokens:
+                raise InvalidArgumentError(
+                    f"{field}: prompt + target is {len(ids) + len(tokens)} tokens, over the model's context "
+                    f"of {model.info.max_tokens}",
+                    field=field,
+                )
+            targets.append([t.id for t in tokens])
+        logprobs = await model.backend.score(ids, targets)
+        return inference_pb2.ScoreResponse(
+            scores=[
+                inference_pb2.TargetScore(token_ids=t, logprobs=lp, total_logprob=float(sum(lp)))
+                for t, lp in zip(targets, logprobs, strict=True)
+            ],
+            prompt=text,
+            prompt_token_ids=ids,
+            model=model.spec.id,
+        )
