@@ -119,6 +119,76 @@ def serve_saliency(
     asyncio.run(serve(settings))
 
 
+@serve_app.command("inference")
+def serve_inference(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on (default 50052; 0 = any free).")] = None,
+    model: ModelOption = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="vllm (default), transformers (no vLLM on this host), or openai (remote)."),
+    ] = None,
+    openai_url: Annotated[
+        str | None, typer.Option(help="With --backend openai: e.g. http://host:8000/v1.")
+    ] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM: GPUs per model.")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(help="vLLM: share of GPU memory.")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="vLLM: context length.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16 (GPU).")] = None,
+) -> None:
+    """Serve InferenceService (generation and scoring) over gRPC until SIGTERM/SIGINT."""
+    from inference_server.server import serve
+
+    settings = _settings(
+        inference_host=host,
+        inference_port=port,
+        models=model,
+        backend=backend,
+        openai_url=openai_url,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
+        dtype=dtype,
+    )
+    _setup_logging(settings.log_level)
+    asyncio.run(serve(settings))
+
+
+@app.command()
+def up(
+    model: ModelOption = None,
+    backend: Annotated[
+        str | None, typer.Option(help="Inference backend: vllm, transformers or openai.")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Saliency server port (default 50051).")] = None,
+    inference_port: Annotated[int | None, typer.Option(help="Inference server port (default 50052).")] = None,
+    ui_port: Annotated[int | None, typer.Option(help="UI port (default 8501).")] = None,
+    log_dir: Annotated[Path, typer.Option(help="Where each component's log goes.")] = Path("logs"),
+) -> None:
+    """Run the whole product on this machine: cache, inference, saliency (and the UI); Ctrl-C stops it."""
+    from seqsal.stack import Stack, StackError
+
+    settings = _settings(
+        models=model, backend=backend, port=port, inference_port=inference_port, ui_port=ui_port
+    )
+    _setup_logging(settings.log_level)
+    stack = Stack(settings, log_dir=log_dir, console=err_console)
+    try:
+        stack.start(stack.plan(redis_port=settings.stack_redis_port, ui_port=settings.ui_port))
+    except StackError as error:
+        err_console.print(f"[bold red]could not start the stack[/]: {error}")
+        raise typer.Exit(code=1) from None
+    err_console.print("[bold green]seqsal is up[/]; Ctrl-C stops it.")
+    for component in stack.components:
+        console.print(f"  {component.name:<24} {component.url}")
+    try:
+        code = stack.wait()
+    finally:
+        err_console.print("stopping...")
+        stack.stop()
+    raise typer.Exit(code=code)
+
+
 @app.command("model-path")
 def model_path() -> None:
     """Print the default model's local directory, converting it from the GGUF on first use."""

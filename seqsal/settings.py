@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         default=256, ge=1, description="Generate's max_tokens when 0 is sent."
     )
 
+    # --- `seqsal up` (the whole stack on one machine) -------------------------
+    ui_port: int = Field(default=8501, ge=1, le=65535, description="Port of the Streamlit UI.")
+    stack_redis_port: int = Field(
+        default=6390, ge=1, le=65535, description="Port of the private redis-server `seqsal up` starts."
+    )
+
     # --- where clients find the servers (CLI, UI, batch) ----------------------
     saliency_address: str = Field(default="127.0.0.1:50051", description="host:port of the saliency server.")
     inference_address: str = Field(

@@ -1,0 +1,245 @@
+"""``seqsal up``: the whole product on one machine, started in order and stopped together.
+
+Cache (a private ``redis-server`` when the binary is there and no ``REDIS_URL``
+is given, else the embedded cache), inference server, saliency server and the
+UI (once it exists) each run as a child process; each is waited for through
+its health check before the next one starts, and Ctrl-C or SIGTERM stops them
+all (the servers drain their in-flight calls).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+
+from seqsal.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+UI_APP = REPO_ROOT / "ui" / "app.py"
+
+
+class StackError(RuntimeError):
+    """A component failed to start; the message says which and where its log is."""
+
+
+@dataclass
+class Component:
+    """One child process of the stack."""
+
+    name: str
+    command: list[str]
+    ready: Callable[[], bool]
+    url: str
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+
+def grpc_serving(address: str, timeout: float = 1.0) -> bool:
+    """True when the gRPC server at ``address`` reports SERVING."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def redis_ready(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def http_ready(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=1) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+class Stack:
+    """Starts components in order, waits for each, stops them in reverse."""
+
+    def __init__(self, settings: Settings, *, log_dir: Path, console: Console | None = None) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.console = console or Console(stderr=True)
+        self.components: list[Component] = []
+
+    def plan(self, *, redis_port: int, ui_port: int, with_ui: bool = True) -> list[Component]:
+        """The components to run for these settings."""
+        s = self.settings
+        python = sys.executable
+        env: dict[str, str] = {"SEQSAL_DATA_DIR": str(s.data_dir)}
+        if s.models:
+            env["SEQSAL_MODELS"] = ",".join(s.models)
+        components: list[Component] = []
+        redis_url = s.redis_url
+        if not redis_url and shutil.which("redis-server"):
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+            components.append(
+                Component(
+                    name="redis",
+                    command=[
+                        "redis-server",
+                        "--bind",
+                        "127.0.0.1",
+                        "--port",
+                        str(redis_port),
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--maxmemory",
+                        f"{s.cache_max_mb}mb",
+                        "--maxmemory-policy",
+                        "allkeys-lru",
+                    ],
+                    ready=lambda: redis_ready(redis_url or ""),
+                    url=redis_url,
+                )
+            )
+        if redis_url:
+            env["REDIS_URL"] = redis_url
+        inference = f"{s.inference_host}:{s.inference_port}"
+        saliency = f"{s.host}:{s.port}"
+        components.append(
+            Component(
+                name=f"inference ({s.backend})",
+                command=[python, "-m", "seqsal.cli", "serve", "inference", "--backend", s.backend],
+                ready=lambda: grpc_serving(inference),
+                url=f"grpc://{inference}",
+                env=env
+                | {"SEQSAL_INFERENCE_HOST": s.inference_host, "SEQSAL_INFERENCE_PORT": str(s.inference_port)},
+            )
+        )
+        components.append(
+            Component(
+                name="saliency",
+                command=[python, "-m", "seqsal.cli", "serve", "saliency"],
+                ready=lambda: grpc_serving(saliency),
+                url=f"grpc://{saliency}",
+                env=env | {"SEQSAL_HOST": s.host, "SEQSAL_PORT": str(s.port)},
+            )
+        )
+        if with_ui and UI_APP.exists():
+            components.append(
+                Component(
+                    name="ui",
+                    command=[
+                        python,
+                        "-m",
+                        "streamlit",
+                        "run",
+                        str(UI_APP),
+                        "--server.port",
+                        str(ui_port),
+                        "--server.address",
+                        "127.0.0.1",
+                        "--server.headless",
+                        "true",
+                        "--browser.gatherUsageStats",
+                        "false",
+                    ],
+                    ready=lambda: http_ready(f"http://127.0.0.1:{ui_port}/_stcore/health"),
+                    url=f"http://127.0.0.1:{ui_port}",
+                    env=env | {"SEQSAL_SALIENCY_ADDRESS": saliency, "SEQSAL_INFERENCE_ADDRESS": inference},
+                )
+            )
+        return components
+
+    def start(self, components: list[Component], *, timeout_s: float = 600.0) -> None:
+        """Start each component and wait for it to be healthy; on failure stop what started."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for component in components:
+            component.log_path = self.log_dir / f"{component.name.split()[0]}.log"
+            log = component.log_path.open("wb")
+            self.console.print(f"starting [bold]{component.name}[/] (log: {component.log_path})")
+            component.process = subprocess.Popen(
+                component.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=os.environ | component.env,
+                start_new_session=True,  # Ctrl-C reaches us; we stop the children in order
+            )
+            self.components.append(component)
+            deadline = time.monotonic() + timeout_s
+            while not component.ready():
+                if component.process.poll() is not None:
+                    self.stop()
+                    raise StackError(
+                        f"{component.name} exited with code {component.process.returncode}; "
+                        f"see {component.log_path}:\n{_tail(component.log_path)}"
+                    )
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise StackError(
+                        f"{component.name} was not healthy after {timeout_s:.0f} s; see {component.log_path}"
+                    )
+                time.sleep(0.5)
+            self.console.print(f"  [green]ready[/] {component.name}: {component.url}")
+
+    def stop(self, grace_s: float = 35.0) -> None:
+        """SIGTERM every component, newest first, and wait for them (then SIGKILL)."""
+        for component in reversed(self.components):
+            process = component.process
+            if process is None or process.poll() is not None:
+                continue
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.components.clear()
+
+    def wait(self) -> int:
+        """Block until a component dies or we are interrupted; returns the exit code to use."""
+        stop = False
+
+        def on_signal(signum: int, frame: object) -> None:
+            nonlocal stop
+            stop = True
+
+        previous = signal.signal(signal.SIGTERM, on_signal)
+        try:
+            while not stop:
+                for component in self.components:
+                    if component.process is not None and component.process.poll() is not None:
+                        self.console.print(
+                            f"[red]{component.name} exited ({component.process.returncode}); stopping; "
+                            f"see {component.log_path}[/]"
+                        )
+                        return 1
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return 0
+
+
+def _tail(path: Path | None, lines: int = 20) -> str:
+    if path is None or not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

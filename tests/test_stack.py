@@ -1,0 +1,91 @@
+"""`seqsal up`: the whole stack as child processes, healthy in order, stopped together."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from seqsal.client import InferenceClient, SaliencyClient
+from seqsal.stack import grpc_serving, redis_ready
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_up_starts_everything_and_stops_it(tiny_chat_llama_dir: Path, tmp_path: Path) -> None:
+    saliency_port, inference_port, redis_port = free_port(), free_port(), free_port()
+    env = os.environ | {
+        "SEQSAL_STACK_REDIS_PORT": str(redis_port),
+        "SEQSAL_SHUTDOWN_GRACE_S": "5",
+    }
+    env.pop("REDIS_URL", None)
+    command = [
+        sys.executable, "-m", "seqsal.cli", "up", "--backend", "transformers",
+        "--model", f"tiny={tiny_chat_llama_dir}", "--port", str(saliency_port),
+        "--inference-port", str(inference_port), "--log-dir", str(tmp_path / "logs"),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 180
+        assert process.stdout is not None
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "seqsal is up" in line:
+                break
+        assert any("seqsal is up" in line for line in lines), "".join(lines)
+        assert grpc_serving(f"127.0.0.1:{saliency_port}") and grpc_serving(f"127.0.0.1:{inference_port}")
+        with_redis = shutil.which("redis-server") is not None
+        assert redis_ready(f"redis://127.0.0.1:{redis_port}/0") == with_redis
+
+        # the loop the product is for: generate, then explain exactly what was generated
+        with InferenceClient(f"127.0.0.1:{inference_port}") as inference:
+            generated = inference.generate(prompt="The cat sat on the", max_tokens=5)
+        with SaliencyClient(f"127.0.0.1:{saliency_port}") as saliency:
+            ids = list(generated.candidates[0].token_ids)
+            first = saliency.saliency(prompt=generated.prompt, target_token_ids=ids)
+            again = saliency.saliency(prompt=generated.prompt, target_token_ids=ids)
+        assert [t.id for t in first.tokens] == list(generated.prompt_token_ids) + ids
+        assert again.cache_hit
+        if with_redis:
+            import redis
+
+            assert (
+                redis.Redis(port=redis_port).dbsize() >= 2
+            )  # the saliency server caches in the stack's Redis
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            code = process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert code == 0
+    assert not grpc_serving(f"127.0.0.1:{saliency_port}", timeout=0.5)
+    assert not grpc_serving(f"127.0.0.1:{inference_port}", timeout=0.5)
+    assert not redis_ready(f"redis://127.0.0.1:{redis_port}/0")
+
+
+def test_up_reports_a_component_that_fails(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "seqsal.cli", "up", "--backend", "transformers", "--model", f"x={tmp_path}",
+         "--log-dir", str(tmp_path / "logs"), "--port", str(free_port()),
+         "--inference-port", str(free_port())],
+        env=os.environ | {"SEQSAL_STACK_REDIS_PORT": str(free_port())},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "could not start the stack" in result.stderr and "inference" in result.stderr
+    assert "config.json" in result.stderr  # the child's own error, from its log
