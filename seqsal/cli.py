@@ -333,6 +333,62 @@ def saliency(
 
 
 @app.command()
+def batch(
+    input_path: Annotated[
+        Path, typer.Argument(help='JSONL: one {"prompt", "target"?, "id"?, "foil"?} per line.')
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL to append results to (resumable).")],
+    granularity: Annotated[
+        GranularityOption, typer.Option(help="Segment granularity.")
+    ] = GranularityOption.sentences,
+    regex: Annotated[str, typer.Option(help="With --granularity custom_regex: where segments start.")] = "",
+    method: Annotated[list[MethodOption] | None, typer.Option(help="Method(s); repeatable.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation length for rows without a target.")] = 128,
+    chat_template: Annotated[bool, typer.Option(help="Generate with the model's chat template.")] = False,
+    concurrency: Annotated[int, typer.Option(min=1, help="Rows in flight at once.")] = 4,
+    saliency_server: Annotated[str | None, typer.Option(help="Saliency server host:port.")] = None,
+    inference_server: Annotated[str | None, typer.Option(help="Inference server host:port.")] = None,
+    model: Annotated[str, typer.Option(help="Model id on the servers (default: theirs).")] = "",
+) -> None:
+    """Explain every row of a JSONL file through the running services (generating missing targets)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from seqsal.batch import BatchOptions, run_batch
+
+    settings = _settings()
+    options = BatchOptions(
+        methods=[common_pb2.Method.Value(m.value.upper()) for m in method or []],
+        granularity=common_pb2.Granularity.Value(granularity.value.upper()),
+        custom_regex=regex,
+        max_new_tokens=max_new_tokens,
+        use_chat_template=chat_template,
+        model=model,
+        concurrency=concurrency,
+    )
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err_console,
+    ) as progress:  # fmt: skip
+        task = progress.add_task("explaining", total=None)
+        try:
+            written, failed, skipped = asyncio.run(
+                run_batch(
+                    input_path,
+                    out,
+                    options,
+                    saliency_address=saliency_server or settings.saliency_address,
+                    inference_address=inference_server or settings.inference_address,
+                    on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+                )
+            )
+        except SeqsalError as error:
+            _fail(error)
+    err_console.print(f"wrote {written} rows to {out} ({failed} with errors); skipped {skipped} already done")
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def models(server: ServerOption = None, model: ModelOption = None) -> None:
     """List the models a server (or the in-process service) hosts."""
     try:
