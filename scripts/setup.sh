@@ -74,9 +74,8 @@ ensure_apt_package() {
 
 system_packages() {
     ensure_apt_package redis-server redis-server
-    # --- Later additions go here (not installed yet) ------------------------------------------
-    # chromium for UI tests:   ensure_apt_package chromium chromium
-    #                          ensure_apt_package chromedriver chromium-driver
+    # Debian's chromium, driven by Playwright in the browser tests (Playwright cannot fetch its own).
+    ensure_apt_package chromium chromium
 }
 
 # pip, minus one warning per package that this machine's pip config (an extra index that lacks
