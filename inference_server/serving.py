@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from inference_server.backends.base import Backend
+from inference_server.detokenize import StreamedText, candidate_text
 from inference_server.params import sampling_params
 from seqsal.chat import apply_chat_template
 from seqsal.errors import InvalidArgumentError, NotFoundError
@@ -136,7 +137,7 @@ class InferenceServing:
             candidates=[
                 inference_pb2.Candidate(
                     index=c.index,
-                    text=c.text,
+                    text=candidate_text(model.tokenizer, c.token_ids, params.stop),
                     token_ids=c.token_ids,
                     logprobs=c.logprobs,
                     finish_reason=c.finish_reason,
@@ -154,10 +155,12 @@ class InferenceServing:
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         model, text, ids, params = await self._prepare(request)
         first = True
+        texts = [StreamedText(model.tokenizer, params.stop) for _ in range(params.n)]
         async for delta in model.backend.generate_stream(ids, params):
+            finished = delta.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
             message = inference_pb2.GenerateStreamResponse(
                 index=delta.index,
-                text=delta.text,
+                text=texts[delta.index].push(delta.token_ids, finished),
                 token_ids=delta.token_ids,
                 logprobs=delta.logprobs,
                 finish_reason=delta.finish_reason,

