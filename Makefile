@@ -9,6 +9,7 @@ ARTIFACTS := test-artifacts
 LINT_DIRS := $(wildcard seqsal saliency_server inference_server ui tests bench scripts)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+UP_ARGS ?=
 
 # Nothing here may download models.
 export HF_HUB_OFFLINE := 1
@@ -24,7 +25,7 @@ help:
 	@echo "make format     ruff format + ruff check --fix"
 	@echo "make test       setup, stub check, lint, then the whole test suite (what CI runs)"
 	@echo "make test-fast  the tests not marked slow"
-	@echo "make up         run the saliency server"
+	@echo "make up         run the whole stack on the default model (UP_ARGS=\"--backend transformers\" ...)"
 	@echo "make bench      run the benchmarks"
 
 setup:
@@ -62,7 +63,7 @@ test-fast: setup
 	$(call run_pytest,junit-fast,-m "not slow")
 
 up: setup
-	$(VENV)/bin/seqsal serve saliency
+	$(VENV)/bin/seqsal up $(UP_ARGS)
 
 # BENCH_ARGS passes options, e.g. make bench BENCH_ARGS="--sizes 128,512 --json out.json"
 bench: setup
