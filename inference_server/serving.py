@@ -16,6 +16,7 @@ from inference_server.params import sampling_params
 from seqsal.chat import apply_chat_template
 from seqsal.errors import InvalidArgumentError, NotFoundError
 from seqsal.model_registry import ModelSpec, model_revision
+from seqsal.ratelimit import InFlightLimit
 from seqsal.settings import Settings
 from seqsal.tokenization import surely_too_long, tokenize, tokens_from_ids
 from seqsal.v1 import common_pb2, inference_pb2
@@ -31,6 +32,7 @@ class InferenceModel:
     tokenizer: Any
     backend: Backend
     info: common_pb2.ModelInfo
+    load_seconds: float = 0.0
 
 
 def model_info(spec: ModelSpec, backend: Backend, *, context: int, is_default: bool) -> common_pb2.ModelInfo:
@@ -56,6 +58,8 @@ class InferenceServing:
         self.models = {m.spec.id: m for m in models}
         self.default = models[0]
         self.settings = settings
+        # generation calls in flight (the backend batches them); beyond the bound: RESOURCE_EXHAUSTED
+        self.inflight = InFlightLimit(settings.inference_max_concurrency, "SEQSAL_INFERENCE_MAX_CONCURRENCY")
 
     def get(self, model_id: str) -> InferenceModel:
         if not model_id:
@@ -131,8 +135,9 @@ class InferenceServing:
 
     async def generate(self, request: inference_pb2.GenerateRequest) -> inference_pb2.GenerateResponse:
         started = time.perf_counter()
-        model, text, ids, params = await self._prepare(request)
-        candidates = await model.backend.generate(ids, params)
+        with self.inflight.hold():
+            model, text, ids, params = await self._prepare(request)
+            candidates = await model.backend.generate(ids, params)
         return inference_pb2.GenerateResponse(
             candidates=[
                 inference_pb2.Candidate(
@@ -153,24 +158,25 @@ class InferenceServing:
     async def generate_stream(
         self, request: inference_pb2.GenerateRequest
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        model, text, ids, params = await self._prepare(request)
-        first = True
-        texts = [StreamedText(model.tokenizer, params.stop) for _ in range(params.n)]
-        async for delta in model.backend.generate_stream(ids, params):
-            finished = delta.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
-            message = inference_pb2.GenerateStreamResponse(
-                index=delta.index,
-                text=texts[delta.index].push(delta.token_ids, finished),
-                token_ids=delta.token_ids,
-                logprobs=delta.logprobs,
-                finish_reason=delta.finish_reason,
-            )
-            if first:
-                message.prompt = text
-                message.prompt_token_ids.extend(ids)
-                message.model = model.spec.id
-                first = False
-            yield message
+        with self.inflight.hold():
+            model, text, ids, params = await self._prepare(request)
+            first = True
+            texts = [StreamedText(model.tokenizer, params.stop) for _ in range(params.n)]
+            async for delta in model.backend.generate_stream(ids, params):
+                finished = delta.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
+                message = inference_pb2.GenerateStreamResponse(
+                    index=delta.index,
+                    text=texts[delta.index].push(delta.token_ids, finished),
+                    token_ids=delta.token_ids,
+                    logprobs=delta.logprobs,
+                    finish_reason=delta.finish_reason,
+                )
+                if first:
+                    message.prompt = text
+                    message.prompt_token_ids.extend(ids)
+                    message.model = model.spec.id
+                    first = False
+                yield message
 
     async def score(self, request: inference_pb2.ScoreRequest) -> inference_pb2.ScoreResponse:
         model = self.get(request.model)
@@ -201,7 +207,8 @@ class InferenceServing:
                     field=field,
                 )
             targets.append([t.id for t in tokens])
-        logprobs = await model.backend.score(ids, targets)
+        with self.inflight.hold():
+            logprobs = await model.backend.score(ids, targets)
         return inference_pb2.ScoreResponse(
             scores=[
                 inference_pb2.TargetScore(token_ids=t, logprobs=lp, total_logprob=float(sum(lp)))

@@ -10,7 +10,8 @@ import grpc
 from saliency_server.model_host import ModelHost
 from saliency_server.serving import SaliencyServing
 from seqsal.cache import make_cache
-from seqsal.grpc_server import GrpcServer
+from seqsal.grpc_server import GrpcServer, preflight
+from seqsal.metrics import ServerMetrics
 from seqsal.model_registry import model_specs
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, saliency_pb2, saliency_pb2_grpc
@@ -23,8 +24,16 @@ SERVICE = saliency_pb2.DESCRIPTOR.services_by_name["SaliencyService"]
 class SaliencyServicer(saliency_pb2_grpc.SaliencyServiceServicer):
     """Thin gRPC adapter over :class:`SaliencyServing`; errors are mapped by the interceptor."""
 
-    def __init__(self, serving: SaliencyServing) -> None:
+    def __init__(self, serving: SaliencyServing, metrics: ServerMetrics | None = None) -> None:
         self.serving = serving
+        self.metrics = metrics
+
+    def _count_tokens(self, response: saliency_pb2.SaliencyResponse) -> None:
+        if self.metrics is None:
+            return
+        prompt = sum(1 for t in response.tokens if t.part == common_pb2.PROMPT)
+        self.metrics.count_tokens(response.model, "prompt", prompt)
+        self.metrics.count_tokens(response.model, "target", len(response.tokens) - prompt)
 
     async def Tokenize(
         self, request: common_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
@@ -34,12 +43,18 @@ class SaliencyServicer(saliency_pb2_grpc.SaliencyServiceServicer):
     async def Saliency(
         self, request: saliency_pb2.SaliencyRequest, context: grpc.aio.ServicerContext
     ) -> saliency_pb2.SaliencyResponse:
-        return await self.serving.saliency(request)
+        response = await self.serving.saliency(request)
+        self._count_tokens(response)
+        return response
 
     async def SaliencyAllSegments(
         self, request: saliency_pb2.SaliencyAllSegmentsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[saliency_pb2.SaliencyAllSegmentsResponse]:
+        first = True
         async for message in self.serving.saliency_all_segments(request):
+            if first:  # every message repeats the same prompt and target
+                self._count_tokens(message.saliency)
+                first = False
             yield message
 
     async def ListModels(
@@ -56,17 +71,29 @@ def build_serving(settings: Settings) -> SaliencyServing:
 
 def build_server(serving: SaliencyServing, settings: Settings) -> GrpcServer:
     """A ready-to-start server for ``serving`` (health and reflection included)."""
-    server = GrpcServer(settings, [SERVICE])
-    saliency_pb2_grpc.add_SaliencyServiceServicer_to_server(SaliencyServicer(serving), server.server)
+    server = GrpcServer(settings, [SERVICE], name="saliency")
+    metrics = server.metrics
+    metrics.watch_cache(serving.cache)
+    admission = serving.admission
+    metrics.watch_queue(lambda: {"running": admission.running, "waiting": admission.waiting})
+    for info in serving.host.infos():
+        metrics.model_load.labels(info.id).set(serving.host.get(info.id).load_seconds)
+    saliency_pb2_grpc.add_SaliencyServiceServicer_to_server(SaliencyServicer(serving, metrics), server.server)
     return server
 
 
 async def serve(settings: Settings, *, ready: object = None) -> None:
-    """Load models, listen on settings.host:settings.port and serve until SIGTERM/SIGINT, then drain."""
+    """Load models, listen on settings.host:settings.port and serve until SIGTERM/SIGINT, then drain.
+
+    The security settings are checked before the models load (see :func:`seqsal.grpc_server.preflight`);
+    metrics are served on ``settings.metrics_port`` (0 = off).
+    """
+    preflight(settings, settings.host, "saliency server")
     serving = build_serving(settings)
     server = build_server(serving, settings)
     port = server.bind(settings.host, settings.port)
     await server.start()
+    server.start_configured_metrics(settings.host, settings.metrics_port)
     logger.info(
         "saliency server listening on %s:%d (models: %s)",
         settings.host,

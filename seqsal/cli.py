@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +22,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from seqsal.errors import SeqsalError
+from seqsal.logging_setup import LogFormat, configure_json_logging, resolve_format
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2
 
@@ -51,7 +55,11 @@ class OutputFormat(StrEnum):
     html = "html"
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, log_format: LogFormat = "text") -> None:
+    """Rich text logs on stderr, or JSON lines (``log_format`` json, or auto off a terminal)."""
+    if resolve_format(log_format) == "json":
+        configure_json_logging(level)
+        return
     logging.basicConfig(
         level=level.upper(),
         format="%(name)s: %(message)s",
@@ -60,8 +68,87 @@ def _setup_logging(level: str) -> None:
     )
 
 
+#: Client security flags given before the command (``seqsal --token ... saliency ...``).
+_client_flags: dict[str, Any] = {}
+
+#: The environment variable of each client flag (for code that builds its own clients: batch).
+_CLIENT_FLAG_ENV = {
+    "auth_token": "SEQSAL_AUTH_TOKEN",
+    "tls": "SEQSAL_TLS",
+    "tls_ca_file": "SEQSAL_TLS_CA_FILE",
+    "tls_client_cert_file": "SEQSAL_TLS_CLIENT_CERT_FILE",
+    "tls_client_key_file": "SEQSAL_TLS_CLIENT_KEY_FILE",
+    "tls_server_name": "SEQSAL_TLS_SERVER_NAME",
+}
+
+
 def _settings(**overrides: Any) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None and v != []})
+    values = _client_flags | overrides
+    return Settings(**{k: v for k, v in values.items() if v is not None and v != []})
+
+
+@contextmanager
+def _client_flags_in_environment() -> Iterator[None]:
+    """Export the client flags as SEQSAL_* variables for the duration (then restore the environment)."""
+    saved = {name: os.environ.get(name) for name in _CLIENT_FLAG_ENV.values()}
+    try:
+        for key, value in _client_flags.items():
+            if value is not None:
+                os.environ[_CLIENT_FLAG_ENV[key]] = str(int(value) if isinstance(value, bool) else value)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@app.callback()
+def main(
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            help="Bearer token for the servers (default: SEQSAL_AUTH_TOKEN).",
+            show_default=False,
+        ),
+    ] = None,
+    tls: Annotated[
+        bool | None, typer.Option("--tls/--no-tls", help="Connect with TLS (default: SEQSAL_TLS).")
+    ] = None,
+    tls_ca: Annotated[
+        Path | None, typer.Option(help="CA bundle (PEM) of the servers' certificates; implies --tls.")
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Client certificate (PEM) for mutual TLS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Private key (PEM) of --tls-cert.")] = None,
+    tls_server_name: Annotated[
+        str | None, typer.Option(help="Name to verify in the server certificate instead of the host.")
+    ] = None,
+) -> None:
+    """seqsal: interactive prompt debugging with sequence saliency."""
+    _client_flags.clear()
+    _client_flags.update(
+        auth_token=token,
+        tls=tls,
+        tls_ca_file=tls_ca,
+        tls_client_cert_file=tls_cert,
+        tls_client_key_file=tls_key,
+        tls_server_name=tls_server_name,
+    )
+
+
+def _serve(what: str, settings: Settings, run: Any) -> None:
+    """Run a server's ``serve(settings)``; configuration errors become one clear line and exit code 2."""
+    from seqsal.auth import BindPolicyError
+    from seqsal.tls import TlsConfigError
+
+    _setup_logging(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(run(settings))
+    except (BindPolicyError, TlsConfigError, FileNotFoundError) as error:
+        err_console.print(f"[bold red]cannot start the {what} server[/]: {error}")
+        raise typer.Exit(code=2) from None
 
 
 def _fail(error: SeqsalError) -> None:
@@ -100,6 +187,9 @@ def serve_saliency(
     redis_url: Annotated[
         str | None, typer.Option(help="Redis URL for a shared cache (or REDIS_URL).")
     ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus /metrics port (default 9101; 0 = off).")
+    ] = None,
 ) -> None:
     """Serve SaliencyService over gRPC until SIGTERM/SIGINT (then drain in-flight calls)."""
     from saliency_server.server import serve
@@ -114,9 +204,9 @@ def serve_saliency(
         max_concurrency=max_concurrency,
         max_queue=max_queue,
         redis_url=redis_url,
+        metrics_port=metrics_port,
     )
-    _setup_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    _serve("saliency", settings, serve)
 
 
 @serve_app.command("inference")
@@ -135,6 +225,9 @@ def serve_inference(
     gpu_memory_utilization: Annotated[float | None, typer.Option(help="vLLM: share of GPU memory.")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="vLLM: context length.")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16 (GPU).")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus /metrics port (default 9102; 0 = off).")
+    ] = None,
 ) -> None:
     """Serve InferenceService (generation and scoring) over gRPC until SIGTERM/SIGINT."""
     from inference_server.server import serve
@@ -149,9 +242,9 @@ def serve_inference(
         gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len,
         dtype=dtype,
+        inference_metrics_port=metrics_port,
     )
-    _setup_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    _serve("inference", settings, serve)
 
 
 @app.command()
@@ -205,7 +298,7 @@ def _client(server: str | None, model: list[str] | None) -> Any:
 
         if model and len(model) > 1:
             raise typer.BadParameter("with --server, give at most one --model: the hosted model's id")
-        return SaliencyClient(server)
+        return SaliencyClient(server, settings=_settings())
     from saliency_server.local import LocalSaliencyClient
 
     settings = _settings(models=model)
@@ -365,10 +458,16 @@ def batch(
         model=model,
         concurrency=concurrency,
     )
-    with Progress(
-        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=err_console,
-    ) as progress:  # fmt: skip
+    with (
+        Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+        ) as progress,
+        _client_flags_in_environment(),
+    ):  # fmt: skip  (batch builds its own clients)
         task = progress.add_task("explaining", total=None)
         try:
             written, failed, skipped = asyncio.run(

@@ -5,25 +5,77 @@ the offending field when the server named one::
 
     with SaliencyClient("localhost:50051") as client:
         response = client.saliency(prompt="Say hi.", target=" Hi!")
+
+A client sends a bearer token (``token=``) and connects over TLS (``tls=``)
+when given them, and otherwise as the settings say (``SEQSAL_AUTH_TOKEN``,
+``SEQSAL_TLS``, ``SEQSAL_TLS_CA_FILE``, ...). Every call carries an
+``x-request-id`` (the ``request_id=`` of the call, or a new one; the last one
+sent is ``client.last_request_id``), which the servers put on every log line
+of the call.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from seqsal.auth import bearer_metadata
 from seqsal.errors import ERRORS_BY_CODE, SeqsalError
+from seqsal.settings import Settings
+from seqsal.tls import ClientTLS, aio_channel, sync_channel
 from seqsal.v1 import common_pb2, inference_pb2, inference_pb2_grpc, saliency_pb2, saliency_pb2_grpc
 
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
+REQUEST_ID_KEY = "x-request-id"
 
 
-def channel_options(max_message_mb: int = 64) -> list[tuple[str, int]]:
+def _security(
+    token: str | None, tls: ClientTLS | bool | None, settings: Settings | None
+) -> tuple[str | None, ClientTLS]:
+    """The token and TLS to use: the arguments, with what they leave open taken from the settings."""
+    if token is not None and tls is not None and tls is not True:
+        return token or None, tls if isinstance(tls, ClientTLS) else ClientTLS(enabled=False)
+    settings = settings or Settings()
+    if token is None:
+        token = settings.auth_token.get_secret_value() if settings.auth_token else None
+    if isinstance(tls, ClientTLS):
+        config = tls
+    elif tls is False:
+        config = ClientTLS(enabled=False)
+    else:  # None: as the settings say; True: TLS in any case, with the settings' files
+        config = ClientTLS.from_settings(settings)
+        if tls:
+            config = dataclasses.replace(config, enabled=True)
+    return token or None, config
+
+
+class _CallMetadata:
+    """Metadata common to every call of a client (token, caller's extras) plus a request id per call."""
+
+    def __init__(self, metadata: Sequence[tuple[str, str]], token: str | None) -> None:
+        self.base = tuple(metadata) + ((bearer_metadata(token),) if token else ())
+        self.last_request_id: str | None = None
+
+    def for_call(self, request_id: str | None) -> tuple[tuple[str, str], ...]:
+        rid = request_id or uuid.uuid4().hex[:16]
+        self.last_request_id = rid
+        return (*self.base, (REQUEST_ID_KEY, rid))
+
+
+def channel_options(max_message_mb: int = 64) -> list[tuple[str, int | str]]:
     size = max_message_mb * 1024 * 1024
-    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        # with a `dns:///name:port` target that resolves to several replicas (a headless Kubernetes
+        # Service), spread calls over all of them instead of pinning one connection
+        ("grpc.lb_policy_name", "round_robin"),
+    ]
 
 
 def error_from_rpc(exc: grpc.RpcError) -> SeqsalError:
@@ -118,20 +170,47 @@ class _SyncClient:
         metadata: Sequence[tuple[str, str]] = (),
         channel: grpc.Channel | None = None,
         max_message_mb: int = 64,
+        token: str | None = None,
+        tls: ClientTLS | bool | None = None,
+        settings: Settings | None = None,
     ) -> None:
-        self.channel = channel or grpc.insecure_channel(target, options=channel_options(max_message_mb))
+        """Connect to ``target`` (``host:port``).
+
+        Args:
+            timeout: default deadline of each call, in seconds.
+            metadata: extra metadata sent with every call.
+            channel: an existing channel to use instead (``tls`` is then ignored).
+            max_message_mb: largest message each way.
+            token: bearer token; None = ``settings.auth_token``; "" = none.
+            tls: a :class:`~seqsal.tls.ClientTLS`, True (TLS with the settings' files), False
+                (plaintext) or None (as the settings say).
+            settings: where the defaults come from; None = the environment.
+        """
+        token, tls_config = _security(token, tls, settings)
+        self.channel = channel or sync_channel(target, tls_config, channel_options(max_message_mb))
         self.stub = self.stub_class(self.channel)
         self.timeout = timeout
-        self.metadata = tuple(metadata)
+        self._metadata = _CallMetadata(metadata, token)
+        self.metadata = self._metadata.base
 
-    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    @property
+    def last_request_id(self) -> str | None:
+        """The request id of the latest call this client made."""
+        return self._metadata.last_request_id
+
+    def _call(self, method: Any, request: Any, timeout: float | None, request_id: str | None = None) -> Any:
+        metadata = self._metadata.for_call(request_id)
         try:
-            return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+            return method(request, timeout=timeout or self.timeout, metadata=metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
-    def _stream(self, method: Any, request: Any, timeout: float | None) -> Iterator[Any]:
-        stream = method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+    def _stream(
+        self, method: Any, request: Any, timeout: float | None, request_id: str | None = None
+    ) -> Iterator[Any]:
+        stream = method(
+            request, timeout=timeout or self.timeout, metadata=self._metadata.for_call(request_id)
+        )
         try:
             yield from stream
         except grpc.RpcError as exc:
@@ -139,13 +218,15 @@ class _SyncClient:
         finally:
             stream.cancel()
 
-    def tokenize(self, text: str, *, as_target: bool = False, model: str = "") -> common_pb2.TokenizeResponse:
+    def tokenize(
+        self, text: str, *, as_target: bool = False, model: str = "", request_id: str | None = None
+    ) -> common_pb2.TokenizeResponse:
         """Tokenise a text exactly as the server does (prompt rules, or target rules with ``as_target``)."""
         request = common_pb2.TokenizeRequest(model=model, text=text, as_target=as_target)
-        return self._call(self.stub.Tokenize, request, None)
+        return self._call(self.stub.Tokenize, request, None, request_id)
 
-    def list_models(self) -> common_pb2.ListModelsResponse:
-        return self._call(self.stub.ListModels, common_pb2.ListModelsRequest(), None)
+    def list_models(self, *, request_id: str | None = None) -> common_pb2.ListModelsResponse:
+        return self._call(self.stub.ListModels, common_pb2.ListModelsRequest(), None, request_id)
 
     def close(self) -> None:
         self.channel.close()
@@ -170,20 +251,36 @@ class _AsyncClient:
         metadata: Sequence[tuple[str, str]] = (),
         channel: grpc.aio.Channel | None = None,
         max_message_mb: int = 64,
+        token: str | None = None,
+        tls: ClientTLS | bool | None = None,
+        settings: Settings | None = None,
     ) -> None:
-        self.channel = channel or grpc.aio.insecure_channel(target, options=channel_options(max_message_mb))
+        """Connect to ``target`` (``host:port``); the arguments are those of the blocking clients."""
+        token, tls_config = _security(token, tls, settings)
+        self.channel = channel or aio_channel(target, tls_config, channel_options(max_message_mb))
         self.stub = self.stub_class(self.channel)
         self.timeout = timeout
-        self.metadata = tuple(metadata)
+        self._metadata = _CallMetadata(metadata, token)
+        self.metadata = self._metadata.base
 
-    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    @property
+    def last_request_id(self) -> str | None:
+        """The request id of the latest call this client made (pass ``request_id`` for concurrent calls)."""
+        return self._metadata.last_request_id
+
+    async def _call(
+        self, method: Any, request: Any, timeout: float | None, request_id: str | None = None
+    ) -> Any:
+        metadata = self._metadata.for_call(request_id)
         try:
-            return await method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+            return await method(request, timeout=timeout or self.timeout, metadata=metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
-    async def _stream(self, method: Any, request: Any, timeout: float | None) -> AsyncIterator[Any]:
-        call = method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+    async def _stream(
+        self, method: Any, request: Any, timeout: float | None, request_id: str | None = None
+    ) -> AsyncIterator[Any]:
+        call = method(request, timeout=timeout or self.timeout, metadata=self._metadata.for_call(request_id))
         try:
             async for message in call:
                 yield message
@@ -193,13 +290,13 @@ class _AsyncClient:
             call.cancel()
 
     async def tokenize(
-        self, text: str, *, as_target: bool = False, model: str = ""
+        self, text: str, *, as_target: bool = False, model: str = "", request_id: str | None = None
     ) -> common_pb2.TokenizeResponse:
         request = common_pb2.TokenizeRequest(model=model, text=text, as_target=as_target)
-        return await self._call(self.stub.Tokenize, request, None)
+        return await self._call(self.stub.Tokenize, request, None, request_id)
 
-    async def list_models(self) -> common_pb2.ListModelsResponse:
-        return await self._call(self.stub.ListModels, common_pb2.ListModelsRequest(), None)
+    async def list_models(self, *, request_id: str | None = None) -> common_pb2.ListModelsResponse:
+        return await self._call(self.stub.ListModels, common_pb2.ListModelsRequest(), None, request_id)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -221,20 +318,24 @@ class SaliencyClient(_SyncClient):
         request: saliency_pb2.SaliencyRequest | None = None,
         *,
         timeout: float | None = None,
+        request_id: str | None = None,
         **kwargs: Any,
     ) -> saliency_pb2.SaliencyResponse:
         """Saliency for a request, or for keyword arguments (see :func:`saliency_request`)."""
-        return self._call(self.stub.Saliency, request or saliency_request(**kwargs), timeout)
+        return self._call(self.stub.Saliency, request or saliency_request(**kwargs), timeout, request_id)
 
     def saliency_all_segments(
         self,
         request: saliency_pb2.SaliencyAllSegmentsRequest | None = None,
         *,
         timeout: float | None = None,
+        request_id: str | None = None,
         **kwargs: Any,
     ) -> Iterator[saliency_pb2.SaliencyAllSegmentsResponse]:
         """One response per target segment, as the server finishes them."""
-        return self._stream(self.stub.SaliencyAllSegments, request or all_segments_request(**kwargs), timeout)
+        return self._stream(
+            self.stub.SaliencyAllSegments, request or all_segments_request(**kwargs), timeout, request_id
+        )
 
 
 class AsyncSaliencyClient(_AsyncClient):
@@ -247,18 +348,24 @@ class AsyncSaliencyClient(_AsyncClient):
         request: saliency_pb2.SaliencyRequest | None = None,
         *,
         timeout: float | None = None,
+        request_id: str | None = None,
         **kwargs: Any,
     ) -> saliency_pb2.SaliencyResponse:
-        return await self._call(self.stub.Saliency, request or saliency_request(**kwargs), timeout)
+        return await self._call(
+            self.stub.Saliency, request or saliency_request(**kwargs), timeout, request_id
+        )
 
     def saliency_all_segments(
         self,
         request: saliency_pb2.SaliencyAllSegmentsRequest | None = None,
         *,
         timeout: float | None = None,
+        request_id: str | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[saliency_pb2.SaliencyAllSegmentsResponse]:
-        return self._stream(self.stub.SaliencyAllSegments, request or all_segments_request(**kwargs), timeout)
+        return self._stream(
+            self.stub.SaliencyAllSegments, request or all_segments_request(**kwargs), timeout, request_id
+        )
 
 
 def generate_request(
@@ -326,30 +433,35 @@ class InferenceClient(_SyncClient):
         request: inference_pb2.GenerateRequest | None = None,
         *,
         timeout: float | None = None,
+        request_id: str | None = None,
         **kwargs: Any,
     ) -> inference_pb2.GenerateResponse:
         """Candidates for a request, or for keyword arguments (see :func:`generate_request`)."""
-        return self._call(self.stub.Generate, request or generate_request(**kwargs), timeout)
+        return self._call(self.stub.Generate, request or generate_request(**kwargs), timeout, request_id)
 
     def generate_stream(
         self,
         request: inference_pb2.GenerateRequest | None = None,
         *,
         timeout: float | None = None,
+        request_id: str | None = None,
         **kwargs: Any,
     ) -> Iterator[inference_pb2.GenerateStreamResponse]:
         """The candidates as they are generated, one piece per message."""
-        return self._stream(self.stub.GenerateStream, request or generate_request(**kwargs), timeout)
+        return self._stream(
+            self.stub.GenerateStream, request or generate_request(**kwargs), timeout, request_id
+        )
 
     def score(
         self,
         request: inference_pb2.ScoreRequest | None = None,
         *,
         timeout: float | None = None,
+        request_id: str | None = None,
         **kwargs: Any,
     ) -> inference_pb2.ScoreResponse:
         """Teacher-forced log-probs of targets (see :func:`score_request`)."""
-        return self._call(self.stub.Score, request or score_request(**kwargs), timeout)
+        return self._call(self.stub.Score, request or score_request(**kwargs), timeout, request_id)
 
 
 class AsyncInferenceClient(_AsyncClient):
@@ -362,24 +474,31 @@ class AsyncInferenceClient(_AsyncClient):
         request: inference_pb2.GenerateRequest | None = None,
         *,
         timeout: float | None = None,
+        request_id: str | None = None,
         **kwargs: Any,
     ) -> inference_pb2.GenerateResponse:
-        return await self._call(self.stub.Generate, request or generate_request(**kwargs), timeout)
+        return await self._call(
+            self.stub.Generate, request or generate_request(**kwargs), timeout, request_id
+        )
 
     def generate_stream(
         self,
         request: inference_pb2.GenerateRequest | None = None,
         *,
         timeout: float | None = None,
+        request_id: str | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        return self._stream(self.stub.GenerateStream, request or generate_request(**kwargs), timeout)
+        return self._stream(
+            self.stub.GenerateStream, request or generate_request(**kwargs), timeout, request_id
+        )
 
     async def score(
         self,
         request: inference_pb2.ScoreRequest | None = None,
         *,
         timeout: float | None = None,
+        request_id: str | None = None,
         **kwargs: Any,
     ) -> inference_pb2.ScoreResponse:
-        return await self._call(self.stub.Score, request or score_request(**kwargs), timeout)
+        return await self._call(self.stub.Score, request or score_request(**kwargs), timeout, request_id)

@@ -24,6 +24,7 @@ from grpc_interceptor.server import AsyncServerInterceptor
 from grpc_status import rpc_status
 
 from seqsal.errors import InternalError, InvalidArgumentError, SeqsalError
+from seqsal.logging_setup import request_id_var
 
 logger = logging.getLogger("seqsal.grpc")
 
@@ -113,7 +114,10 @@ def status_for(error: SeqsalError) -> grpc.Status:
 
 
 def request_id(context: grpc.aio.ServicerContext) -> str:
-    """The caller's ``x-request-id`` metadata, or a new id."""
+    """The call's request id (set by the access interceptor), the caller's ``x-request-id``, or a new id."""
+    current = request_id_var.get()
+    if current:
+        return current
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY:
             return str(value)

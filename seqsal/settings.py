@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     openai_model: str | None = Field(
         default=None, description="Model name on the remote server; default = the local model id."
     )
+    openai_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Remote server: longest wait for a response or, while streaming, for the next token.",
+    )
     tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM: GPUs one model is split across.")
     gpu_memory_utilization: float = Field(
         default=0.5,
@@ -99,6 +104,19 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(
         default=256, ge=1, description="Generate's max_tokens when 0 is sent."
     )
+    inference_max_concurrency: int = Field(
+        default=64,
+        ge=1,
+        description="Generate, GenerateStream and Score calls in flight on the inference server at once; "
+        "beyond it RESOURCE_EXHAUSTED.",
+    )
+
+    # --- UI of a shared instance --------------------------------------------
+    ui_password: SecretStr | None = Field(
+        default=None,
+        description="Shared password for the UI (used when no OIDC login is set in .streamlit/secrets.toml).",
+    )
+    ui_password_file: Path | None = Field(default=None, description="File holding the UI's shared password.")
 
     # --- `seqsal up` (the whole stack on one machine) -------------------------
     ui_port: int = Field(default=8501, ge=1, le=65535, description="Port of the Streamlit UI.")
@@ -123,10 +141,87 @@ class Settings(BaseSettings):
     cache_max_mb: int = Field(default=256, ge=1, description="Memory bound of the in-process cache, MiB.")
     redis_timeout_s: float = Field(default=0.5, gt=0, description="Timeout of each Redis operation.")
 
+    # --- security: servers ------------------------------------------------------
+    auth_tokens: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer tokens the servers accept (comma-separated). With none here and no "
+        "`auth_token_file`, the servers run without authentication.",
+    )
+    auth_token_file: Path | None = Field(
+        default=None,
+        description="File of accepted bearer tokens, one per line ('#' starts a comment); re-read when "
+        "it changes.",
+    )
+    allow_unauthenticated: bool = Field(
+        default=False,
+        description="Let a server without tokens listen on a non-loopback address (e.g. behind an "
+        "authenticating proxy). Without it such a server refuses to start.",
+    )
+    tls_cert_file: Path | None = Field(
+        default=None, description="Server: PEM certificate chain; with `tls_key_file` the servers speak TLS."
+    )
+    tls_key_file: Path | None = Field(default=None, description="Server: PEM private key of the certificate.")
+    tls_client_ca_file: Path | None = Field(
+        default=None,
+        description="Server: PEM CA bundle; set = mutual TLS (clients must present a certificate it signed).",
+    )
+    rate_limit_per_minute: int = Field(
+        default=0,
+        ge=0,
+        description="Requests per minute each bearer token (each client address without auth) may make, "
+        "as a token bucket of that size; beyond it RESOURCE_EXHAUSTED with a retry delay. 0 = no limit.",
+    )
+
+    # --- security: clients (CLI, UI, batch, the stack) ------------------------
+    auth_token: SecretStr | None = Field(
+        default=None, description="Bearer token the clients send (`seqsal --token`)."
+    )
+    tls: bool = Field(
+        default=False, description="Clients connect with TLS (implied by `tls_ca_file`); system CAs."
+    )
+    tls_ca_file: Path | None = Field(
+        default=None, description="Client: PEM CA bundle that signed the servers' certificates."
+    )
+    tls_client_cert_file: Path | None = Field(
+        default=None, description="Client: PEM certificate to present for mutual TLS."
+    )
+    tls_client_key_file: Path | None = Field(
+        default=None, description="Client: PEM private key of `tls_client_cert_file`."
+    )
+    tls_server_name: str | None = Field(
+        default=None, description="Client: name to verify in the server certificate instead of the host."
+    )
+
+    # --- operations ----------------------------------------------------------
+    metrics_port: int = Field(
+        default=9101, ge=0, le=65535, description="Prometheus /metrics port of the saliency server; 0 = off."
+    )
+    inference_metrics_port: int = Field(
+        default=9102, ge=0, le=65535, description="Prometheus /metrics port of the inference server; 0 = off."
+    )
+    metrics_host: str | None = Field(
+        default=None, description="Address the /metrics endpoints bind to; default = the server's own host."
+    )
+    shutdown_delay_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="On SIGTERM, how long to keep serving while health says NOT_SERVING (so load "
+        "balancers stop sending) before draining.",
+    )
+    tracing: bool = Field(
+        default=False,
+        description="OpenTelemetry spans per call (needs opentelemetry-sdk; exporter from the "
+        "standard OTEL_* variables).",
+    )
+
     # --- logging -------------------------------------------------------------
     log_level: str = Field(default="INFO", description="Python logging level.")
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto",
+        description="Server logs: 'json' (one object per line), 'text', or 'auto' (text on a terminal).",
+    )
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "auth_tokens", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
         if isinstance(value, str):

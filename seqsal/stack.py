@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 
 from seqsal.settings import Settings
+from seqsal.tls import ClientTLS, server_tls_enabled, sync_channel
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 UI_APP = REPO_ROOT / "ui" / "app.py"
@@ -46,10 +47,10 @@ class Component:
     log_path: Path | None = None
 
 
-def grpc_serving(address: str, timeout: float = 1.0) -> bool:
-    """True when the gRPC server at ``address`` reports SERVING."""
+def grpc_serving(address: str, timeout: float = 1.0, tls: ClientTLS | None = None) -> bool:
+    """True when the gRPC server at ``address`` reports SERVING (health needs no token)."""
     try:
-        with grpc.insecure_channel(address) as channel:
+        with sync_channel(address, tls, []) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
             )
@@ -75,6 +76,47 @@ def http_ready(url: str) -> bool:
             return reply.status == 200
     except OSError:
         return False
+
+
+def client_tls(settings: Settings) -> ClientTLS:
+    """How the stack (and its UI) reach its servers: the client TLS settings; if only the servers
+    have TLS configured, TLS trusting their own certificate (right for a self-signed one)."""
+    tls = ClientTLS.from_settings(settings)
+    if tls.enabled or not server_tls_enabled(settings):
+        return tls
+    return ClientTLS(
+        enabled=True,
+        ca_file=settings.tls_cert_file,
+        cert_file=settings.tls_client_cert_file,
+        key_file=settings.tls_client_key_file,
+        server_name=settings.tls_server_name,
+    )
+
+
+def security_env(settings: Settings) -> tuple[dict[str, str], dict[str, str]]:
+    """Environment for the servers (accepted tokens) and for the clients (token, TLS) of the stack."""
+    servers: dict[str, str] = {}
+    clients: dict[str, str] = {}
+    tokens = [t.get_secret_value() for t in settings.auth_tokens]
+    if tokens:
+        servers["SEQSAL_AUTH_TOKENS"] = ",".join(tokens)
+    if settings.auth_token_file:
+        servers["SEQSAL_AUTH_TOKEN_FILE"] = str(settings.auth_token_file)
+    client_token = settings.auth_token.get_secret_value() if settings.auth_token else (tokens or [None])[0]
+    if client_token:
+        clients["SEQSAL_AUTH_TOKEN"] = client_token
+    tls = client_tls(settings)
+    if tls.enabled:
+        clients["SEQSAL_TLS"] = "1"
+        for name, value in (
+            ("SEQSAL_TLS_CA_FILE", tls.ca_file),
+            ("SEQSAL_TLS_CLIENT_CERT_FILE", tls.cert_file),
+            ("SEQSAL_TLS_CLIENT_KEY_FILE", tls.key_file),
+            ("SEQSAL_TLS_SERVER_NAME", tls.server_name),
+        ):
+            if value:
+                clients[name] = str(value)
+    return servers, clients
 
 
 class Stack:
@@ -123,13 +165,17 @@ class Stack:
             env["REDIS_URL"] = redis_url
         inference = f"{s.inference_host}:{s.inference_port}"
         saliency = f"{s.host}:{s.port}"
+        server_env, client_env = security_env(s)
+        tls = client_tls(s)
+        scheme = "grpcs" if tls.enabled else "grpc"
         components.append(
             Component(
                 name=f"inference ({s.backend})",
                 command=[python, "-m", "seqsal.cli", "serve", "inference", "--backend", s.backend],
-                ready=lambda: grpc_serving(inference),
-                url=f"grpc://{inference}",
+                ready=lambda: grpc_serving(inference, tls=tls),
+                url=f"{scheme}://{inference}",
                 env=env
+                | server_env
                 | {"SEQSAL_INFERENCE_HOST": s.inference_host, "SEQSAL_INFERENCE_PORT": str(s.inference_port)},
             )
         )
@@ -137,9 +183,9 @@ class Stack:
             Component(
                 name="saliency",
                 command=[python, "-m", "seqsal.cli", "serve", "saliency"],
-                ready=lambda: grpc_serving(saliency),
-                url=f"grpc://{saliency}",
-                env=env | {"SEQSAL_HOST": s.host, "SEQSAL_PORT": str(s.port)},
+                ready=lambda: grpc_serving(saliency, tls=tls),
+                url=f"{scheme}://{saliency}",
+                env=env | server_env | {"SEQSAL_HOST": s.host, "SEQSAL_PORT": str(s.port)},
             )
         )
         if with_ui and UI_APP.exists():
@@ -160,10 +206,14 @@ class Stack:
                         "true",
                         "--browser.gatherUsageStats",
                         "false",
+                        "--client.toolbarMode",
+                        "minimal",
                     ],
                     ready=lambda: http_ready(f"http://127.0.0.1:{ui_port}/_stcore/health"),
                     url=f"http://127.0.0.1:{ui_port}",
-                    env=env | {"SEQSAL_SALIENCY_ADDRESS": saliency, "SEQSAL_INFERENCE_ADDRESS": inference},
+                    env=env
+                    | client_env
+                    | {"SEQSAL_SALIENCY_ADDRESS": saliency, "SEQSAL_INFERENCE_ADDRESS": inference},
                 )
             )
         return components

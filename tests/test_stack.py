@@ -22,7 +22,7 @@ def free_port() -> int:
 
 
 def test_up_starts_everything_and_stops_it(tiny_chat_llama_dir: Path, tmp_path: Path) -> None:
-    saliency_port, inference_port, redis_port = free_port(), free_port(), free_port()
+    saliency_port, inference_port, redis_port, ui_port = free_port(), free_port(), free_port(), free_port()
     env = os.environ | {
         "SEQSAL_STACK_REDIS_PORT": str(redis_port),
         "SEQSAL_SHUTDOWN_GRACE_S": "5",
@@ -31,7 +31,8 @@ def test_up_starts_everything_and_stops_it(tiny_chat_llama_dir: Path, tmp_path: 
     command = [
         sys.executable, "-m", "seqsal.cli", "up", "--backend", "transformers",
         "--model", f"tiny={tiny_chat_llama_dir}", "--port", str(saliency_port),
-        "--inference-port", str(inference_port), "--log-dir", str(tmp_path / "logs"),
+        "--inference-port", str(inference_port), "--ui-port", str(ui_port),
+        "--log-dir", str(tmp_path / "logs"),
     ]  # fmt: skip
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -82,7 +83,7 @@ def test_up_reports_a_component_that_fails(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "seqsal.cli", "up", "--backend", "transformers", "--model", f"x={tmp_path}",
          "--log-dir", str(tmp_path / "logs"), "--port", str(free_port()),
-         "--inference-port", str(free_port())],
+         "--inference-port", str(free_port()), "--ui-port", str(free_port())],
         env=os.environ | {"SEQSAL_STACK_REDIS_PORT": str(free_port())},
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -1,0 +1,266 @@
+"""Every call's way in: request id, authentication, rate limit, then metrics, an access log line and a span.
+
+The :class:`AccessInterceptor` is the outermost interceptor of each server:
+
+1. the request id is the caller's ``x-request-id`` metadata or a new one; it is
+   put in :data:`~seqsal.logging_setup.request_id_var` (so every log line of the
+   call carries it) and sent back at once in the response's initial metadata;
+2. unless the method is open (health, reflection), the bearer token is checked
+   (UNAUTHENTICATED) and the caller's rate is charged (RESOURCE_EXHAUSTED with a
+   ``google.rpc.RetryInfo`` detail); a caller is its token's fingerprint, or its
+   address when the server runs without authentication;
+3. when the call ends, however it ends: ``seqsal_grpc_*`` metrics, one access
+   log line (``seqsal.access``: rpc, status, duration_ms, peer, client) and,
+   with tracing on, the span.
+
+Open methods pass straight through: probes are neither logged nor counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from seqsal.auth import AuthFailure, TokenAuth, fingerprint, is_open_method
+from seqsal.interceptor import REQUEST_ID_KEY
+from seqsal.logging_setup import request_id_var
+from seqsal.metrics import ServerMetrics
+from seqsal.ratelimit import RateLimited, RateLimiter
+from seqsal.tracing import end_span, start_span
+
+MAX_REQUEST_ID_CHARS = 128
+
+access_logger = logging.getLogger("seqsal.access")
+
+
+def new_request_id() -> str:
+    """A fresh random request id (16 hex digits)."""
+    return uuid.uuid4().hex[:16]
+
+
+def _clean_request_id(value: str | bytes) -> str | None:
+    """The caller's id if it is printable ASCII of sane length (it ends up in logs), else None."""
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    text = text.strip()
+    if not text or len(text) > MAX_REQUEST_ID_CHARS or not text.isprintable() or not text.isascii():
+        return None
+    return text
+
+
+def peer_host(peer: str) -> str:
+    """The address part of a gRPC peer string (``ipv4:1.2.3.4:5678`` -> ``1.2.3.4``), without the port."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        host, _, _port = rest.rpartition(":")
+        return host.strip("[]") or rest
+    return peer
+
+
+def rate_limited_status(message: str, retry_after_s: float) -> grpc.Status:
+    """RESOURCE_EXHAUSTED with a RetryInfo detail saying when to retry."""
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(max(1, int(retry_after_s * 1e9)))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[detail])
+    return rpc_status.to_status(status)
+
+
+@dataclass
+class _Call:
+    """What the interceptor knows about one call in progress."""
+
+    rpc: str
+    request_id: str
+    started: float
+    peer: str
+    client: str | None = None
+    span: Any = None
+
+
+class AccessInterceptor(grpc.aio.ServerInterceptor):
+    """Request ids, authentication, rate limits, metrics, access logs and spans for one server.
+
+    Args:
+        auth: accepted tokens; None = no authentication.
+        limiter: per-caller rate limit; None = none.
+        metrics: where call counts and latencies go; None = nowhere.
+        tracer: an OpenTelemetry tracer, or None.
+    """
+
+    def __init__(
+        self,
+        *,
+        auth: TokenAuth | None = None,
+        limiter: RateLimiter | None = None,
+        metrics: ServerMetrics | None = None,
+        tracer: Any = None,
+    ) -> None:
+        self.auth = auth
+        self.limiter = limiter
+        self.metrics = metrics
+        self.tracer = tracer
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        path = handler_call_details.method
+        if handler is None or is_open_method(path):
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._unary(handler.unary_unary, path))
+        if handler.stream_unary is not None:
+            return handler._replace(stream_unary=self._unary(handler.stream_unary, path))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=self._streaming(handler.unary_stream, path))
+        return handler._replace(stream_stream=self._streaming(handler.stream_stream, path))
+
+    # --- the wrappers ----------------------------------------------------------------------------
+
+    def _unary(self, behavior: Callable[..., Any], path: str) -> Callable[..., Awaitable[Any]]:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = self._begin(path, context)
+            code = "UNKNOWN"
+            try:
+                await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
+                await self._admit(call, context)
+                result = behavior(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                code = _final_code(context, "OK")
+                return result
+            except BaseException as exc:
+                code = _code_of(exc, context)
+                raise
+            finally:
+                self._end(call, code)
+
+        return unary
+
+    def _streaming(self, behavior: Callable[..., Any], path: str) -> Callable[..., AsyncIterator[Any]]:
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call = self._begin(path, context)
+            code = "UNKNOWN"
+            try:
+                await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
+                await self._admit(call, context)
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                elif inspect.isawaitable(result):
+                    await result
+                code = _final_code(context, "OK")
+            except GeneratorExit:
+                code = "CANCELLED"
+                raise
+            except BaseException as exc:
+                code = _code_of(exc, context)
+                raise
+            finally:
+                self._end(call, code)
+
+        return streaming
+
+    # --- the steps -------------------------------------------------------------------------------
+
+    def _begin(self, path: str, context: grpc.aio.ServicerContext) -> _Call:
+        metadata = context.invocation_metadata() or ()
+        rid = None
+        for key, value in metadata:
+            if key == REQUEST_ID_KEY:
+                rid = _clean_request_id(value)
+                break
+        rid = rid or new_request_id()
+        request_id_var.set(rid)  # this call's task (and its to_thread workers) see it
+        call = _Call(
+            rpc=path.rsplit("/", 1)[-1], request_id=rid, started=time.perf_counter(), peer=context.peer()
+        )
+        if self.metrics is not None:
+            self.metrics.in_progress.labels(call.rpc).inc()
+        if self.tracer is not None:
+            carrier = {k: v for k, v in metadata if isinstance(v, str)}
+            call.span = start_span(self.tracer, path, carrier, rid)
+        return call
+
+    async def _admit(self, call: _Call, context: grpc.aio.ServicerContext) -> None:
+        """Authenticate and rate-limit; aborts the call when either says no."""
+        if self.auth is not None:
+            try:
+                token = self.auth.authenticate(context.invocation_metadata() or ())
+            except AuthFailure as failure:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(failure))
+                raise  # abort raises; this is never reached
+            call.client = f"token:{fingerprint(token)}"
+        if self.limiter is not None:
+            try:
+                self.limiter.acquire(call.client or f"peer:{peer_host(call.peer)}")
+            except RateLimited as limited:
+                status = rate_limited_status(limited.message, limited.retry_after_s)
+                await context.abort(status.code, status.details, status.trailing_metadata)
+
+    def _end(self, call: _Call, code: str) -> None:
+        seconds = time.perf_counter() - call.started
+        if self.metrics is not None:
+            self.metrics.in_progress.labels(call.rpc).dec()
+            self.metrics.observe_call(call.rpc, code, seconds)
+        if call.span is not None:
+            end_span(call.span, code)
+        duration_ms = round(seconds * 1000.0, 3)
+        access_logger.info(
+            "%s %s %.1f ms",
+            call.rpc,
+            code,
+            duration_ms,
+            extra={
+                "rpc": call.rpc,
+                "status": code,
+                "duration_ms": duration_ms,
+                "peer": call.peer,
+                "client": call.client,
+                "request_id": call.request_id,
+            },
+        )
+
+
+def _final_code(context: grpc.aio.ServicerContext, default: str) -> str:
+    """The status a handler set without raising (``context.set_code``), or ``default``."""
+    try:
+        code = context.code()
+    except (AttributeError, NotImplementedError):
+        return default
+    return _code_name(code) or default
+
+
+def _code_name(code: object) -> str | None:
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        for member in grpc.StatusCode:
+            if member.value[0] == code:
+                return member.name
+    return None
+
+
+def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
+    """The status a call ended with, from the exception that ended it."""
+    if isinstance(exc, grpc.aio.AbortError):
+        return _final_code(context, "UNKNOWN")
+    if isinstance(exc, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    return "UNKNOWN"
