@@ -1,0 +1,141 @@
+"""The UI's service layer without a page: plain-words errors, targets, requests, caches."""
+
+from __future__ import annotations
+
+import pytest
+
+from seqsal import errors
+from seqsal.v1 import common_pb2, saliency_pb2
+from ui import services
+from ui.services import CandidateText, Generation, TargetProblem, target_spec
+from ui.state import SideState
+
+GEN = Generation(
+    key="k",
+    prompt="<|user|>\nHi\n<|assistant|>\n",
+    prompt_token_ids=(1, 2),
+    model="tiny",
+    candidates=(
+        CandidateText(0, " Hello", (7, 8), "STOP"),
+        CandidateText(1, "", (), "STOP"),
+    ),
+    elapsed_s=0.1,
+)
+
+
+@pytest.mark.parametrize(
+    ("error", "fragments"),
+    [
+        (
+            errors.UnavailableError("connect failed"),
+            ["not reachable", "`h:1`", "make up", "SEQSAL_SALIENCY_ADDRESS"],
+        ),
+        (errors.DeadlineExceededError("late"), ["took too long", "shorter prompt"]),
+        (errors.ResourceExhaustedError("full"), ["busy", "try again"]),
+        (errors.NotFoundError("unknown model 'x'"), ["does not host", "unknown model 'x'"]),
+        (
+            errors.InvalidArgumentError("bad regex", field="custom_regex"),
+            ["bad regex", "Fix the custom regex"],
+        ),
+        (errors.InvalidArgumentError("no template", field="use_chat_template"), ["Chat template"]),
+        (errors.InternalError("boom"), ["failed: boom", "keeps working"]),
+    ],
+)
+def test_errors_in_plain_words(error: errors.SeqsalError, fragments: list[str]) -> None:
+    text = services.explain_error(error, "saliency", "h:1")
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+def test_target_of_each_kind() -> None:
+    side = SideState(prompt="Hi", chat_template=True)
+    spec = target_spec(side, GEN)
+    assert (spec.prompt, spec.model, spec.target_token_ids, spec.foil) == (GEN.prompt, "tiny", (7, 8), None)
+    ref = target_spec(SideState(prompt="Hi", target_kind="reference", reference=" Yo"), GEN)
+    assert ref.target_text == " Yo" and ref.prompt == GEN.prompt and not ref.target_token_ids
+    foil = target_spec(SideState(prompt="Hi", target_kind="foil", foil=" Bye"), GEN)
+    assert foil.target_token_ids == (7, 8) and foil.foil == " Bye"
+    foil_ref = target_spec(SideState(prompt="Hi", target_kind="foil", reference=" Yo", foil=" Bye"), GEN)
+    assert foil_ref.target_text == " Yo" and foil_ref.foil == " Bye"
+    # Without a response, a reference is explained against the raw prompt (no chat template).
+    offline = target_spec(SideState(prompt="Hi", target_kind="reference", reference=" Yo"), None)
+    assert offline.prompt == "Hi" and offline.model == ""
+
+
+@pytest.mark.parametrize(
+    ("side", "generation", "fragment"),
+    [
+        (SideState(prompt="Hi"), None, "No response yet"),
+        (
+            SideState(prompt="Hi", chat_template=True, target_kind="reference", reference="x"),
+            None,
+            "chat template",
+        ),
+        (SideState(prompt="Hi", target_kind="reference"), GEN, "Type a reference target"),
+        (SideState(prompt="Hi", target_kind="foil"), GEN, "Type a foil"),
+        (SideState(prompt="Hi", candidate=1), GEN, "response is empty"),
+    ],
+)
+def test_target_problems_in_plain_words(
+    side: SideState, generation: Generation | None, fragment: str
+) -> None:
+    with pytest.raises(TargetProblem, match=fragment):
+        target_spec(side, generation)
+
+
+def test_requests() -> None:
+    side = SideState(method="GRAD_DOT_INPUT", granularity="CUSTOM_REGEX", regex="x")
+    spec = target_spec(SideState(prompt="Hi", target_kind="foil", foil=" Bye"), GEN)
+    request = services.saliency_request(spec, side, granularity="CUSTOM_REGEX", target_mask=[False, True])
+    assert list(request.methods) == [common_pb2.GRAD_L2, common_pb2.GRAD_DOT_INPUT]  # one backward pass
+    assert (
+        request.custom_regex == "x" and request.foil == " Bye" and list(request.target_mask) == [False, True]
+    )
+    tokens = services.saliency_request(spec, side, granularity="TOKENS")
+    assert tokens.custom_regex == "" and tokens.granularity == common_pb2.TOKENS
+    all_segments = services.all_segments_request(tokens)
+    assert all_segments.foil == " Bye" and list(all_segments.target_token_ids) == [7, 8]
+    assert services.request_key(tokens) != services.request_key(request)
+    assert services.request_key(tokens) != services.request_key(all_segments)
+    ig = services.saliency_request(spec, SideState(method="INTEGRATED_GRADIENTS"), granularity="WORDS")
+    assert list(ig.methods) == [common_pb2.INTEGRATED_GRADIENTS]
+
+
+def test_method_index_and_response_cache() -> None:
+    response = saliency_pb2.SaliencyResponse(
+        scores=[saliency_pb2.MethodScores(method=common_pb2.GRAD_L2), saliency_pb2.MethodScores(method=2)]
+    )
+    assert services.method_index(response, "GRAD_DOT_INPUT") == 1
+    assert services.method_index(response, "INTEGRATED_GRADIENTS") == 0
+    cache = services.ResponseCache(max_entries=2)
+    for key in "abc":
+        cache.put(key, response)
+    assert len(cache) == 2 and cache.get("a") is None and cache.get("c") is response
+
+
+def test_generate_refuses_an_empty_prompt() -> None:
+    with pytest.raises(TargetProblem, match="prompt is empty"):
+        services.generate(services.Endpoints("h:1", "h:2"), SideState(prompt="  "))
+
+
+def test_prefetch_against_a_dead_server_reports_in_plain_words() -> None:
+    prefetcher = services.Prefetcher()
+    request = saliency_pb2.SaliencyAllSegmentsRequest(prompt="x", target="y", granularity=common_pb2.WORDS)
+    key = prefetcher.start("s:main", services.Endpoints("127.0.0.1:9", "127.0.0.1:9"), request)
+    progress = prefetcher.wait(key, 30)
+    assert progress is not None and progress.finished and "not reachable" in (progress.error or "")
+    assert prefetcher.progress("unknown") is None
+
+
+def test_prefetch_owners_pause_resume_and_sweep() -> None:
+    prefetcher = services.Prefetcher()
+    dead = services.Endpoints("127.0.0.1:9", "127.0.0.1:9")
+    request = saliency_pb2.SaliencyAllSegmentsRequest(prompt="x", target="y", granularity=common_pb2.WORDS)
+    key = prefetcher.start("s1:main", dead, request)
+    assert prefetcher.start("s1:main", dead, request) == key  # idempotent while it runs
+    prefetcher.wait(key, 30)
+    assert prefetcher.pause("s1:") == []  # nothing running any more
+    prefetcher.resume(["s1:main"])  # a finished job with an error is started again
+    prefetcher.wait(key, 30)
+    assert prefetcher.sweep(lambda owner: not owner.startswith("s1:")) == ["s1:main"]
+    assert prefetcher.pause("s1:") == []

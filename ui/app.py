@@ -1,0 +1,92 @@
+"""seqsal workbench: ``streamlit run ui/app.py`` (``seqsal up`` starts it with the servers).
+
+Thin entry point: page set-up, layout and wiring. The servers' addresses come from
+:class:`seqsal.settings.Settings` (``SEQSAL_SALIENCY_ADDRESS``, ``SEQSAL_INFERENCE_ADDRESS``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:  # `streamlit run ui/app.py` puts ui/ first, not the repository
+    sys.path.insert(0, _ROOT)
+
+import streamlit as st  # noqa: E402
+
+from ui import login, services, session, views  # noqa: E402
+from ui.examples import baselines  # noqa: E402
+from ui.state import to_query  # noqa: E402
+
+
+def main() -> None:
+    st.set_page_config(
+        page_title="seqsal · sequence saliency",
+        page_icon=":material/format_color_text:",
+        layout="wide",
+        initial_sidebar_state="expanded",
+    )
+    ss = st.session_state
+    settings = services.load_settings()
+    login.require_login(settings)
+    endpoints = services.Endpoints.from_settings(settings)
+    examples, example_problems = views.all_examples()
+    notes = session.init_session(ss, st.query_params.to_dict(), examples)
+    session.keep_widget_values(ss)
+    report = services.list_models(endpoints)
+
+    views.sidebar(report, endpoints)
+    views.header(report, notes, example_problems)
+    links = baselines(examples)
+
+    def query() -> dict[str, str]:
+        return to_query(session.current_view(ss, report.default), links)
+
+    view = session.current_view(ss, report.default)
+    if view.pinned is None:
+        left, right = st.columns([5, 7], gap="large")
+        with left:
+            views.editor(examples, pinned=False, default_model=report.default)
+            views.data_table(examples)
+        with right:
+            views.run_and_draw(
+                "main",
+                view.current,
+                endpoints,
+                view.display,
+                title=views.side_title(view.current, examples),
+                query_of=query,
+                editable=True,
+            )
+    else:
+        with st.expander("Datapoint editor (right side)", expanded=True, icon=":material/edit:"):
+            views.editor(examples, pinned=True, default_model=report.default)
+            views.data_table(examples)
+        left, right = st.columns(2, gap="medium")
+        with left:
+            views.side_header("Pinned", view.pinned, examples, report)
+            views.run_and_draw(
+                "pin",
+                view.pinned,
+                endpoints,
+                view.display,
+                title="pinned " + views.side_title(view.pinned, examples),
+                query_of=query,
+                editable=False,
+            )
+        with right:
+            views.side_header("Current", view.current, examples, report)
+            views.run_and_draw(
+                "main",
+                view.current,
+                endpoints,
+                view.display,
+                title=views.side_title(view.current, examples),
+                query_of=query,
+                editable=True,
+            )
+    session.sync_query_params(session.current_view(ss, report.default), examples)
+
+
+main()

@@ -1,0 +1,286 @@
+"""The loop for one side: generate, explain the whole target, prefetch every segment, explain the selection.
+
+Results are kept in the session (a generation per side, a small LRU of saliency responses),
+so display-only changes (intensity, chips, density, method between the two gradient methods)
+never call a server. A failed call is not retried on every rerun: its message stays up with a
+retry button until the request changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
+from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
+
+from seqsal.errors import InvalidArgumentError, SeqsalError
+from seqsal.segmentation import segment_target_masks, validate_regex
+from seqsal.v1 import common_pb2, saliency_pb2
+from ui import services
+from ui.heatmap import build_payload
+from ui.services import Endpoints, Generation, TargetProblem, TargetSpec
+from ui.session import force_key, generation_key, selection_key
+from ui.state import DisplayState, SideState
+
+SESSION_CACHE = "v_saliency_cache"
+
+
+@dataclass
+class SideResult:
+    """Everything one side shows."""
+
+    side: str
+    state: SideState
+    generation: Generation | None = None
+    generation_error: str | None = None
+    spec: TargetSpec | None = None
+    #: The granularity actually used (TOKENS when the custom regex is invalid).
+    granularity: str = ""
+    regex_error: str | None = None
+    base: saliency_pb2.SaliencyResponse | None = None
+    response: saliency_pb2.SaliencyResponse | None = None
+    method_index: int = 0
+    selection: tuple[int, ...] = ()
+    target_segments: list[common_pb2.Segment] = field(default_factory=list)
+    #: Plain words: why there is no heatmap (or why it is stale).
+    problem: str | None = None
+    #: True when ``problem`` came from a failed call that a retry might fix.
+    retryable: bool = False
+    prefetch_key: str | None = None
+    payload: dict[str, Any] | None = None
+
+
+def effective_granularity(side: SideState) -> tuple[str, str | None]:
+    """The granularity to use and, for an invalid custom regex, why it fell back to tokens."""
+    if side.granularity != "CUSTOM_REGEX":
+        return side.granularity, None
+    try:
+        validate_regex(side.regex)
+    except InvalidArgumentError as exc:
+        return "TOKENS", exc.message
+    return side.granularity, None
+
+
+def _cache() -> services.ResponseCache:
+    cache = st.session_state.get(SESSION_CACHE)
+    if not isinstance(cache, services.ResponseCache):
+        cache = services.ResponseCache()
+        st.session_state[SESSION_CACHE] = cache
+    return cache
+
+
+def _session_prefix() -> str:
+    ctx = get_script_run_ctx(suppress_warning=True)
+    return f"{ctx.session_id if ctx else 'local'}:"
+
+
+def _owner(side: str) -> str:
+    return _session_prefix() + side
+
+
+def _session_alive(owner: str) -> bool:
+    """Whether the browser session behind a prefetch owner is still connected."""
+    try:
+        from streamlit.runtime import Runtime
+
+        return bool(Runtime.instance().is_active_session(owner.split(":", 1)[0]))
+    except Exception:  # no runtime (bare mode): keep it
+        return True
+
+
+def _selection_context(spec: TargetSpec, granularity: str, regex: str) -> str:
+    payload = json.dumps(
+        [spec.target_text, list(spec.target_token_ids), spec.foil, spec.model, granularity, regex]
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def _saliency(
+    name: str,
+    endpoints: Endpoints,
+    request: saliency_pb2.SaliencyRequest,
+    what: str,
+    *,
+    server_cached: bool = False,
+) -> tuple[saliency_pb2.SaliencyResponse | None, str | None]:
+    """A response from the session cache or the server; (None, message) on failure.
+
+    Unless the server has it cached already (``server_cached``), this session's background
+    prefetches are paused so the request the user waits for is computed first; the other
+    side's prefetch resumes afterwards (this side's restarts when the caller starts it again).
+    """
+    key = services.request_key(request)
+    cache = _cache()
+    hit = cache.get(key)
+    if hit is not None:
+        return hit, None
+    failed_key = f"v_sal_err_{name}"
+    failed = st.session_state.get(failed_key)
+    if isinstance(failed, tuple) and failed[0] == key:
+        return None, failed[1]
+    paused = [] if server_cached else services.PREFETCHER.pause(_session_prefix())
+    try:
+        with st.spinner(f"Computing saliency for {what}…", show_time=True):
+            response = services.call_saliency(endpoints, request)
+    except SeqsalError as exc:
+        message = services.explain_error(exc, "saliency", endpoints.saliency)
+        st.session_state[failed_key] = (key, message)
+        return None, message
+    finally:
+        services.PREFETCHER.resume([owner for owner in paused if owner != _owner(name)])
+    st.session_state.pop(failed_key, None)
+    cache.put(key, response)
+    return response, None
+
+
+def _generation(
+    name: str,
+    side: SideState,
+    endpoints: Endpoints,
+    box: DeltaGenerator,
+) -> tuple[Generation | None, str | None]:
+    ss = st.session_state
+    wanted = side.generation_key()
+    current = ss.get(generation_key(name))
+    force = bool(ss.pop(force_key(name), False))
+    if isinstance(current, Generation) and current.key == wanted and not force:
+        return current, None
+    failed_key = f"v_gen_err_{name}"
+    failed = ss.get(failed_key)
+    if not force and isinstance(failed, tuple) and failed[0] == wanted:
+        return None, failed[1]
+    model = side.model or "the default model"
+    with box.status(f"Generating with {model}…", expanded=True) as status:
+        preview = st.empty()
+
+        def on_update(texts: dict[int, str]) -> None:
+            preview.code(
+                "\n\n".join(f"[{i + 1}] {t}" for i, t in sorted(texts.items())) or "…", language=None
+            )
+
+        try:
+            generation = services.generate(endpoints, side, on_update, reuse=not force)
+        except SeqsalError as exc:
+            message = services.explain_error(exc, "inference", endpoints.inference)
+            status.update(label="Generation failed", state="error", expanded=False)
+            preview.empty()
+            ss[failed_key] = (wanted, message)
+            ss.pop(generation_key(name), None)
+            return None, message
+        except TargetProblem as exc:
+            status.update(label="Nothing to generate", state="error", expanded=False)
+            preview.empty()
+            return None, str(exc)
+        tokens = sum(len(c.token_ids) for c in generation.candidates)
+        status.update(
+            label=f"Generated {tokens} tokens with {generation.model} in {generation.elapsed_s:.1f} s",
+            state="complete",
+            expanded=False,
+        )
+    ss.pop(failed_key, None)
+    ss[generation_key(name)] = generation
+    return generation, None
+
+
+def prefetch_key(name: str) -> str:
+    """Session key of a side's current prefetch job key (``None`` when there is none)."""
+    return f"v_prefetch_{name}"
+
+
+def _failure_keys(name: str) -> tuple[str, str]:
+    return f"v_sal_err_{name}", f"v_gen_err_{name}"
+
+
+def clear_failures(name: str) -> None:
+    """Forget failed calls of a side so the next run tries again (the Retry button)."""
+    for key in _failure_keys(name):
+        st.session_state.pop(key, None)
+    st.session_state[force_key(name)] = True
+
+
+def run_side(
+    name: str,
+    side: SideState,
+    endpoints: Endpoints,
+    display: DisplayState,
+    *,
+    status_box: DeltaGenerator,
+    caption: Callable[[SideResult], str] | None = None,
+) -> SideResult:
+    """Run the loop for one side (calls the servers only for what is not cached yet)."""
+    result = SideResult(side=name, state=side)
+    ss = st.session_state
+    result.generation, result.generation_error = _generation(name, side, endpoints, status_box)
+    try:
+        spec = services.target_spec(side, result.generation)
+    except TargetProblem as exc:
+        result.problem = result.generation_error or str(exc)
+        result.retryable = result.generation_error is not None
+        return result
+    result.spec = spec
+    result.granularity, result.regex_error = effective_granularity(side)
+    regex = side.regex if result.granularity == "CUSTOM_REGEX" else ""
+
+    base_request = services.saliency_request(spec, side, granularity=result.granularity)
+    base, problem = _saliency(name, endpoints, base_request, f"the {spec.label}")
+    if base is None:
+        result.problem, result.retryable = problem, True
+        return result
+    result.base = base
+    masks = segment_target_masks(list(base.tokens), list(base.segments))
+    result.target_segments = [segment for segment, _ in masks]
+
+    # A selection belongs to one target at one granularity: clear it when either changes.
+    context = _selection_context(spec, result.granularity, regex)
+    ctx_key = f"sel_ctx_{name}"
+    selection = tuple(ss.get(selection_key(name), ()))
+    if ss.get(ctx_key) not in (None, context):
+        selection = ()
+    ss[ctx_key] = context
+    selection = tuple(i for i in selection if 0 <= i < len(masks))
+    ss[selection_key(name)] = selection
+    result.selection = selection
+
+    # Fill the server's cache with every segment, in the background.
+    ig = side.method == "INTEGRATED_GRADIENTS"
+    prefetch = None
+    if len(masks) > 1 and not (ig and len(masks) > services.MAX_IG_PREFETCH_SEGMENTS):
+        services.PREFETCHER.sweep(_session_alive)  # closed tabs' prefetches stop
+        prefetch = services.all_segments_request(base_request)
+        result.prefetch_key = services.PREFETCHER.start(_owner(name), endpoints, prefetch)
+    ss[prefetch_key(name)] = result.prefetch_key
+
+    response = base
+    if selection:
+        mask = [any(masks[i][1][t] for i in selection) for t in range(len(masks[0][1]))]
+        request = services.saliency_request(spec, side, granularity=result.granularity, target_mask=mask)
+        what = "the selected segment" + ("s" if len(selection) > 1 else "")
+        # A single segment the prefetch has finished is in the server's cache: no need to pause it.
+        progress = services.PREFETCHER.progress(result.prefetch_key) if result.prefetch_key else None
+        cached = len(selection) == 1 and progress is not None and selection[0] in progress.done_indices
+        selected, problem = _saliency(name, endpoints, request, what, server_cached=cached)
+        if prefetch is not None:  # restarts it if it was paused (finished segments stay cached)
+            result.prefetch_key = services.PREFETCHER.start(_owner(name), endpoints, prefetch)
+            ss[prefetch_key(name)] = result.prefetch_key
+        if selected is None:
+            result.problem, result.retryable = problem, True
+        else:
+            response = selected
+    result.response = response
+    result.method_index = services.method_index(response, side.method)
+    result.payload = build_payload(
+        response,
+        result.method_index,
+        side=name,
+        selection=selection,
+        intensity=display.intensity,
+        chips=display.chips,
+        compact=display.compact,
+        caption=caption(result) if caption else "",
+    )
+    return result

@@ -1,0 +1,51 @@
+"""The clickable heatmap: a bidirectional ``st.components.v2`` component.
+
+Python sends a plain dict (:func:`ui.heatmap.payload.build_payload`) as ``data``; the
+JavaScript (``heatmap.js``, styles in ``heatmap.css``) draws it with DOM text nodes and, when a
+response segment is clicked, sets the trigger ``select`` to ``{"index", "additive", "side"}``.
+The ``on_select`` callback runs before the next script run and reads it with
+:func:`clicked`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from ui.heatmap.payload import build_payload, unit_rows
+
+__all__ = ["build_payload", "clicked", "component_key", "mount", "unit_rows"]
+
+_HERE = Path(__file__).resolve().parent
+COMPONENT_NAME = "seqsal_heatmap"
+
+_render = st.components.v2.component(
+    COMPONENT_NAME,
+    js=(_HERE / "heatmap.js").read_text(encoding="utf-8"),
+    css=(_HERE / "heatmap.css").read_text(encoding="utf-8"),
+)
+
+
+def component_key(side: str) -> str:
+    """Session-state key of a side's heatmap component."""
+    return f"seqsal_heatmap_{side}"
+
+
+def mount(payload: dict[str, Any], *, side: str, on_select: Callable[[], None]) -> None:
+    """Draw the heatmap for ``payload``; clicks call ``on_select`` (then read :func:`clicked`)."""
+    _render(key=component_key(side), data=payload, on_select_change=on_select)
+
+
+def clicked(side: str) -> tuple[int, bool] | None:
+    """The click that triggered ``on_select``: (target segment index, additive) or ``None``."""
+    state = st.session_state.get(component_key(side))
+    value = state.get("select") if isinstance(state, dict) else None
+    if not isinstance(value, dict):
+        return None
+    index = value.get("index")
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        return None
+    return index, bool(value.get("additive"))

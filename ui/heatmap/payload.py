@@ -1,0 +1,100 @@
+"""The heatmap component's data: a plain, JSON-serialisable dict built from a SaliencyResponse.
+
+Colours are computed here with :mod:`seqsal.render` / :mod:`seqsal.colors` (the same scale as
+the HTML export and the CLI), so the JavaScript only draws. Units are sent column-wise (one
+list per field) to keep the payload small at thousands of tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+from seqsal import colors, render
+from seqsal.v1 import common_pb2, saliency_pb2
+
+_PART = {common_pb2.PROMPT: "prompt", common_pb2.TARGET: "target", common_pb2.FOIL: "foil"}
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def build_payload(
+    response: saliency_pb2.SaliencyResponse,
+    method_index: int,
+    *,
+    side: str,
+    selection: tuple[int, ...] = (),
+    intensity: float = 1.0,
+    chips: bool = False,
+    compact: bool = False,
+    caption: str = "",
+) -> dict[str, Any]:
+    """Everything the component draws for one response and one method.
+
+    ``units`` holds parallel lists: ``part`` ("prompt" | "target" | "foil"), ``index`` (the
+    unit's index among the segments of its part; for the target this is the number a click
+    sends back), ``text``, ``score`` (raw, ``None`` if not finite), ``color`` (background),
+    ``fg`` (text colour with enough contrast) and ``special``. ``selected`` lists the selected
+    target segments; with an empty selection the whole target is explained (``whole_target``).
+    """
+    hm = render.heatmap(response, method_index, intensity=intensity)
+    counters: dict[str, int] = {}
+    part: list[str] = []
+    index: list[int] = []
+    text: list[str] = []
+    score: list[float | None] = []
+    color: list[str] = []
+    fg: list[str] = []
+    special: list[bool] = []
+    for unit, c in zip(hm.units, hm.colors, strict=True):
+        name = _PART.get(unit.part, "prompt")
+        k = counters.get(name, 0)
+        counters[name] = k + 1
+        part.append(name)
+        index.append(k)
+        text.append(unit.text)
+        score.append(_finite(unit.score))
+        color.append(c)
+        fg.append(colors.text_color_for(c))
+        special.append(unit.special)
+    n_target = counters.get("target", 0)
+    selected = sorted(i for i in selection if 0 <= i < n_target)
+    sat = hm.saturation if hm.scale > 0 else 0.0
+    digest = hashlib.sha256("\x00".join(text).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return {
+        "side": side,
+        "units": {
+            "part": part,
+            "index": index,
+            "text": text,
+            "score": score,
+            "color": color,
+            "fg": fg,
+            "special": special,
+        },
+        "selected": selected,
+        "whole_target": not selected,
+        "target_count": n_target,
+        "text_key": digest,
+        "chips": chips,
+        "compact": compact,
+        "legend": {
+            "method": render.method_name(hm.method),
+            "signed": hm.signed,
+            "stops": [[x, c] for x, c in colors.legend_stops(hm.signed)],
+            "min": -sat if hm.signed else 0.0,
+            "max": sat,
+            "intensity": hm.intensity,
+        },
+        "caption": caption,
+    }
+
+
+def unit_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The payload's units as one dict per unit (for tests and the data view)."""
+    cols = payload["units"]
+    keys = list(cols)
+    return [dict(zip(keys, values, strict=True)) for values in zip(*(cols[k] for k in keys), strict=True)]
