@@ -271,6 +271,10 @@ def up(
     except StackError as error:
         err_console.print(f"[bold red]could not start the stack[/]: {error}")
         raise typer.Exit(code=1) from None
+    except KeyboardInterrupt:  # Ctrl-C while starting: stop what already runs
+        err_console.print("interrupted; stopping...")
+        stack.stop()
+        raise typer.Exit(code=130) from None
     err_console.print("[bold green]seqsal is up[/]; Ctrl-C stops it.")
     for component in stack.components:
         console.print(f"  {component.name:<24} {component.url}")

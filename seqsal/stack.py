@@ -271,7 +271,9 @@ class Stack:
             nonlocal stop
             stop = True
 
-        previous = signal.signal(signal.SIGTERM, on_signal)
+        # both signals explicitly: a shell's background job inherits SIGINT ignored, and Ctrl-C or
+        # `kill -INT` must still stop the stack
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             while not stop:
                 for component in self.components:
@@ -282,10 +284,9 @@ class Stack:
                         )
                         return 1
                 time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return 0
 
 
