@@ -152,6 +152,12 @@ def test_example_generate_select_heatmap(app: AppTest) -> None:
     assert target_ids_text == generated.text  # explained on exactly the generated ids
     assert any(c.value == generated.text for c in at.code)
     assert at.query_params["target"] == "candidate"
+    # one request id follows the action through both services: Generate, then its Saliency calls
+    generation = at.session_state["gen_main"]
+    endpoints = services.Endpoints.from_settings(services.load_settings())
+    assert (
+        generation.request_id and services.POOL.saliency(endpoints).last_request_id == generation.request_id
+    )
 
     # Back to the reference; every segment is precomputed in the background, so a click is a cache hit.
     at.radio(key="w_target_kind").set_value("reference")

@@ -107,6 +107,7 @@ def _saliency(
     what: str,
     *,
     server_cached: bool = False,
+    request_id: str | None = None,
 ) -> tuple[saliency_pb2.SaliencyResponse | None, str | None]:
     """A response from the session cache or the server; (None, message) on failure.
 
@@ -126,7 +127,7 @@ def _saliency(
     paused = [] if server_cached else services.PREFETCHER.pause(_session_prefix())
     try:
         with st.spinner(f"Computing saliency for {what}…", show_time=True):
-            response = services.call_saliency(endpoints, request)
+            response = services.call_saliency(endpoints, request, request_id)
     except SeqsalError as exc:
         message = services.explain_error(exc, "saliency", endpoints.saliency)
         st.session_state[failed_key] = (key, message)
@@ -227,7 +228,8 @@ def run_side(
     regex = side.regex if result.granularity == "CUSTOM_REGEX" else ""
 
     base_request = services.saliency_request(spec, side, granularity=result.granularity)
-    base, problem = _saliency(name, endpoints, base_request, f"the {spec.label}")
+    request_id = result.generation.request_id if result.generation else None
+    base, problem = _saliency(name, endpoints, base_request, f"the {spec.label}", request_id=request_id)
     if base is None:
         result.problem, result.retryable = problem, True
         return result
@@ -263,7 +265,9 @@ def run_side(
         # A single segment the prefetch has finished is in the server's cache: no need to pause it.
         progress = services.PREFETCHER.progress(result.prefetch_key) if result.prefetch_key else None
         cached = len(selection) == 1 and progress is not None and selection[0] in progress.done_indices
-        selected, problem = _saliency(name, endpoints, request, what, server_cached=cached)
+        selected, problem = _saliency(
+            name, endpoints, request, what, server_cached=cached, request_id=request_id
+        )
         if prefetch is not None:  # restarts it if it was paused (finished segments stay cached)
             result.prefetch_key = services.PREFETCHER.start(_owner(name), endpoints, prefetch)
             ss[prefetch_key(name)] = result.prefetch_key

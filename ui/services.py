@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -232,6 +233,9 @@ class Generation:
     model: str
     candidates: tuple[CandidateText, ...]
     elapsed_s: float
+    #: the ``x-request-id`` of the Generate call; the saliency calls explaining this generation
+    #: carry it too, so one user action can be followed through both services' logs
+    request_id: str = ""
 
 
 def generate_request(side: SideState) -> inference_pb2.GenerateRequest:
@@ -296,6 +300,7 @@ def generate(
     if reuse and (known := GENERATIONS.get(endpoints, side.generation_key())) is not None:
         return known
     client = POOL.inference(endpoints)
+    request_id = uuid.uuid4().hex[:16]
     started = time.monotonic()
     texts: dict[int, list[str]] = {}
     ids: dict[int, list[int]] = {}
@@ -305,7 +310,7 @@ def generate(
     def run() -> None:
         nonlocal head
         last_update = 0.0
-        for piece in client.generate_stream(generate_request(side)):
+        for piece in client.generate_stream(generate_request(side), request_id=request_id):
             if head is None:
                 head = piece
             texts.setdefault(piece.index, []).append(piece.text)
@@ -336,6 +341,7 @@ def generate(
         model=head.model,
         candidates=candidates,
         elapsed_s=time.monotonic() - started,
+        request_id=request_id,
     )
     GENERATIONS.put(endpoints, generation)
     return generation
@@ -461,10 +467,12 @@ def request_key(request: saliency_pb2.SaliencyRequest | saliency_pb2.SaliencyAll
 
 
 def call_saliency(
-    endpoints: Endpoints, request: saliency_pb2.SaliencyRequest
+    endpoints: Endpoints, request: saliency_pb2.SaliencyRequest, request_id: str | None = None
 ) -> saliency_pb2.SaliencyResponse:
     """One Saliency call (typed :mod:`seqsal.errors` on failure)."""
-    return _guard("saliency", endpoints, lambda: POOL.saliency(endpoints).saliency(request))
+    return _guard(
+        "saliency", endpoints, lambda: POOL.saliency(endpoints).saliency(request, request_id=request_id)
+    )
 
 
 class ResponseCache:
