@@ -14,8 +14,8 @@ from inference_server.backends.base import Backend
 from inference_server.detokenize import StreamedText, candidate_text
 from inference_server.params import sampling_params
 from seqsal.chat import apply_chat_template
-from seqsal.errors import InvalidArgumentError, NotFoundError
-from seqsal.model_registry import ModelSpec, model_revision
+from seqsal.errors import InvalidArgumentError
+from seqsal.model_registry import ModelSpec, model_revision, pick_model
 from seqsal.ratelimit import InFlightLimit
 from seqsal.settings import Settings
 from seqsal.tokenization import surely_too_long, tokenize, tokens_from_ids
@@ -62,16 +62,7 @@ class InferenceServing:
         self.inflight = InFlightLimit(settings.inference_max_concurrency, "SEQSAL_INFERENCE_MAX_CONCURRENCY")
 
     def get(self, model_id: str) -> InferenceModel:
-        if not model_id:
-            return self.default
-        try:
-            return self.models[model_id]
-        except KeyError:
-            raise NotFoundError(
-                f"model {model_id!r} is not hosted here; available: {sorted(self.models)} "
-                "(or leave `model` empty for the default)",
-                field="model",
-            ) from None
+        return pick_model(self.models, model_id, self.default)
 
     async def start(self) -> None:
         for model in self.models.values():

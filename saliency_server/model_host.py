@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from saliency_server.engine import GradientEngine
-from seqsal.errors import NotFoundError
 from seqsal.model_registry import (
     ModelSpec,
     load_causal_lm,
     load_tokenizer,
     model_revision,
+    pick_model,
     resolve_device,
     resolve_dtype,
 )
@@ -98,16 +98,7 @@ class ModelHost:
 
     def get(self, model_id: str) -> HostedModel:
         """The model named ``model_id``; empty = the default model."""
-        if not model_id:
-            return self.default
-        try:
-            return self._models[model_id]
-        except KeyError:
-            raise NotFoundError(
-                f"model {model_id!r} is not hosted here; available: {sorted(self._models)} "
-                "(or leave `model` empty for the default)",
-                field="model",
-            ) from None
+        return pick_model(self._models, model_id, self.default)
 
     def infos(self) -> list[common_pb2.ModelInfo]:
         return [m.info for m in self._models.values()]

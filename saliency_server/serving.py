@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -24,12 +23,11 @@ from seqsal import segmentation
 from seqsal.admission import Admission
 from seqsal.cache import CacheBackend, SingleFlight, get_entry, make_key, put_entry
 from seqsal.settings import Settings
+from seqsal.threads import stream_from_thread
 from seqsal.tokenization import tokenize
 from seqsal.v1 import common_pb2, saliency_pb2
 
 logger = logging.getLogger("seqsal.saliency")
-
-_DONE = object()
 
 
 @dataclass
@@ -161,43 +159,19 @@ class SaliencyServing:
     ) -> AsyncIterator[SaliencyResult]:
         """Run the engine in a worker thread under admission control, yielding results as they come.
 
-        If the caller stops listening (client cancelled, deadline passed), the
-        worker is told to stop at its next checkpoint.
+        If the caller stops listening (client cancelled, deadline passed), the engine stops at its
+        next checkpoint.
         """
         async with self.admission.slot():
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue[object] = asyncio.Queue()
-            stop = threading.Event()
 
-            def work() -> None:
-                try:
-                    results: Iterator[SaliencyResult] = problem.hosted.engine.saliency_batch(
-                        problem.inputs, masks, methods, ig_steps=problem.ig_steps, cancelled=stop.is_set
-                    )
-                    for result in results:
-                        loop.call_soon_threadsafe(queue.put_nowait, result)
-                        if stop.is_set():
-                            break
-                except BaseException as exc:  # handed to the event loop, raised there
-                    loop.call_soon_threadsafe(queue.put_nowait, exc)
-                else:
-                    loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+            def produce(emit: Callable[[SaliencyResult], None], stopped: Callable[[], bool]) -> None:
+                for result in problem.hosted.engine.saliency_batch(
+                    problem.inputs, masks, methods, ig_steps=problem.ig_steps, cancelled=stopped
+                ):
+                    emit(result)
 
-            future = loop.run_in_executor(self.executor, work)
-            try:
-                while True:
-                    item = await queue.get()
-                    if item is _DONE:
-                        break
-                    if isinstance(item, BaseException):
-                        raise item
-                    assert isinstance(item, SaliencyResult)
-                    yield item
-            finally:
-                stop.set()
-                if not future.done():
-                    # keep the slot until the worker really stops: the model is busy until then
-                    await asyncio.shield(asyncio.wrap_future(asyncio.ensure_future(future)))
+            async for result in stream_from_thread(produce, self.executor):
+                yield result
 
     def _response(
         self,
@@ -234,7 +208,7 @@ class SaliencyServing:
                     scores.completeness_residual = entry.ig_residual
             response.scores.append(scores)
         if problem.granularity != common_pb2.GRANULARITY_UNSPECIFIED:
-            segments = segmentation.segment_tokens(tokens, problem.granularity, problem.custom_regex)
+            segments = problem.segments
             response.segments.extend(
                 segmentation.with_scores(segments, [entries[m].scores for m in problem.methods])
             )
@@ -268,7 +242,7 @@ class SaliencyServing:
         """Saliency for every target segment: cached ones first, the rest from one batched computation."""
         started = time.perf_counter()
         problem = await self._problem(request, all_segments=True)
-        segments = segmentation.segment_tokens(problem.tokens, problem.granularity, problem.custom_regex)
+        segments = problem.segments
         targets = segmentation.segment_target_masks(problem.tokens, segments)
         count = len(targets)
 

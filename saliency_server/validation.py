@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -38,11 +39,16 @@ class Problem:
     custom_regex: str
     ig_steps: int
 
-    @property
+    @cached_property
+    def segments(self) -> list[common_pb2.Segment]:
+        """Segments of every part at the requested granularity, without scores (empty if none)."""
+        return segmentation.segment_tokens(self.tokens, self.granularity, self.custom_regex)
+
+    @cached_property
     def tokens(self) -> list[common_pb2.Token]:
         return self.prompt_tokens + self.target_tokens + (self.foil_tokens or [])
 
-    @property
+    @cached_property
     def inputs(self) -> SaliencyInputs:
         return SaliencyInputs(
             prompt_ids=[t.id for t in self.prompt_tokens],
@@ -50,7 +56,7 @@ class Problem:
             foil_ids=None if self.foil_tokens is None else [t.id for t in self.foil_tokens],
         )
 
-    @property
+    @cached_property
     def target_text(self) -> str:
         return part_text(self.target_tokens)
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from seqsal.errors import InvalidArgumentError
+from seqsal.errors import InvalidArgumentError, NotFoundError
 from seqsal.settings import DEFAULT_MODEL_ID, Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+T = TypeVar("T")
 
 _SAMPLE_BYTES = 1 << 16
 _FINGERPRINT_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja")
@@ -60,6 +63,20 @@ def model_specs(settings: Settings) -> list[ModelSpec]:
     if duplicates:
         raise InvalidArgumentError(f"model ids must be unique; repeated: {duplicates}", field="model")
     return specs
+
+
+def pick_model(models: Mapping[str, T], model_id: str, default: T) -> T:
+    """The hosted model named ``model_id`` (empty = ``default``); NOT_FOUND lists what is hosted."""
+    if not model_id:
+        return default
+    try:
+        return models[model_id]
+    except KeyError:
+        raise NotFoundError(
+            f"model {model_id!r} is not hosted here; available: {sorted(models)} "
+            "(or leave `model` empty for the default)",
+            field="model",
+        ) from None
 
 
 def model_revision(path: Path) -> str:

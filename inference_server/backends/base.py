@@ -3,7 +3,8 @@
 Backends work on token ids, never on text: the serving layer tokenises the
 prompt with the model's one tokenisation (``seqsal.tokenization``) and hands
 the ids over, so the ids a backend generates from are exactly the ids the
-saliency service later explains.
+saliency service later explains; it also derives each candidate's text from
+the returned ids (``inference_server.detokenize``), the same way for every backend.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ class GeneratedCandidate:
     """One finished candidate."""
 
     index: int
-    text: str
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: int = inference_pb2.STOP
@@ -48,7 +48,6 @@ class CandidateDelta:
     """New output of one candidate since its previous delta."""
 
     index: int
-    text: str
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: int = inference_pb2.FINISH_REASON_UNSPECIFIED

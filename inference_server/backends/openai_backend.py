@@ -294,7 +294,6 @@ class OpenAIBackend(Backend):
             index = int(choice.get("index", 0))
             candidates[index] = GeneratedCandidate(
                 index=index,
-                text=str(choice.get("text") or ""),
                 token_ids=ids,
                 logprobs=logprobs,
                 finish_reason=_finish_reason(choice.get("finish_reason")),
@@ -321,7 +320,6 @@ class OpenAIBackend(Backend):
                     finished.add(index)
                 yield CandidateDelta(
                     index=index,
-                    text=str(choice.get("text") or ""),
                     token_ids=ids,
                     logprobs=logprobs,
                     finish_reason=_finish_reason(reason)
@@ -330,7 +328,7 @@ class OpenAIBackend(Backend):
                 )
         for index in range(params.n):  # every candidate ends with a finish reason
             if index not in finished:
-                yield CandidateDelta(index=index, text="", finish_reason=inference_pb2.ABORT)
+                yield CandidateDelta(index=index, finish_reason=inference_pb2.ABORT)
 
     # --- scoring -----------------------------------------------------------------------------------
 

@@ -2,16 +2,17 @@
 
 Same contract as the vLLM backend: logprobs are those of the model's
 distribution before temperature and top-p/top-k (after any penalties the
-model's generation config sets), the end-of-sequence token
-is kept in ``token_ids`` but not in the text, and a stop string ends a
-candidate and is cut from its text. One generation runs at a time per model.
+model's generation config sets), and the end-of-sequence token and the tokens
+that complete a stop string are kept in ``token_ids`` (the serving layer cuts
+the text). A client that goes away stops the generation at the next token.
+One generation runs at a time per model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from transformers.generation.streamers import BaseStreamer
 from inference_server.backends.base import Backend, CandidateDelta, GeneratedCandidate, SamplingParams
 from seqsal.model_registry import ModelSpec, load_causal_lm, resolve_device, resolve_dtype
 from seqsal.settings import Settings
-from seqsal.tokenization import REPLACEMENT_CHAR
+from seqsal.threads import stream_from_thread
 from seqsal.v1 import inference_pb2
 
 
@@ -43,14 +44,13 @@ class _Row:
 
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0  # chars of `text` already sent
-    sent_tokens: int = 0
+    sent: int = 0  # tokens already handed out
     finish: int = inference_pb2.FINISH_REASON_UNSPECIFIED
 
 
 class _Collector(BaseStreamer, StoppingCriteria):
-    """Turns generate()'s token stream into candidate deltas; also stops rows at stop strings."""
+    """Turns generate()'s token stream into candidate deltas; stops rows at EOS, stop strings, or
+    when the consumer has gone away (``stopped``)."""
 
     def __init__(
         self,
@@ -59,7 +59,8 @@ class _Collector(BaseStreamer, StoppingCriteria):
         stop: Sequence[str],
         eos_ids: set[int],
         recorder: _RawLogprobs,
-        emit: Any,
+        emit: Callable[[CandidateDelta], None],
+        stopped: Callable[[], bool],
     ) -> None:
         self.rows = [_Row() for _ in range(n)]
         self.tokenizer = tokenizer
@@ -67,6 +68,7 @@ class _Collector(BaseStreamer, StoppingCriteria):
         self.eos_ids = eos_ids
         self.recorder = recorder
         self.emit = emit
+        self.stopped = stopped
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -81,40 +83,33 @@ class _Collector(BaseStreamer, StoppingCriteria):
             token = tokens[i]
             row.ids.append(token)
             row.logprobs.append(float(logprobs[i, token]))
-            if token in self.eos_ids:
+            if token in self.eos_ids or self._hit_stop_string(row):
                 row.finish = inference_pb2.STOP
-            self._update_text(row)
             self._send(i, row)
 
-    def _update_text(self, row: _Row) -> None:
+    def _hit_stop_string(self, row: _Row) -> bool:
+        if not self.stop:
+            return False
         text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
-        for s in self.stop:
-            at = text.find(s)
-            if at != -1:
-                text = text[:at]
-                row.finish = inference_pb2.STOP
-        row.text = text
+        return any(s in text for s in self.stop)
 
     def _send(self, index: int, row: _Row) -> None:
-        ready = len(row.text)
-        if not row.finish and row.text.endswith(REPLACEMENT_CHAR):
-            ready = len(row.text.rstrip(REPLACEMENT_CHAR))  # wait for the rest of a multi-byte char
-        delta = CandidateDelta(
-            index=index,
-            text=row.text[row.emitted : max(ready, row.emitted)],
-            token_ids=row.ids[row.sent_tokens :],
-            logprobs=row.logprobs[row.sent_tokens :],
-            finish_reason=row.finish,
+        self.emit(
+            CandidateDelta(
+                index=index,
+                token_ids=row.ids[row.sent :],
+                logprobs=row.logprobs[row.sent :],
+                finish_reason=row.finish,
+            )
         )
-        row.emitted = max(ready, row.emitted)
-        row.sent_tokens = len(row.ids)
-        self.emit(delta)
+        row.sent = len(row.ids)
 
-    def finish_length(self) -> None:
+    def finish_rest(self) -> None:
+        """Rows still open when generate() returns ran out of tokens (or were abandoned)."""
+        reason = inference_pb2.ABORT if self.stopped() else inference_pb2.LENGTH
         for i, row in enumerate(self.rows):
             if not row.finish:
-                row.finish = inference_pb2.LENGTH
-                row.emitted = min(row.emitted, len(row.text))
+                row.finish = reason
                 self._send(i, row)
 
     def end(self) -> None:
@@ -123,7 +118,8 @@ class _Collector(BaseStreamer, StoppingCriteria):
     def __call__(
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
     ) -> torch.BoolTensor:
-        return torch.tensor([bool(r.finish) for r in self.rows], device=input_ids.device)
+        abandoned = self.stopped()
+        return torch.tensor([abandoned or bool(r.finish) for r in self.rows], device=input_ids.device)
 
 
 class TransformersBackend(Backend):
@@ -157,9 +153,17 @@ class TransformersBackend(Backend):
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
-    def _run(self, prompt_ids: Sequence[int], params: SamplingParams, emit: Any) -> None:
+    def _run(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        emit: Callable[[CandidateDelta], None],
+        stopped: Callable[[], bool],
+    ) -> None:
         recorder = _RawLogprobs()
-        collector = _Collector(params.n, self.tokenizer, params.stop, self._eos_ids(), recorder, emit)
+        collector = _Collector(
+            params.n, self.tokenizer, params.stop, self._eos_ids(), recorder, emit, stopped
+        )
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([list(prompt_ids)] * params.n, device=device)
         kwargs: dict[str, Any] = {"do_sample": not params.greedy}
@@ -184,43 +188,21 @@ class TransformersBackend(Backend):
                 eos_token_id=list(self._eos_ids()) or None,
                 **kwargs,
             )
-        collector.finish_length()
+        collector.finish_rest()
 
     async def generate_stream(
         self, prompt_ids: Sequence[int], params: SamplingParams
     ) -> AsyncIterator[CandidateDelta]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        done = object()
+        def produce(emit: Callable[[CandidateDelta], None], stopped: Callable[[], bool]) -> None:
+            self._run(prompt_ids, params, emit, stopped)
 
-        def work() -> None:
-            try:
-                self._run(prompt_ids, params, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d))
-            except BaseException as exc:
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
-
-        worker = loop.run_in_executor(None, work)
-        try:
-            while True:
-                item = await queue.get()
-                if item is done:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                assert isinstance(item, CandidateDelta)
-                yield item
-        finally:
-            await asyncio.shield(worker)
+        async for delta in stream_from_thread(produce):
+            yield delta
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[GeneratedCandidate]:
-        candidates = [
-            GeneratedCandidate(index=i, text="", token_ids=[], logprobs=[]) for i in range(params.n)
-        ]
+        candidates = [GeneratedCandidate(index=i, token_ids=[], logprobs=[]) for i in range(params.n)]
         async for delta in self.generate_stream(prompt_ids, params):
             candidate = candidates[delta.index]
-            candidate.text += delta.text
             candidate.token_ids.extend(delta.token_ids)
             candidate.logprobs.extend(delta.logprobs)
             if delta.finish_reason:

@@ -135,7 +135,6 @@ class VllmBackend(Backend):
         return [
             GeneratedCandidate(
                 index=i,
-                text=out.text,
                 token_ids=list(out.token_ids),
                 logprobs=self._logprobs(out),
                 finish_reason=FINISH_REASONS.get(out.finish_reason or "", inference_pb2.ABORT),
@@ -153,7 +152,6 @@ class VllmBackend(Backend):
                 finish = output.finish_reason
                 yield CandidateDelta(
                     index=output.index,
-                    text=output.text,
                     token_ids=list(output.token_ids),
                     logprobs=self._logprobs(output),
                     finish_reason=FINISH_REASONS.get(finish, inference_pb2.ABORT)
