@@ -49,6 +49,11 @@ class GranularityOption(StrEnum):
     custom_regex = "custom_regex"
 
 
+class AggregateOption(StrEnum):
+    sum = "sum"
+    mean = "mean"
+
+
 class OutputFormat(StrEnum):
     table = "table"
     json = "json"
@@ -372,12 +377,33 @@ def saliency(
         Path | None, typer.Option("--out", "-o", help="Write json/html here instead of stdout.")
     ] = None,
     intensity: Annotated[float, typer.Option(help="Colour intensity (>0).")] = 1.0,
+    scale_all: Annotated[
+        bool,
+        typer.Option(
+            help="Count the first token (attention sink) and special tokens in the colour range and in "
+            "their segments' scores (default: left out, shown uncoloured)."
+        ),
+    ] = False,
+    clip: Annotated[
+        float | None, typer.Option(help="Colour range = this percentile of |score| (e.g. 99), not the max.")
+    ] = None,
+    aggregate: Annotated[
+        AggregateOption, typer.Option(help="Segment score: sum over its tokens (the paper's) or mean.")
+    ] = AggregateOption.sum,
     server: ServerOption = None,
     model: ModelOption = None,
 ) -> None:
     """Explain which parts of a prompt made the model produce a target."""
     from seqsal import render
     from seqsal.client import saliency_request
+    from seqsal.scale import ScaleRules
+
+    try:
+        rules = ScaleRules(
+            include_sink=scale_all, include_special=scale_all, clip_percentile=clip, aggregate=aggregate.value
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
 
     prompt_text = _read_text(prompt, prompt_file, "prompt")
     target_text = _read_text(target, target_file, "target")
@@ -410,7 +436,7 @@ def saliency(
     if output_format is OutputFormat.table:
         for index in range(len(response.scores)):
             console.rule(render.method_name(response.scores[index].method))
-            console.print(render.render_terminal(response, index, intensity=intensity))
+            console.print(render.render_terminal(response, index, intensity=intensity, rules=rules))
         console.print(
             f"[dim]model {response.model} ({response.dtype}, {response.device}) · "
             f"log p(target) = {response.target_logprob:.3f} · {response.server_time_ms:.0f} ms"
@@ -420,7 +446,7 @@ def saliency(
     text = (
         render.render_json(response)
         if output_format is OutputFormat.json
-        else render.render_html(response, intensity=intensity)
+        else render.render_html(response, intensity=intensity, rules=rules)
     )
     if out:
         out.write_text(text, encoding="utf-8")

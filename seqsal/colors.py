@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "DIVERGING_STOPS",
+    "EXCLUDED_COLOR",
     "SEQUENTIAL_STOPS",
     "SIGNED_METHODS",
     "color_for",
@@ -58,6 +59,10 @@ DIVERGING_STOPS: tuple[tuple[float, str], ...] = (
     (2.0 / 3.0, "#ef8a62"),
     (1.0, "#b2182b"),
 )
+
+#: Background of a unit left out of the colour range (the attention sink, special tokens): a
+#: neutral grey, drawn hatched by the HTML and UI renderers, so it never reads as a score.
+EXCLUDED_COLOR = "#eeeeee"
 
 _BLACK = "#000000"
 _WHITE = "#ffffff"

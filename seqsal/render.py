@@ -2,10 +2,13 @@
 
 The display units are the response's segments (when present) or its tokens.
 Each unit is coloured by its score for one method (see :mod:`seqsal.colors`);
-the colour scale is the largest ``|score|`` over the prompt's units — special
-tokens and the explained (selected) target units left out — divided by an
-``intensity`` factor, so ``intensity=2`` saturates at half that score. Units
-beyond the scale are clipped to the end colour.
+the colour scale is the largest ``|score|`` (or a percentile of them) over the
+prompt's units — the explained (selected) target units, the attention-sink
+position and special tokens left out, by the rules of :mod:`seqsal.scale` —
+divided by an ``intensity`` factor, so ``intensity=2`` saturates at half that
+score. Units beyond the scale are clipped to the end colour; units left out of
+the range are drawn hatched (HTML, UI) or uncoloured (terminal), their value on
+hover.
 
 All prompt/target/model text is untrusted: the HTML escapes every string with
 ``html.escape(..., quote=True)``, and the terminal output shows control
@@ -18,7 +21,7 @@ import html
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import json_format
@@ -28,6 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from seqsal import colors
+from seqsal.scale import ScaleRules, aggregate, excluded_tokens, reference_scale
 from seqsal.v1 import common_pb2, saliency_pb2
 
 __all__ = [
@@ -71,6 +75,11 @@ class Unit:
     selected: bool
     #: True when every token of the unit is special (BOS, EOS...).
     special: bool
+    #: True when the unit is left out of the colour range (see :mod:`seqsal.scale`).
+    excluded: bool = False
+    #: The unit's index among the segments (or tokens) of its part: what a click on it selects.
+    #: Pieces split off one segment share it.
+    index: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +99,7 @@ class Heatmap:
     intensity: float
     #: True when the units are segments (False: tokens).
     from_segments: bool
+    rules: ScaleRules = field(default_factory=ScaleRules)
 
     @property
     def saturation(self) -> float:
@@ -150,41 +160,84 @@ def _method_of(response: saliency_pb2.SaliencyResponse, method_index: int) -> in
     return int(response.scores[method_index].method)
 
 
+def _split_runs(flags: Sequence[bool]) -> list[tuple[int, int, bool]]:
+    """Maximal runs ``(start, end, flag)`` of equal consecutive flags; an excluded token is its own run."""
+    runs: list[tuple[int, int, bool]] = []
+    for k, flag in enumerate(flags):
+        if runs and not flag and not runs[-1][2] and runs[-1][1] == k:
+            runs[-1] = (runs[-1][0], k + 1, False)
+        else:
+            runs.append((k, k + 1, bool(flag)))
+    return runs
+
+
 def units(
-    response: saliency_pb2.SaliencyResponse, method_index: int = 0, use_segments: bool = True
+    response: saliency_pb2.SaliencyResponse,
+    method_index: int = 0,
+    use_segments: bool = True,
+    rules: ScaleRules | None = None,
 ) -> list[Unit]:
     """Display units in order: the segments when present and ``use_segments``, else the tokens.
 
-    A segment's score is its own ``scores[method_index]`` (the sum of its token
-    scores when that entry is missing). Raises ``IndexError`` for a
-    ``method_index`` the response has no scores for (a response without any
-    scores gives every unit 0.0).
+    A segment's score aggregates the scores of its tokens that ``rules`` count (the sum, by
+    default: the server's own ``scores[method_index]`` when every token counts). A token left
+    out (the attention sink, a special token) is split off its segment as a unit of its own,
+    ``excluded``, with its own score, when the segment's text is its tokens' texts joined.
+    Raises ``IndexError`` for a ``method_index`` the response has no scores for (a response
+    without any scores gives every unit 0.0).
     """
+    rules = rules or ScaleRules()
     tok_scores = _token_scores(response, method_index)
     selected = selected_token_indices(response)
     tokens = response.tokens
     n = len(tokens)
+    excluded = excluded_tokens([t.special for t in tokens], rules)
     out: list[Unit] = []
     if use_segments and len(response.segments) > 0:
+        counters: dict[int, int] = {}
         for seg in sorted(response.segments, key=lambda s: (s.token_start, s.token_end)):
             a, b = max(0, seg.token_start), min(n, seg.token_end)
-            if method_index < len(seg.scores):
-                score = float(seg.scores[method_index])
-            else:
-                score = math.fsum(tok_scores[a:b])
-            out.append(
-                Unit(
+            index = counters.get(int(seg.part), 0)
+            counters[int(seg.part)] = index + 1
+
+            def unit(text: str, score: float, lo: int, hi: int, excl: bool, seg=seg, index=index) -> Unit:
+                return Unit(
                     part=int(seg.part),
-                    text=seg.text,
+                    text=text,
                     score=score,
-                    token_start=int(seg.token_start),
-                    token_end=int(seg.token_end),
-                    selected=any(i in selected for i in range(a, b)),
-                    special=b > a and all(tokens[i].special for i in range(a, b)),
+                    token_start=lo,
+                    token_end=hi,
+                    selected=any(i in selected for i in range(lo, hi)),
+                    special=hi > lo and all(tokens[i].special for i in range(lo, hi)),
+                    excluded=excl,
+                    index=index,
                 )
-            )
+
+            counted = [i for i in range(a, b) if not excluded[i]]
+            if len(counted) == b - a:
+                if rules.aggregate == "sum" and method_index < len(seg.scores):
+                    score = float(seg.scores[method_index])
+                else:
+                    score = aggregate(tok_scores[a:b], rules)
+                out.append(unit(seg.text, score, int(seg.token_start), int(seg.token_end), False))
+                continue
+            if not counted:
+                out.append(unit(seg.text, aggregate(tok_scores[a:b], rules), a, b, True))
+                continue
+            score = aggregate([tok_scores[i] for i in counted], rules)
+            if "".join(tokens[i].text for i in range(a, b)) != seg.text:
+                # Text that is not its tokens' texts joined (a decoder that rewrites): keep it whole.
+                out.append(unit(seg.text, score, a, b, False))
+                continue
+            for lo, hi, excl in _split_runs(excluded[a:b]):
+                lo, hi = a + lo, a + hi
+                text = "".join(tokens[i].text for i in range(lo, hi))
+                out.append(unit(text, tok_scores[lo] if excl else score, lo, hi, excl))
         return out
+    counters = {}
     for i, tok in enumerate(tokens):
+        index = counters.get(int(tok.part), 0)
+        counters[int(tok.part)] = index + 1
         out.append(
             Unit(
                 part=int(tok.part),
@@ -194,27 +247,30 @@ def units(
                 token_end=i + 1,
                 selected=i in selected,
                 special=bool(tok.special),
+                excluded=excluded[i],
+                index=index,
             )
         )
     return out
 
 
-def color_scale(display_units: Sequence[Unit]) -> float:
-    """Reference ``max |score|`` for the colour scale.
+def color_scale(display_units: Sequence[Unit], rules: ScaleRules | None = None) -> float:
+    """Reference ``|score|`` for the colour scale (the maximum, or ``rules.clip_percentile``).
 
-    Over the PROMPT units, leaving out special units (BOS often has an outsized
-    gradient) and selected target units. Falls back to every non-special,
+    Over the PROMPT units, leaving out excluded units (the attention sink and special tokens
+    unless ``rules`` include them) and selected target units. Falls back to every counted,
     unselected unit, then to every unit, when that is 0; 0.0 when all scores are 0.
     """
-    ref = colors.max_abs(
-        [u.score for u in display_units if u.part == _PROMPT and not u.selected and not u.special]
-    )
-    if ref > 0:
-        return ref
-    ref = colors.max_abs([u.score for u in display_units if not u.selected and not u.special])
-    if ref > 0:
-        return ref
-    return colors.max_abs([u.score for u in display_units])
+    rules = rules or ScaleRules()
+    for keep in (
+        lambda u: u.part == _PROMPT and not u.selected and not u.excluded,
+        lambda u: not u.selected and not u.excluded,
+        lambda u: True,
+    ):
+        ref = reference_scale([u.score for u in display_units if keep(u)], rules)
+        if ref > 0:
+            return ref
+    return 0.0
 
 
 def heatmap(
@@ -223,22 +279,29 @@ def heatmap(
     *,
     intensity: float = 1.0,
     use_segments: bool = True,
+    rules: ScaleRules | None = None,
 ) -> Heatmap:
     """Units, normalised values and colours for one method (shared by every renderer)."""
-    us = units(response, method_index, use_segments)
+    rules = rules or ScaleRules()
+    us = units(response, method_index, use_segments, rules)
     method = _method_of(response, method_index)
     signed = colors.is_signed(method)
-    scale = color_scale(us)
+    scale = color_scale(us, rules)
     values = colors.normalize([u.score for u in us], intensity, signed=signed, scale=scale)
+    values = [0.0 if u.excluded else v for u, v in zip(us, values, strict=True)]
     return Heatmap(
         units=us,
         values=values,
-        colors=[colors.color_for(v, signed) for v in values],
+        colors=[
+            colors.EXCLUDED_COLOR if u.excluded else colors.color_for(v, signed)
+            for u, v in zip(us, values, strict=True)
+        ],
         method=method,
         signed=signed,
         scale=scale,
         intensity=float(intensity),
         from_segments=use_segments and len(response.segments) > 0,
+        rules=rules,
     )
 
 
@@ -297,6 +360,7 @@ dl.meta dd { margin: 0; font-family: ui-monospace, SFMono-Regular, Menlo, Consol
 .u { border-radius: 2px; }
 .u.sel { outline: 2px solid #000; outline-offset: 0; }
 .special { opacity: .55; font-size: .8em; }
+.excl { background-image: repeating-linear-gradient(135deg, transparent 0 3px, rgba(0, 0, 0, .14) 3px 5px); }
 .special::before { content: attr(data-text); }
 .boundary { border-left: 2px solid #888; margin: 0 1px; }
 .chips { line-height: 2.3; }
@@ -314,7 +378,12 @@ def _unit_html(unit: Unit, color: str, tokens: Sequence[common_pb2.Token]) -> st
     classes = ["u", _PART_CLASS.get(unit.part, "p-other")]
     if unit.selected:
         classes.append("sel")
-    attrs = [f'title="{_esc("score: " + colors.format_score(unit.score))}"']
+    if unit.excluded:
+        classes.append("excl")
+    title = "score: " + colors.format_score(unit.score)
+    if unit.excluded:
+        title += " (left out of the colour range)"
+    attrs = [f'title="{_esc(title)}"']
     attrs.append(f'style="background-color:{color};color:{colors.text_color_for(color)}"')
     if unit.special:
         # Drawn by CSS (::before), so the page's text content is exactly the original text.
@@ -347,6 +416,18 @@ def _text_block(
     return f'<div class="{cls}" id="{block_id}">{"".join(spans)}</div>'
 
 
+def _reference_words(hm: Heatmap) -> str:
+    p = hm.rules.clip_percentile
+    where = "of |score| over prompt units"
+    return f"max {where}" if p is None else f"{p:g}th percentile {where}"
+
+
+def _rules_note(hm: Heatmap) -> str:
+    """The scale rules in words, with the hatching named, when any unit or rule needs saying."""
+    text = hm.rules.describe()
+    return text.replace("marked ⊘", "hatched") if text else ""
+
+
 def _legend_html(hm: Heatmap) -> str:
     stops = colors.legend_stops(hm.signed)
     lo, hi = stops[0][0], stops[-1][0]
@@ -360,15 +441,17 @@ def _legend_html(hm: Heatmap) -> str:
         rng = f"0 … {colors.format_score(sat)}"
     tick_html = "".join(f"<span>{_esc(t)}</span>" for t in ticks)
     note = (
-        f"Colour range {rng} (max |score| over prompt units {colors.format_score(hm.scale)}"
+        f"Colour range {rng} ({_reference_words(hm)} {colors.format_score(hm.scale)}"
         f" ÷ intensity {hm.intensity:g}); scores beyond it are clipped."
     )
+    rules_note = _rules_note(hm)
     return (
         f'<div class="legend" id="seqsal-legend" data-min="{_esc(-sat if hm.signed else 0.0)}"'
         f' data-max="{_esc(sat)}">'
         f'<div class="bar" style="background:linear-gradient(to right, {gradient})"></div>'
         f'<div class="ticks">{tick_html}</div>'
         f"<p>{_esc(note)}</p>"
+        f"{f'<p class=rules>{_esc(rules_note)}</p>' if rules_note else ''}"
         '<p class="key"><span class="sel-key">outlined</span> = explained target tokens;'
         " dimmed = special tokens; a grey bar marks where the target starts.</p>"
         "</div>"
@@ -413,6 +496,12 @@ def _data_json(hm: Heatmap) -> str:
         "signed": hm.signed,
         "scale": _finite_or_none(hm.scale),
         "intensity": _finite_or_none(hm.intensity),
+        "rules": {
+            "include_sink": hm.rules.include_sink,
+            "include_special": hm.rules.include_special,
+            "clip_percentile": hm.rules.clip_percentile,
+            "aggregate": hm.rules.aggregate,
+        },
         "units": [
             {
                 "part": _PART_LABEL.get(u.part, str(u.part)),
@@ -424,6 +513,7 @@ def _data_json(hm: Heatmap) -> str:
                 "token_end": u.token_end,
                 "selected": u.selected,
                 "special": u.special,
+                "excluded": u.excluded,
             }
             for u, v, c in zip(hm.units, hm.values, hm.colors, strict=True)
         ],
@@ -446,6 +536,7 @@ def render_html(
     chips: bool = False,
     use_segments: bool = True,
     include_data: bool = True,
+    rules: ScaleRules | None = None,
 ) -> str:
     """A standalone HTML page (inline CSS, no scripts, no external resources).
 
@@ -455,10 +546,11 @@ def render_html(
     ``title="score: …"`` tooltip; explained target units are outlined; special
     tokens are drawn dimmed through CSS only, so the block's text content is
     exactly the original text. ``chips=True`` draws each unit as a bordered box.
+    ``rules`` (:class:`seqsal.scale.ScaleRules`) choose the colour range and segment scores.
     ``include_data`` embeds the units and scores as
     ``<script type="application/json" id="seqsal-data">`` (inert, escaped).
     """
-    hm = heatmap(response, method_index, intensity=intensity, use_segments=use_segments)
+    hm = heatmap(response, method_index, intensity=intensity, use_segments=use_segments, rules=rules)
     tokens = list(response.tokens)
     main_idx = [i for i, u in enumerate(hm.units) if u.part != _FOIL]
     foil_idx = [i for i, u in enumerate(hm.units) if u.part == _FOIL]
@@ -512,6 +604,9 @@ def _cell_text(text: str) -> str:
 
 
 def _unit_style(unit: Unit, color: str, *, special: bool = False) -> Style:
+    if unit.excluded:
+        # Left out of the range: no colour (it would read as a score), italic instead.
+        return Style(italic=True, dim=True, bold=unit.selected or None, underline=unit.selected or None)
     return Style(
         bgcolor=color,
         color=colors.text_color_for(color),
@@ -533,10 +628,13 @@ def _legend_text(hm: Heatmap) -> Text:
         legend.append("  ", style=Style(bgcolor=c))
     legend.append(f" {'+' if hm.signed else ''}{colors.format_score(sat)}")
     legend.append(
-        f"  (max |score| over prompt {colors.format_score(hm.scale)} ÷ intensity {hm.intensity:g};"
+        f"  ({_reference_words(hm)} {colors.format_score(hm.scale)} ÷ intensity {hm.intensity:g};"
         " underlined = explained target)",
         style="dim",
     )
+    rules_note = hm.rules.describe().replace("marked ⊘, value on hover", "shown uncoloured, in italics")
+    if rules_note:
+        legend.append(f"  {rules_note}", style="dim")
     return legend
 
 
@@ -549,6 +647,7 @@ def render_terminal(
     use_segments: bool = True,
     show_special: bool = False,
     legend: bool = True,
+    rules: ScaleRules | None = None,
 ) -> Text:
     """The prompt and target as running text with a background colour per unit.
 
@@ -558,7 +657,7 @@ def render_terminal(
     symbols). A foil follows on a new line, then (``legend``) a legend line.
     When ``console`` is given the text is also printed to it.
     """
-    hm = heatmap(response, method_index, intensity=intensity, use_segments=use_segments)
+    hm = heatmap(response, method_index, intensity=intensity, use_segments=use_segments, rules=rules)
     tokens = list(response.tokens)
     out = Text()
 
@@ -590,13 +689,14 @@ def render_table(
     top_k: int | None = None,
     intensity: float = 1.0,
     use_segments: bool = True,
+    rules: ScaleRules | None = None,
 ) -> Table:
     """A table of the units and their scores, in text order, or the ``top_k`` by ``|score|``.
 
     Columns: unit index, part (``target*`` = explained), text (newlines, tabs and
     control characters escaped, background = heatmap colour) and score.
     """
-    hm = heatmap(response, method_index, intensity=intensity, use_segments=use_segments)
+    hm = heatmap(response, method_index, intensity=intensity, use_segments=use_segments, rules=rules)
     order = list(range(len(hm.units)))
     if top_k is not None:
         if top_k < 0:

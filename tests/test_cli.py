@@ -183,3 +183,20 @@ def test_cli_server_unreachable() -> None:
     result = runner.invoke(app, ["models", "--server", "127.0.0.1:1"])
     assert result.exit_code == 2
     assert "UNAVAILABLE" in result.output
+
+
+def test_saliency_scale_options(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The CLI applies the same scale rules as the UI: the first token is left out unless --scale-all."""
+    pages = {}
+    for name, extra in {"default": [], "all": ["--scale-all", "--clip", "99", "--aggregate", "mean"]}.items():
+        out = tmp_path / f"{name}.html"
+        args = ["saliency", "--prompt", "Hello there, friend.", "--target", " Hi.", "--format", "html"]
+        result = runner.invoke(app, [*args, "--out", str(out), *extra, *_model_args(tiny_llama_dir)])
+        assert result.exit_code == 0, result.output
+        pages[name] = out.read_text()
+    assert 'class="u p-prompt excl' in pages["default"] and "hatched" in pages["default"]
+    assert " excl" not in pages["all"] and "99th percentile" in pages["all"]
+    result = runner.invoke(
+        app, ["saliency", "--prompt", "x", "--target", "y", "--clip", "0", *_model_args(tiny_llama_dir)]
+    )
+    assert result.exit_code == 2 and "clip_percentile" in result.output

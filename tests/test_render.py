@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from seqsal import colors, render
+from seqsal.scale import ScaleRules
 from seqsal.v1 import common_pb2, saliency_pb2
 
 PROMPT = common_pb2.PROMPT
@@ -273,16 +274,19 @@ def test_color_scale_excludes_special_and_selected_target() -> None:
     )
     hm = render.heatmap(resp)
     assert hm.scale == 2.0
-    assert hm.values == [1.0, 0.5, 1.0, 1.0, 0.0]
+    # The BOS is left out of the range: neutral, not a saturated colour (seqsal.scale).
+    assert hm.values == [0.0, 0.5, 1.0, 1.0, 0.0]
+    assert hm.units[0].excluded and hm.colors[0] == colors.EXCLUDED_COLOR
     assert hm.colors[2] == "#3f007d" and hm.colors[4] == "#ffffff"
-    assert render.heatmap(resp, intensity=2.0).values[:3] == [1.0, 1.0, 1.0]
+    assert render.heatmap(resp, intensity=2.0).values[:3] == [0.0, 1.0, 1.0]
     assert render.heatmap(resp, intensity=2.0).saturation == 1.0
 
 
 def test_all_zero_scores_render() -> None:
     resp = make_response(["a", " b"], [" c"], {common_pb2.GRAD_DOT_INPUT: [0.0] * 4})
     hm = render.heatmap(resp)
-    assert hm.scale == 0.0 and hm.values == [0.0] * 4 and set(hm.colors) == {"#ffffff"}
+    assert hm.scale == 0.0 and hm.values == [0.0] * 4
+    assert hm.colors == [colors.EXCLUDED_COLOR, "#ffffff", "#ffffff", "#ffffff"]  # the BOS is left out
     assert strip_tags(main_block_html(render.render_html(resp))) == "a b c"
     assert render.render_terminal(resp, legend=False).plain == "a b c"
 
@@ -333,7 +337,7 @@ def test_html_hover_titles_and_colors() -> None:
         r'<span class="u ([^"]*)" title="score: ([^"]*)" style="background-color:(#[0-9a-f]{6})', block
     )
     assert len(spans) == 12
-    assert [float(s) for _, s, _ in spans] == L2
+    assert [float(s.split()[0]) for _, s, _ in spans] == L2
     hm = render.heatmap(resp)
     assert [c for _, _, c in spans] == hm.colors
     classes = [c.split() for c, _, _ in spans]
@@ -411,9 +415,24 @@ def test_html_mixed_special_segment() -> None:
             common_pb2.Segment(part=TARGET, token_start=8, token_end=12, text=TARGET_TEXT, scores=[1.0, 0.0]),
         ]
     )
+    # By default the BOS (the sink, a special token) is split off its segment and left out of its score.
     us = render.units(resp)
-    assert [u.special for u in us] == [False, False, False]
+    assert [(u.text, u.special, u.excluded, u.index) for u in us] == [
+        ("<s>", True, True, 0),
+        ("Hello world", False, False, 0),
+        (",\n  how are you?", False, False, 1),
+        (TARGET_TEXT, False, False, 0),
+    ]
+    assert [u.score for u in us[:2]] == [8.0, 0.5 + 1.0]
     page = render.render_html(resp)
+    block = main_block_html(page)
+    assert 'data-text="&lt;s&gt;"></span><span class="u p-prompt"' in block
+    assert strip_tags(block) == PROMPT_TEXT + TARGET_TEXT
+    # Counting every token, the segment stays whole with the server's score and the BOS drawn dimmed.
+    every = ScaleRules(include_sink=True, include_special=True)
+    us = render.units(resp, rules=every)
+    assert [u.special for u in us] == [False, False, False] and us[0].score == 9.0
+    page = render.render_html(resp, rules=every)
     block = main_block_html(page)
     assert '<span class="special" data-text="&lt;s&gt;"></span>Hello world' in block
     assert strip_tags(block) == PROMPT_TEXT + TARGET_TEXT

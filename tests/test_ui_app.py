@@ -383,3 +383,32 @@ def test_shared_password_guards_the_page(app: AppTest, monkeypatch: pytest.Monke
     at.button[0].click()
     at = run_ok(at)
     assert at.text_area  # the workbench itself
+
+
+def test_scale_controls(app: AppTest) -> None:
+    """The first token is left out of the colour range by default; the display controls bring it back."""
+    at = run_ok(app)
+    base = payloads(at)["main"]
+    rows = unit_rows(base)
+    assert rows[0]["part"] == "prompt" and rows[0]["excluded"]  # the attention-sink position
+    assert sum(r["excluded"] for r in rows) == sum(r["special"] for r in rows[1:]) + 1
+    assert "first token" in base["legend"]["rules"]
+
+    at.toggle(key="w_scale_all").set_value(True)
+    run_ok(at)
+    every = payloads(at)["main"]
+    assert not any(every["units"]["excluded"]) and every["legend"]["rules"] == ""
+    assert at.query_params["all"] == "1"
+
+    at.selectbox(key="w_clip").set_value(90.0)
+    run_ok(at)
+    clipped = payloads(at)["main"]
+    assert clipped["legend"]["max"] < every["legend"]["max"] and clipped["legend"]["percentile"] == 90.0
+    assert at.query_params["clip"] == "90"
+
+    at.radio(key="w_aggregate").set_value("mean")
+    run_ok(at)
+    mean = payloads(at)["main"]
+    assert mean["units"]["text"] == clipped["units"]["text"]
+    assert mean["units"]["score"] != clipped["units"]["score"]
+    assert at.query_params["agg"] == "mean"

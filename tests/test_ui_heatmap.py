@@ -81,7 +81,9 @@ def test_payload_scale_colors_and_selection() -> None:
     assert legend["max"] == pytest.approx(max(prompt_scores) / 2)
     for row in unit_rows(payload):
         value = min(1.0, max(0.0, row["score"] / legend["max"]))
-        assert row["color"] == colors.color_for(value, False)
+        expected = colors.EXCLUDED_COLOR if row["excluded"] else colors.color_for(value, False)
+        assert row["color"] == expected
+    assert unit_rows(payload)[0]["excluded"]  # the BOS: special and the sink position
 
     signed = build_payload(make_response(method=common_pb2.GRAD_DOT_INPUT), 0, side="main")
     assert signed["legend"]["signed"] and signed["legend"]["min"] == -signed["legend"]["max"]

@@ -74,12 +74,18 @@ def test_every_field_round_trips() -> None:
     )
     pinned = replace(BASE["long"], selection=(5,), method="GRAD_DOT_INPUT")
     view = ViewState(
-        current=current, pinned=pinned, display=DisplayState(intensity=2.5, chips=True, compact=True)
+        current=current,
+        pinned=pinned,
+        display=DisplayState(
+            intensity=2.5, chips=True, compact=True, scale_all=True, clip=95.0, aggregate="mean"
+        ),
     )
     query = to_query(view, BASE)
     assert query["ref"] == ""  # cleared from the example's reference: kept explicitly
     assert query["pin"] == "1" and query["pin.ex"] == "long" and query["pin.sel"] == "5"
     assert "pin.prompt" not in query  # unedited long prompt: the example id is enough
+    assert query["all"] == "1" and query["clip"] == "95" and query["agg"] == "mean"
+    assert view.display.rules.include_sink and view.display.rules.clip_percentile == 95.0
     assert round_trip(view) == (view, [])
 
 
@@ -116,6 +122,8 @@ def test_short_own_prompt_travels_in_the_link() -> None:
         ({"cand": "many"}, "cand='many'"),
         ({"temp": "nan"}, "temp='nan'"),
         ({"int": "100"}, "int='100'"),
+        ({"clip": "10"}, "clip='10'"),
+        ({"agg": "max"}, "ignored agg"),
         ({"stop": "[1]"}, "stop"),
         ({"target": "everything"}, "target='everything'"),
     ],

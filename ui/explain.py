@@ -286,5 +286,6 @@ def run_side(
         chips=display.chips,
         compact=display.compact,
         caption=caption(result) if caption else "",
+        rules=display.rules,
     )
     return result

@@ -13,6 +13,7 @@ from typing import Any
 import streamlit as st
 
 from seqsal.render import render_html, response_to_json
+from seqsal.scale import ScaleRules
 from seqsal.v1 import saliency_pb2
 
 
@@ -23,9 +24,10 @@ def html_export(
     intensity: float = 1.0,
     chips: bool = False,
     title: str = "seqsal saliency",
+    rules: ScaleRules | None = None,
 ) -> str:
-    """The heatmap as a standalone HTML page (escaped; no scripts)."""
-    return render_html(response, method_index, intensity=intensity, chips=chips, title=title)
+    """The heatmap as a standalone HTML page (escaped; no scripts), on the UI's scale rules."""
+    return render_html(response, method_index, intensity=intensity, chips=chips, title=title, rules=rules)
 
 
 def json_export(
@@ -62,6 +64,7 @@ def download_buttons(
     view: dict[str, str],
     link: str,
     generation: dict[str, Any] | None,
+    rules: ScaleRules | None = None,
 ) -> None:
     """Two download buttons (HTML page, JSON); the files are built only when clicked."""
     stem = file_stem(title)
@@ -69,7 +72,9 @@ def download_buttons(
     with left:
         st.download_button(
             "Download HTML",
-            data=lambda: html_export(response, method_index, intensity=intensity, chips=chips, title=title),
+            data=lambda: html_export(
+                response, method_index, intensity=intensity, chips=chips, title=title, rules=rules
+            ),
             file_name=f"{stem}.html",
             mime="text/html",
             key=f"export_html_{side}",

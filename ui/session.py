@@ -45,7 +45,14 @@ W: dict[str, str] = {
     "stop": "w_stop",
 }
 # Widget keys of the display settings.
-D: dict[str, str] = {"intensity": "w_intensity", "chips": "w_chips", "compact": "w_compact"}
+D: dict[str, str] = {
+    "intensity": "w_intensity",
+    "chips": "w_chips",
+    "compact": "w_compact",
+    "scale_all": "w_scale_all",
+    "clip": "w_clip",
+    "aggregate": "w_aggregate",
+}
 
 EXAMPLE_ID = "v_example_id"
 EXAMPLE_PICK = "w_example"
@@ -133,6 +140,9 @@ def read_display(ss: Mapping[str, Any]) -> DisplayState:
         intensity=float(ss.get(D["intensity"], d.intensity)),
         chips=bool(ss.get(D["chips"], d.chips)),
         compact=bool(ss.get(D["compact"], d.compact)),
+        scale_all=bool(ss.get(D["scale_all"], d.scale_all)),
+        clip=None if ss.get(D["clip"], d.clip) is None else float(ss[D["clip"]]),
+        aggregate=str(ss.get(D["aggregate"], d.aggregate)),
     )
 
 

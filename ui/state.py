@@ -16,6 +16,8 @@ an unedited example is just ``?ex=<id>``)::
     n       candidates            max_new  most new tokens   temp  temperature   seed  sampling seed
     stop    JSON list of stop strings
     int     colour intensity      chips   1 = token chips    dense  1 = compact density
+    all     1 = the first token and special tokens count in the colour range
+    clip    the colour range is this percentile of |score|      agg  sum|mean (segment scores)
     pin=1 and the same side keys prefixed with ``pin.`` for the pinned side.
 
 A prompt longer than :data:`MAX_URL_PROMPT_CHARS` is not put in the URL: the link carries the
@@ -32,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
+from seqsal.scale import AGGREGATES, ScaleRules
 from seqsal.v1 import common_pb2
 
 TargetKind = Literal["candidate", "reference", "foil"]
@@ -70,6 +73,8 @@ MAX_URL_PROMPT_CHARS = 2000
 MAX_URL_TEXT_CHARS = 1000
 
 INTENSITY_MIN = 0.25
+#: Lowest colour-range percentile a link may ask for.
+CLIP_MIN = 50.0
 INTENSITY_MAX = 8.0
 MAX_CANDIDATES = 8
 MAX_NEW_TOKENS_LIMIT = 1024
@@ -158,6 +163,22 @@ class DisplayState:
     intensity: float = 1.0
     chips: bool = False
     compact: bool = False
+    #: Count the attention-sink position and special tokens in the colour range (seqsal.scale).
+    scale_all: bool = False
+    #: The colour range is this percentile of |score| (None: the maximum).
+    clip: float | None = None
+    #: Segment scores: "sum" (the paper's) or "mean" over their tokens.
+    aggregate: str = "sum"
+
+    @property
+    def rules(self) -> ScaleRules:
+        """The scale rules shared by the heatmap, the HTML export and the CLI."""
+        return ScaleRules(
+            include_sink=self.scale_all,
+            include_special=self.scale_all,
+            clip_percentile=self.clip,
+            aggregate="mean" if self.aggregate == "mean" else "sum",
+        )
 
 
 @dataclass(frozen=True)
@@ -250,6 +271,12 @@ def to_query(view: ViewState, baselines: Baselines) -> dict[str, str]:
         q["chips"] = "1"
     if disp.compact:
         q["dense"] = "1"
+    if disp.scale_all:
+        q["all"] = "1"
+    if disp.clip is not None:
+        q["clip"] = _fmt_float(disp.clip)
+    if disp.aggregate != d.aggregate:
+        q["agg"] = disp.aggregate
     if view.pinned is not None:
         q["pin"] = "1"
         q.update(side_to_query(view.pinned, baselines, prefix="pin."))
@@ -386,6 +413,15 @@ def from_query(params: Mapping[str, Any], baselines: Baselines) -> tuple[ViewSta
         changes["chips"] = _bool(get["chips"])
     if "dense" in get:
         changes["compact"] = _bool(get["dense"])
+    if "all" in get:
+        changes["scale_all"] = _bool(get["all"])
+    if "clip" in get and (x := _float(get["clip"], "clip", CLIP_MIN, 100.0, notes)) is not None:
+        changes["clip"] = x
+    if "agg" in get:
+        if get["agg"] in AGGREGATES:
+            changes["aggregate"] = get["agg"]
+        else:
+            notes.append(f"ignored agg: expected one of {', '.join(AGGREGATES)}")
     display = replace(DisplayState(), **changes)
     pinned = None
     if _bool(get.get("pin", "")):

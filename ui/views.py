@@ -13,6 +13,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import pandas as pd
 import streamlit as st
 
+from seqsal.scale import AGGREGATES
 from ui import explain, export, heatmap, session
 from ui.examples import Example, decode_upload, load_examples
 from ui.explain import SideResult
@@ -33,6 +34,8 @@ from ui.state import (
 UPLOADED = "v_uploaded_examples"
 UPLOAD_PROBLEMS = "v_upload_problems"
 INTENSITIES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+#: Colour-range choices: the largest |score|, or a percentile of them (seqsal.scale).
+CLIPS: tuple[float | None, ...] = (None, 99.0, 95.0, 90.0)
 
 _MD_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")
 
@@ -186,6 +189,8 @@ def sidebar(report: ModelsReport, endpoints: Endpoints) -> None:
             ss[session.D["intensity"]] = min(
                 INTENSITIES, key=lambda x: abs(x - float(ss[session.D["intensity"]]))
             )
+        if ss.get(session.D["clip"]) not in CLIPS:
+            ss[session.D["clip"]] = None
         st.select_slider(
             "Colour intensity",
             INTENSITIES,
@@ -195,6 +200,28 @@ def sidebar(report: ModelsReport, endpoints: Endpoints) -> None:
         )
         st.toggle("Token chips", key=session.D["chips"], help="Box every unit instead of running text.")
         st.toggle("Compact density", key=session.D["compact"], help="Smaller text for long prompts.")
+        st.toggle(
+            "Scale includes first & special tokens",
+            key=session.D["scale_all"],
+            help="Off (default): the first token of the sequence (an attention sink: its gradient is often "
+            "the largest of the prompt) and special tokens are left out of the colour range and of their "
+            "segment's score, drawn hatched with their value on hover.",
+        )
+        st.selectbox(
+            "Colour range",
+            CLIPS,
+            format_func=lambda p: "largest |score|" if p is None else f"{p:g}th percentile of |score|",
+            key=session.D["clip"],
+            help="A percentile keeps one outlier from washing out the rest (units beyond it saturate).",
+        )
+        st.radio(
+            "Segment score",
+            AGGREGATES,
+            format_func=lambda a: {"sum": "sum over tokens", "mean": "mean over tokens"}[a],
+            key=session.D["aggregate"],
+            horizontal=True,
+            help="Sum (the paper's choice) makes long segments look important; the mean does not.",
+        )
         st.divider()
         st.caption(f"Inference: `{endpoints.inference}`  \nSaliency: `{endpoints.saliency}`")
 
@@ -467,6 +494,7 @@ def heatmap_panel(
         view=query,
         link=share_link(query),
         generation=generation,
+        rules=display.rules,
     )
 
 

@@ -60,6 +60,7 @@ function buildLegend(legend, whole, canSelect) {
     : "darker = more salient";
   const key = el("span", "seqsal-legend-key", `${sign}; intensity ×${legend.intensity}`);
   box.appendChild(key);
+  if (legend.rules) box.appendChild(el("span", "seqsal-legend-rules", String(legend.rules)));
   const sel = el("span", "seqsal-legend-sel");
   const swatch = el("span", whole ? "seqsal-swatch seqsal-swatch-whole" : "seqsal-swatch", "abc");
   sel.append(swatch);
@@ -87,6 +88,8 @@ function buildUnits(data, frag, wanted, selected, whole) {
     const span = document.createElement("span");
     let cls = "seqsal-unit";
     if (u.special[i]) cls += " seqsal-special";
+    const excluded = Array.isArray(u.excluded) && u.excluded[i];
+    if (excluded) cls += " seqsal-excluded";
     if (part === "target") {
       if (selected.has(u.index[i])) cls += " seqsal-selected";
       else if (whole) cls += " seqsal-explained";
@@ -98,7 +101,7 @@ function buildUnits(data, frag, wanted, selected, whole) {
     span.setAttribute("data-score", score === null ? "" : String(score));
     span.style.backgroundColor = safeColor(u.color[i], "#ffffff");
     span.style.color = safeColor(u.fg[i], "#000000");
-    span.title = `${part} ${u.index[i]} · score ${fmt(score)}`;
+    span.title = `${part} ${u.index[i]} · score ${fmt(score)}` + (excluded ? " · left out of the colour range" : "");
     span.textContent = u.text[i];
     if (part === "target") {
       span.tabIndex = 0;

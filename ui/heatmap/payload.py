@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from seqsal import colors, render
+from seqsal.scale import ScaleRules
 from seqsal.v1 import common_pb2, saliency_pb2
 
 _PART = {common_pb2.PROMPT: "prompt", common_pb2.TARGET: "target", common_pb2.FOIL: "foil"}
@@ -31,16 +32,18 @@ def build_payload(
     chips: bool = False,
     compact: bool = False,
     caption: str = "",
+    rules: ScaleRules | None = None,
 ) -> dict[str, Any]:
     """Everything the component draws for one response and one method.
 
     ``units`` holds parallel lists: ``part`` ("prompt" | "target" | "foil"), ``index`` (the
     unit's index among the segments of its part; for the target this is the number a click
     sends back), ``text``, ``score`` (raw, ``None`` if not finite), ``color`` (background),
-    ``fg`` (text colour with enough contrast) and ``special``. ``selected`` lists the selected
-    target segments; with an empty selection the whole target is explained (``whole_target``).
+    ``fg`` (text colour with enough contrast), ``special`` and ``excluded`` (left out of the colour
+    range by ``rules``: drawn hatched, value on hover). ``selected`` lists the selected target
+    segments; with an empty selection the whole target is explained (``whole_target``).
     """
-    hm = render.heatmap(response, method_index, intensity=intensity)
+    hm = render.heatmap(response, method_index, intensity=intensity, rules=rules)
     counters: dict[str, int] = {}
     part: list[str] = []
     index: list[int] = []
@@ -49,17 +52,18 @@ def build_payload(
     color: list[str] = []
     fg: list[str] = []
     special: list[bool] = []
+    excluded: list[bool] = []
     for unit, c in zip(hm.units, hm.colors, strict=True):
         name = _PART.get(unit.part, "prompt")
-        k = counters.get(name, 0)
-        counters[name] = k + 1
+        counters[name] = max(counters.get(name, 0), unit.index + 1)
         part.append(name)
-        index.append(k)
+        index.append(unit.index)
         text.append(unit.text)
         score.append(_finite(unit.score))
         color.append(c)
         fg.append(colors.text_color_for(c))
         special.append(unit.special)
+        excluded.append(unit.excluded)
     n_target = counters.get("target", 0)
     selected = sorted(i for i in selection if 0 <= i < n_target)
     sat = hm.saturation if hm.scale > 0 else 0.0
@@ -74,6 +78,7 @@ def build_payload(
             "color": color,
             "fg": fg,
             "special": special,
+            "excluded": excluded,
         },
         "selected": selected,
         "whole_target": not selected,
@@ -88,6 +93,8 @@ def build_payload(
             "min": -sat if hm.signed else 0.0,
             "max": sat,
             "intensity": hm.intensity,
+            "rules": hm.rules.describe(),
+            "percentile": hm.rules.clip_percentile,
         },
         "caption": caption,
     }

@@ -1,0 +1,118 @@
+"""The colour-scale rules of a heatmap: which tokens set the range, how segments aggregate.
+
+One module for the rules, used by every renderer (:mod:`seqsal.render` for the HTML export and
+the CLI's terminal view, ``ui.heatmap`` for the workbench), so the three draw the same colours
+for the same response and the same :class:`ScaleRules`.
+
+Two kinds of token are left **out of the range** by default, because their gradients say little
+about the prompt's content and would spend the whole colour scale on themselves:
+
+* the **attention-sink position**: the first token of the sequence (a BOS when the model adds
+  one, otherwise the prompt's first token). Causal LMs park attention there, and its gradient is
+  routinely the largest of the prompt (4.77 against 3.53 for the next on the restaurant example);
+* **special tokens** (BOS, EOS, chat-template markers such as ``<|im_start|>``).
+
+Such a token is drawn as its own unit with a marker and its value on hover, never with a
+saturated colour, and, at segment granularity, its score is not added into its segment's score.
+``include_sink`` / ``include_special`` bring them back (the scores are then exactly the server's).
+
+``clip_percentile`` (e.g. 99) sets the range to that percentile of the ``|score|`` of the
+reference units instead of their maximum (numpy's linear interpolation), so one outlier cannot
+wash out the rest; units beyond it are clipped to the end colour. ``aggregate="mean"`` divides a
+segment's score by its number of (counted) tokens, so that long segments do not look important
+only because they are long (the paper's section 3 notes the effect of summing, its choice and
+our default).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+__all__ = [
+    "AGGREGATES",
+    "ScaleRules",
+    "aggregate",
+    "excluded_tokens",
+    "reference_scale",
+]
+
+Aggregate = Literal["sum", "mean"]
+AGGREGATES: tuple[Aggregate, ...] = ("sum", "mean")
+
+#: Index of the attention-sink position in a response's tokens (the first token of the sequence).
+SINK_INDEX = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleRules:
+    """How a heatmap's colour range is chosen and how segment scores are aggregated."""
+
+    #: Count the first token of the sequence (the attention sink) in the range and in its segment.
+    include_sink: bool = False
+    #: Count special tokens (BOS, EOS, chat-template markers) in the range and in their segments.
+    include_special: bool = False
+    #: The range is this percentile (0 < p <= 100) of the reference ``|scores|``; None = the maximum.
+    clip_percentile: float | None = None
+    #: A segment's score: the sum of its counted tokens' scores (the paper's choice) or their mean.
+    aggregate: Aggregate = "sum"
+
+    def __post_init__(self) -> None:
+        p = self.clip_percentile
+        if p is not None and not (math.isfinite(p) and 0.0 < p <= 100.0):
+            raise ValueError(f"clip_percentile must be in (0, 100], got {p!r}")
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {self.aggregate!r}")
+
+    @property
+    def is_default(self) -> bool:
+        return self == ScaleRules()
+
+    def describe(self) -> str:
+        """One sentence for a legend: what is left out of the range and how it is set."""
+        left_out = []
+        if not self.include_sink:
+            left_out.append("the first token (attention sink)")
+        if not self.include_special:
+            left_out.append("special tokens")
+        parts = []
+        if left_out:
+            parts.append(f"{' and '.join(left_out)} are left out of the range (marked ⊘, value on hover)")
+        if self.clip_percentile is not None:
+            parts.append(f"the range is the {self.clip_percentile:g}th percentile of |score|")
+        if self.aggregate == "mean":
+            parts.append("segment scores are means over their tokens")
+        return ("; ".join(parts) + ".").capitalize() if parts else ""
+
+
+def excluded_tokens(special: Sequence[bool], rules: ScaleRules) -> list[bool]:
+    """Per token: True when ``rules`` leave it out of the range (and out of its segment's score)."""
+    out = [bool(s) and not rules.include_special for s in special]
+    if out and not rules.include_sink:
+        out[SINK_INDEX] = True
+    return out
+
+
+def aggregate(scores: Sequence[float], rules: ScaleRules) -> float:
+    """A segment's score from its counted tokens' scores (0.0 for none)."""
+    if not scores:
+        return 0.0
+    total = math.fsum(float(s) for s in scores)
+    return total / len(scores) if rules.aggregate == "mean" else total
+
+
+def reference_scale(scores: Sequence[float], rules: ScaleRules) -> float:
+    """The ``|score|`` at which the colour range ends, over the reference units' ``scores``.
+
+    Non-finite scores are ignored; 0.0 when there is none or all are 0.
+    """
+    finite = [abs(float(s)) for s in scores if math.isfinite(float(s))]
+    if not finite:
+        return 0.0
+    if rules.clip_percentile is None:
+        return max(finite)
+    return float(np.percentile(np.asarray(finite, dtype=np.float64), rules.clip_percentile))
