@@ -229,6 +229,7 @@ def payload(page: Page) -> dict[str, Any]:
             const text = (part) => u.text.filter((t, i) => u.part[i] === part && !u.special[i]).join("");
             return {selected: d.selected || [], whole: Boolean(d.whole_target), chips: Boolean(d.chips),
                     targetCount: d.target_count || 0, prompt: text("prompt"), target: text("target"),
+                    max: Number((d.legend || {}).max || 0),
                     busy: root.classList.contains("seqsal-busy"),
                     units: Number(root.getAttribute("data-units") || 0),
                     renderMs: Number(root.getAttribute("data-render-ms") || -1),
@@ -255,8 +256,8 @@ def settled(page: Page, check: Callable[[dict[str, Any]], bool], what: str) -> d
 
 
 def prompt_colours(page: Page) -> list[tuple[float, tuple[int, int, int]]]:
-    """(score, computed background colour) of every scored prompt unit."""
-    rows: list[list[Any]] = page.locator(PROMPT_UNITS).evaluate_all(
+    """(score, computed background colour) of every scored prompt unit inside the colour range."""
+    rows: list[list[Any]] = page.locator(f"{PROMPT_UNITS}:not(.seqsal-excluded)").evaluate_all(
         """units => units.map(u => [u.getAttribute("data-score"), getComputedStyle(u).backgroundColor])"""
     )
     out: list[tuple[float, tuple[int, int, int]]] = []
@@ -447,3 +448,30 @@ def test_two_thousand_token_prompt_render_time(stack: RunningStack, page: Page, 
         f"data-render-ms={data['renderMs']:.1f} (build + layout), data-paint-ms={data['paintMs']:.1f}; "
         f"page load to heatmap {seconds:.1f} s (generation and saliency included)"
     )
+
+
+def test_first_token_is_left_out_of_the_scale_until_toggled(stack: RunningStack, page: Page) -> None:
+    """The attention-sink position is hatched and out of the range; the toggle brings it back."""
+    open_app(page, stack)
+    first = page.locator(PROMPT_UNITS).first
+    expect(first).to_have_class(re.compile(r"\bseqsal-excluded\b"), timeout=WAIT_MS)
+    assert "left out of the colour range" in (first.get_attribute("title") or "")
+    expect(page.locator(f"{HEATMAP} .seqsal-legend-rules")).to_contain_text("first token")
+    before = payload(page)
+    n_excluded = page.locator(f"{HEATMAP} .seqsal-excluded").count()
+    first_text = first.text_content() or ""
+
+    page.get_by_text("Scale includes first & special tokens", exact=True).click()
+    # Each excluded token was split off its segment: counted again, the segments are whole again.
+    data = settled(
+        page,
+        lambda d: d["units"] == before["units"] - n_excluded,
+        "the heatmap with the first token in range",
+    )
+    expect(page.locator(f"{HEATMAP} .seqsal-excluded")).to_have_count(0)
+    whole_first = page.locator(PROMPT_UNITS).first
+    assert (whole_first.text_content() or "").startswith(
+        first_text
+    ) and whole_first.text_content() != first_text
+    wait_until(page, lambda: query(page).get("all") == "1", "all=1 in the URL")
+    assert data["max"] >= before["max"] and data["prompt"] == before["prompt"]
