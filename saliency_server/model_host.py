@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from saliency_server.engine import GradientEngine
+from seqsal.fingerprint import directory_signature
 from seqsal.model_registry import (
     ModelSpec,
     load_causal_lm,
@@ -53,8 +54,20 @@ def load_hosted_model(spec: ModelSpec, settings: Settings, *, is_default: bool) 
     started = time.perf_counter()
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    tokenizer = load_tokenizer(spec.path)
-    model = load_causal_lm(spec.path, device, dtype)
+    # the revision goes into every cache key: it must describe the weights actually loaded, so
+    # it is taken before loading and the load is repeated if the files changed meanwhile
+    for _attempt in range(3):
+        before = directory_signature(spec.path)
+        revision = model_revision(spec.path)
+        tokenizer = load_tokenizer(spec.path)
+        model = load_causal_lm(spec.path, device, dtype)
+        if directory_signature(spec.path) == before:
+            break
+        logger.warning("model %s: files in %s changed while loading; loading again", spec.id, spec.path)
+    else:
+        raise RuntimeError(
+            f"model {spec.id}: the files in {spec.path} keep changing; try again when they are written"
+        )
     engine = GradientEngine(
         model, ig_batch_size=settings.ig_batch_size, segment_batch_size=settings.segment_batch_size
     )
@@ -62,7 +75,7 @@ def load_hosted_model(spec: ModelSpec, settings: Settings, *, is_default: bool) 
         engine.pad_id = int(tokenizer.pad_token_id)
     info = common_pb2.ModelInfo(
         id=spec.id,
-        revision=model_revision(spec.path),
+        revision=revision,
         architecture=type(model).__name__,
         max_tokens=_max_tokens(model, tokenizer, settings.max_tokens),
         dtype=str(dtype).removeprefix("torch."),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import grpc
 
@@ -35,6 +37,20 @@ class SaliencyServicer(saliency_pb2_grpc.SaliencyServiceServicer):
         self.metrics.count_tokens(response.model, "prompt", prompt)
         self.metrics.count_tokens(response.model, "target", len(response.tokens) - prompt)
 
+    @contextmanager
+    def _counting_cancellation(self, rpc: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
+        """Count a call that stops early: gRPC cancels the handler when the client cancels or its
+        deadline passes, and by the time that reaches here the computation has stopped (the
+        serving layer waits for its worker), with nothing of it cached."""
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            if self.metrics is not None:
+                remaining = context.time_remaining()
+                reason = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
+                self.metrics.count_cancelled(rpc, reason)
+            raise
+
     async def Tokenize(
         self, request: common_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.TokenizeResponse:
@@ -43,7 +59,8 @@ class SaliencyServicer(saliency_pb2_grpc.SaliencyServiceServicer):
     async def Saliency(
         self, request: saliency_pb2.SaliencyRequest, context: grpc.aio.ServicerContext
     ) -> saliency_pb2.SaliencyResponse:
-        response = await self.serving.saliency(request)
+        with self._counting_cancellation("Saliency", context):
+            response = await self.serving.saliency(request)
         self._count_tokens(response)
         return response
 
@@ -51,11 +68,12 @@ class SaliencyServicer(saliency_pb2_grpc.SaliencyServiceServicer):
         self, request: saliency_pb2.SaliencyAllSegmentsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[saliency_pb2.SaliencyAllSegmentsResponse]:
         first = True
-        async for message in self.serving.saliency_all_segments(request):
-            if first:  # every message repeats the same prompt and target
-                self._count_tokens(message.saliency)
-                first = False
-            yield message
+        with self._counting_cancellation("SaliencyAllSegments", context):
+            async for message in self.serving.saliency_all_segments(request):
+                if first:  # every message repeats the same prompt and target
+                    self._count_tokens(message.saliency)
+                    first = False
+                yield message
 
     async def ListModels(
         self, request: common_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

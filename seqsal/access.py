@@ -4,7 +4,11 @@ The :class:`AccessInterceptor` is the outermost interceptor of each server:
 
 1. the request id is the caller's ``x-request-id`` metadata or a new one; it is
    put in :data:`~seqsal.logging_setup.request_id_var` (so every log line of the
-   call carries it) and sent back at once in the response's initial metadata;
+   call carries it) and sent back in the response's initial metadata, together with
+   the answer (the first message of a stream) or a refusal: headers sent any earlier
+   would commit the call, and gRPC could no longer retry it on another replica, or on
+   the same one restarted, when the server dies mid-call (see :mod:`seqsal.retry`);
+   a failed call has it in its trailing metadata;
 2. unless the method is open (health, reflection), the bearer token is checked
    (UNAUTHENTICATED) and the caller's rate is charged (RESOURCE_EXHAUSTED with a
    ``google.rpc.RetryInfo`` detail); a caller is its token's fingerprint, or its
@@ -87,6 +91,13 @@ class _Call:
     peer: str
     client: str | None = None
     span: Any = None
+    headers_sent: bool = False
+
+    async def send_headers(self, context: grpc.aio.ServicerContext) -> None:
+        """Send the initial metadata (the request id), once."""
+        if not self.headers_sent:
+            self.headers_sent = True
+            await context.send_initial_metadata(((REQUEST_ID_KEY, self.request_id),))
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):
@@ -136,11 +147,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             call = self._begin(path, context)
             code = "UNKNOWN"
             try:
-                await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
                 await self._admit(call, context)
                 result = behavior(request, context)
                 if inspect.isawaitable(result):
                     result = await result
+                await call.send_headers(context)
                 code = _final_code(context, "OK")
                 return result
             except BaseException as exc:
@@ -156,11 +167,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             call = self._begin(path, context)
             code = "UNKNOWN"
             try:
-                await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
                 await self._admit(call, context)
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
+                        await call.send_headers(context)
                         yield item
                 elif inspect.isawaitable(result):
                     await result
@@ -203,6 +214,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             try:
                 token = self.auth.authenticate(context.invocation_metadata() or ())
             except AuthFailure as failure:
+                await call.send_headers(context)
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(failure))
                 raise  # abort raises; this is never reached
             call.client = f"token:{fingerprint(token)}"
@@ -211,6 +223,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 self.limiter.acquire(call.client or f"peer:{peer_host(call.peer)}")
             except RateLimited as limited:
                 status = rate_limited_status(limited.message, limited.retry_after_s)
+                await call.send_headers(context)
                 await context.abort(status.code, status.details, status.trailing_metadata)
 
     def _end(self, call: _Call, code: str) -> None:

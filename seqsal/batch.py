@@ -22,8 +22,14 @@ from typing import Any
 from google.protobuf import json_format
 
 from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient
-from seqsal.errors import InvalidArgumentError, SeqsalError
+from seqsal.errors import InvalidArgumentError, SeqsalError, UnavailableError
+from seqsal.retry import RetryPolicy
 from seqsal.v1 import common_pb2
+
+#: Deadline of the check, before the first row, that the services are up.
+PROBE_TIMEOUT_S = 10.0
+#: Rows wait for a restarting server (within each call's deadline) rather than fail.
+RIDE_OUT_RESTARTS = RetryPolicy(wait_for_ready=True)
 
 
 @dataclass(frozen=True)
@@ -144,8 +150,24 @@ async def run_batch(
     semaphore = asyncio.Semaphore(options.concurrency)
     lock = asyncio.Lock()
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    async with AsyncSaliencyClient(saliency_address) as saliency:
-        inference = AsyncInferenceClient(inference_address) if inference_address else None
+    # a service that is not up fails the batch at once; once it has answered, a call waits out a
+    # restart of its server (within its deadline) instead of writing the row as an error
+    for client_class, address in (
+        (AsyncSaliencyClient, saliency_address),
+        (AsyncInferenceClient, inference_address),
+    ):
+        if address:
+            async with client_class(address, timeout=PROBE_TIMEOUT_S) as probe:
+                try:
+                    await probe.list_models()
+                except UnavailableError:
+                    raise
+                except SeqsalError:  # it answers: each row reports what goes wrong (a bad token...)
+                    pass
+    async with AsyncSaliencyClient(saliency_address, retry=RIDE_OUT_RESTARTS) as saliency:
+        inference = (
+            AsyncInferenceClient(inference_address, retry=RIDE_OUT_RESTARTS) if inference_address else None
+        )
         try:
             with output_path.open("a", encoding="utf-8") as out:
 

@@ -26,6 +26,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from seqsal.auth import bearer_metadata
 from seqsal.errors import ERRORS_BY_CODE, SeqsalError
+from seqsal.retry import DEFAULT_RETRY, RetryPolicy
 from seqsal.settings import Settings
 from seqsal.tls import ClientTLS, aio_channel, sync_channel
 from seqsal.v1 import common_pb2, inference_pb2, inference_pb2_grpc, saliency_pb2, saliency_pb2_grpc
@@ -67,14 +68,19 @@ class _CallMetadata:
         return (*self.base, (REQUEST_ID_KEY, rid))
 
 
-def channel_options(max_message_mb: int = 64) -> list[tuple[str, int | str]]:
+def channel_options(
+    max_message_mb: int = 64, retry: RetryPolicy = DEFAULT_RETRY
+) -> list[tuple[str, int | str]]:
+    """Options of every client channel: message sizes, load balancing, the retry policy."""
     size = max_message_mb * 1024 * 1024
     return [
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),
         # with a `dns:///name:port` target that resolves to several replicas (a headless Kubernetes
-        # Service), spread calls over all of them instead of pinning one connection
+        # Service), spread calls over all of them instead of pinning one connection; a call that
+        # fails with UNAVAILABLE (a replica restarting) is retried, as seqsal.retry explains
         ("grpc.lb_policy_name", "round_robin"),
+        *retry.channel_options(size),
     ]
 
 
@@ -173,6 +179,7 @@ class _SyncClient:
         token: str | None = None,
         tls: ClientTLS | bool | None = None,
         settings: Settings | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         """Connect to ``target`` (``host:port``).
 
@@ -185,9 +192,11 @@ class _SyncClient:
             tls: a :class:`~seqsal.tls.ClientTLS`, True (TLS with the settings' files), False
                 (plaintext) or None (as the settings say).
             settings: where the defaults come from; None = the environment.
+            retry: how calls are retried on UNAVAILABLE and whether they wait for a server
+                (:mod:`seqsal.retry`; ``RetryPolicy(wait_for_ready=True)`` rides out a restart).
         """
         token, tls_config = _security(token, tls, settings)
-        self.channel = channel or sync_channel(target, tls_config, channel_options(max_message_mb))
+        self.channel = channel or sync_channel(target, tls_config, channel_options(max_message_mb, retry))
         self.stub = self.stub_class(self.channel)
         self.timeout = timeout
         self._metadata = _CallMetadata(metadata, token)
@@ -254,10 +263,11 @@ class _AsyncClient:
         token: str | None = None,
         tls: ClientTLS | bool | None = None,
         settings: Settings | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         """Connect to ``target`` (``host:port``); the arguments are those of the blocking clients."""
         token, tls_config = _security(token, tls, settings)
-        self.channel = channel or aio_channel(target, tls_config, channel_options(max_message_mb))
+        self.channel = channel or aio_channel(target, tls_config, channel_options(max_message_mb, retry))
         self.stub = self.stub_class(self.channel)
         self.timeout = timeout
         self._metadata = _CallMetadata(metadata, token)

@@ -151,7 +151,8 @@ class ErrorInterceptor(AsyncServerInterceptor):
                 f"internal error while serving {method_name} (request id {rid}); the server log has details"
             )
         status = status_for(error)
-        await context.abort(status.code, status.details, status.trailing_metadata)
+        trailers = (*status.trailing_metadata, (REQUEST_ID_KEY, request_id(context)))
+        await context.abort(status.code, status.details, trailers)
 
     async def intercept(
         self, method: Callable, request: Any, context: grpc.aio.ServicerContext, method_name: str

@@ -14,6 +14,9 @@ Metric names (all servers):
   (saliency server);
 * ``seqsal_gpu_memory_allocated_bytes{device}`` / ``seqsal_gpu_memory_reserved_bytes{device}``:
   PyTorch's CUDA memory, when there is a GPU;
+* ``seqsal_saliency_cancelled_total{rpc, reason}``: saliency calls stopped before they finished,
+  because the client cancelled (``reason="cancelled"``) or its deadline passed (``"deadline"``);
+  counted once the computation has stopped (nothing of it is cached);
 * ``seqsal_build_info{service, version}``: always 1.
 """
 
@@ -126,6 +129,12 @@ class ServerMetrics:
         self.model_load = Gauge(
             "seqsal_model_load_seconds", "Model load time.", ["model"], registry=self.registry
         )
+        self.cancelled = Counter(
+            "seqsal_saliency_cancelled",
+            "Saliency calls stopped early: the client cancelled or its deadline passed.",
+            ["rpc", "reason"],
+            registry=self.registry,
+        )
         info = Gauge("seqsal_build_info", "Always 1.", ["service", "version"], registry=self.registry)
         info.labels(service, _version()).set(1)
         self._state = _StateCollector()
@@ -144,6 +153,10 @@ class ServerMetrics:
         """Add ``count`` tokens of ``kind`` (prompt, target, generated) for ``model``."""
         if count > 0:
             self.tokens.labels(model, kind).inc(count)
+
+    def count_cancelled(self, rpc: str, reason: str) -> None:
+        """Count one call stopped early (``reason``: ``cancelled`` or ``deadline``)."""
+        self.cancelled.labels(rpc, reason).inc()
 
     def watch_cache(self, cache: CacheBackend) -> None:
         """Export ``cache``'s hit, miss, error, corrupt and set counters (read at scrape time)."""

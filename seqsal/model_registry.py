@@ -8,7 +8,6 @@ takes the directory name as id; no model at all means the default model
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,15 +15,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from seqsal.errors import InvalidArgumentError, NotFoundError
+from seqsal.fingerprint import model_revision as model_revision  # re-exported
 from seqsal.settings import DEFAULT_MODEL_ID, Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 T = TypeVar("T")
-
-_SAMPLE_BYTES = 1 << 16
-_FINGERPRINT_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja")
 
 
 @dataclass(frozen=True)
@@ -77,28 +74,6 @@ def pick_model(models: Mapping[str, T], model_id: str, default: T) -> T:
             "(or leave `model` empty for the default)",
             field="model",
         ) from None
-
-
-def model_revision(path: Path) -> str:
-    """A content fingerprint of a model directory, stable across copies and hosts.
-
-    Hashes every config/tokenizer file in full and, for weight files, their
-    size plus their first and last 64 KiB: cheap even for large models, and it
-    changes whenever the weights are re-saved.
-    """
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _FINGERPRINT_SUFFIXES):
-        digest.update(str(file.relative_to(path)).encode())
-        size = file.stat().st_size
-        digest.update(size.to_bytes(8, "little"))
-        with file.open("rb") as fh:
-            if file.suffix in (".safetensors", ".bin") and size > 2 * _SAMPLE_BYTES:
-                digest.update(fh.read(_SAMPLE_BYTES))
-                fh.seek(size - _SAMPLE_BYTES)
-                digest.update(fh.read(_SAMPLE_BYTES))
-            else:
-                digest.update(fh.read())
-    return digest.hexdigest()[:16]
 
 
 def resolve_device(device: str) -> Any:

@@ -92,7 +92,7 @@ def test_percentile_and_mean_give_the_documented_values() -> None:
 def test_sink_is_split_off_its_segment_and_the_ranking_changes() -> None:
     response = _restaurant_like()
     every = render.units(response, rules=ScaleRules(include_sink=True, include_special=True))
-    assert [u.text for u in every if u.part == PROMPT][0] == "Analyze a menu item."
+    assert every[0].text == "Analyze a menu item."
     top = max((u for u in every if u.part == PROMPT), key=lambda u: u.score)
     assert top.text == "Analyze a menu item."  # 6.77: the sink makes the instruction the darkest
 

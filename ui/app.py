@@ -15,7 +15,7 @@ if _ROOT not in sys.path:  # `streamlit run ui/app.py` puts ui/ first, not the r
 
 import streamlit as st  # noqa: E402
 
-from ui import login, services, session, views  # noqa: E402
+from ui import login, outage, services, session, views  # noqa: E402
 from ui.examples import baselines  # noqa: E402
 from ui.state import to_query  # noqa: E402
 
@@ -38,6 +38,7 @@ def main() -> None:
 
     views.sidebar(report, endpoints)
     views.header(report, notes, example_problems)
+    outage.banner(report, endpoints)  # before the sides: after an outage they call again
     links = baselines(examples)
 
     def query() -> dict[str, str]:

@@ -197,6 +197,12 @@ def _failure_keys(name: str) -> tuple[str, str]:
     return f"v_sal_err_{name}", f"v_gen_err_{name}"
 
 
+def forget_failures(name: str) -> None:
+    """Forget failed calls of a side, so the next run makes them again (after an outage)."""
+    for key in _failure_keys(name):
+        st.session_state.pop(key, None)
+
+
 def clear_failures(name: str) -> None:
     """Forget failed calls of a side so the next run tries again (the Retry button)."""
     for key in _failure_keys(name):

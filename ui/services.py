@@ -19,6 +19,7 @@ import grpc
 
 from seqsal import errors
 from seqsal.client import InferenceClient, SaliencyClient, error_from_rpc
+from seqsal.retry import RetryPolicy
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, inference_pb2, saliency_pb2
 from ui.state import SideState, granularity_enum, method_enum
@@ -28,6 +29,10 @@ Service = Literal["saliency", "inference"]
 #: Deadlines (seconds). Generation and saliency on a CPU can take a while on long prompts.
 LIST_MODELS_TIMEOUT_S = 5.0
 CALL_TIMEOUT_S = 600.0
+
+#: Retries on UNAVAILABLE (seqsal.retry): few and short, so that a service that is down is
+#: reported within a second; the page then reconnects by itself (ui/outage.py).
+UI_RETRY = RetryPolicy(attempts=3, initial_backoff_s=0.1, max_backoff_s=0.4)
 
 #: Prefetch all segments with integrated gradients only up to this many target segments.
 MAX_IG_PREFETCH_SEGMENTS = 16
@@ -68,8 +73,9 @@ def explain_error(exc: BaseException, service: Service, address: str) -> str:
     name = f"{service} server"
     if isinstance(exc, errors.UnavailableError):
         return (
-            f"The {name} at `{address}` is not reachable. Start the stack with `make up` (or "
-            f"`seqsal up`), or point `{_ENV_NAME[service]}` at a running server, then try again."
+            f"The {name} at `{address}` is not reachable. If it is restarting, this page "
+            "reconnects by itself once it answers; if nothing runs there, start the stack with "
+            f"`make up` (or `seqsal up`), or point `{_ENV_NAME[service]}` at a running server."
         )
     if isinstance(exc, errors.DeadlineExceededError):
         return (
@@ -129,7 +135,7 @@ class ClientPool:
             client = self._clients.get(key)
             if client is None:
                 cls = SaliencyClient if service == "saliency" else InferenceClient
-                client = cls(key[1], timeout=timeout, max_message_mb=endpoints.max_message_mb)
+                client = cls(key[1], timeout=timeout, max_message_mb=endpoints.max_message_mb, retry=UI_RETRY)
                 self._clients[key] = client
             return client
 
@@ -175,8 +181,10 @@ class ModelsReport:
     #: Ids usable for generation and saliency (hosted by both), default first.
     ids: tuple[str, ...]
     infos: dict[str, common_pb2.ModelInfo]
-    #: Service -> plain-words problem, for services that did not answer.
+    #: Service -> plain-words problem, for services that answered with an error.
     problems: dict[str, str] = field(default_factory=dict)
+    #: Service -> address, for services that did not answer at all (ui/outage.py says so).
+    down: dict[str, str] = field(default_factory=dict)
 
     @property
     def default(self) -> str:
@@ -187,6 +195,7 @@ def list_models(endpoints: Endpoints) -> ModelsReport:
     """ListModels on both services; a service that fails is reported, not raised."""
     answers: dict[str, list[common_pb2.ModelInfo]] = {}
     problems: dict[str, str] = {}
+    down: dict[str, str] = {}
     for service in ("inference", "saliency"):
         get = POOL.inference if service == "inference" else POOL.saliency
         try:
@@ -194,6 +203,8 @@ def list_models(endpoints: Endpoints) -> ModelsReport:
                 service, endpoints, lambda get=get: get(endpoints, LIST_MODELS_TIMEOUT_S).list_models()
             )
             answers[service] = list(response.models)
+        except errors.UnavailableError:
+            down[service] = endpoints.address(service)
         except errors.SeqsalError as exc:
             problems[service] = explain_error(exc, service, endpoints.address(service))
     if "inference" in answers and "saliency" in answers:
@@ -207,7 +218,9 @@ def list_models(endpoints: Endpoints) -> ModelsReport:
             )
     else:
         models = answers.get("inference") or answers.get("saliency") or []
-    return ModelsReport(ids=tuple(m.id for m in models), infos={m.id: m for m in models}, problems=problems)
+    return ModelsReport(
+        ids=tuple(m.id for m in models), infos={m.id: m for m in models}, problems=problems, down=down
+    )
 
 
 # --------------------------------------------------------------------------- generation

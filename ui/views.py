@@ -14,7 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from seqsal.scale import AGGREGATES
-from ui import explain, export, heatmap, session
+from ui import explain, export, heatmap, outage, session
 from ui.examples import Example, decode_upload, load_examples
 from ui.explain import SideResult
 from ui.services import PREFETCHER, Endpoints, ModelsReport
@@ -420,7 +420,9 @@ def prefetch_panel(result: SideResult) -> None:
         p = PREFETCHER.progress(key)
         if p is None:
             return
-        if p.error:
+        if p.error and outage.covers(p.error, st.session_state.get(outage.DOWN_KEY) or {}):
+            pass  # the banner at the top says it
+        elif p.error:
             st.caption(
                 f":material/warning: Background precompute stopped: {p.error} Clicks compute on demand."
             )
@@ -456,9 +458,14 @@ def heatmap_panel(
             "The custom regex is invalid (see the sidebar): showing tokens until it is fixed.",
             icon=":material/regular_expression:",
         )
-    if result.generation_error and result.spec is not None:
+    down = st.session_state.get(outage.DOWN_KEY) or {}  # the banner at the top says these
+    if (
+        result.generation_error
+        and result.spec is not None
+        and not outage.covers(result.generation_error, down)
+    ):
         st.warning(result.generation_error, icon=":material/cloud_off:")
-    if result.problem:
+    if result.problem and not outage.covers(result.problem, down):
         st.error(result.problem, icon=":material/error:")
         if result.retryable:
             st.button(
