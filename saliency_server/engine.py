@@ -353,15 +353,16 @@ class GradientEngine:
         embeds32 = leaf_embeds.float()
         remaining = list(range(len(masks)))
         while remaining:
+            grads = None
+            if want_grad:
+                checkpoint()  # before choosing the chunk: what is urgent may change while paused
             if steps is None:
                 chunk = remaining[: self.segment_batch_size]
             else:
                 chunk = [k for k in steps.next_chunk(remaining, self.segment_batch_size) if k in remaining]
                 chunk = chunk or remaining[:1]
             remaining = [k for k in remaining if k not in chunk]
-            grads = None
             if want_grad:
-                checkpoint()
                 grads = self._vjp(outputs, leaf, weights[chunk])[:, 0].float()  # (k, T_leaf, D)
             for offset, k in enumerate(chunk):
                 scores: dict[int, np.ndarray] = {}

@@ -261,6 +261,11 @@ class Scheduler:
         with self._cond:
             return len(self._tickets)
 
+    def active(self) -> list[Ticket]:
+        """The tickets not done, in submission order."""
+        with self._cond:
+            return list(self._tickets)
+
     @property
     def running(self) -> int:
         with self._cond:

@@ -23,7 +23,7 @@ from google.protobuf import json_format
 
 from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient
 from seqsal.errors import InvalidArgumentError, SeqsalError
-from seqsal.v1 import common_pb2
+from seqsal.v1 import common_pb2, saliency_pb2
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ async def explain_row(
             granularity=options.granularity,
             custom_regex=options.custom_regex,
             model=options.model,
+            priority=saliency_pb2.PRIORITY_BACKGROUND,  # an export: interactive users go first
         )
         record |= {
             "prompt": prompt,
