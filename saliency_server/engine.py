@@ -19,6 +19,11 @@ Several selections share one forward pass: their gradients are vector-Jacobian
 products of the same per-token log-probabilities, computed as one batched
 backward (``is_grads_batched``). Tokens at or after the last selected
 position get exactly 0.
+
+A scheduler drives a computation through :class:`Steps`: it may pause it at
+checkpoints (between chunks of selections, and at every decoder layer of a
+forward or, on the CPU, a backward pass) and choose which selections go next;
+the paused computation keeps its forward pass and resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -65,9 +71,54 @@ class SaliencyResult:
     ig_residual: float | None = None
     ig_steps: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    #: Index of the selection among the computation's masks (results may come out of order).
+    selection: int = 0
 
 
 CancelCheck = Callable[[], bool]
+
+
+class Steps(Protocol):
+    """How a scheduler drives one computation (see :mod:`saliency_server.scheduler`)."""
+
+    def checkpoint(self, boundary: bool) -> None:
+        """Called at every checkpoint (``boundary``: between steps, not inside a pass); may block
+        while other work runs, and raises :class:`~seqsal.errors.CancelledError` to stop."""
+
+    def next_chunk(self, remaining: Sequence[int], size: int) -> Sequence[int]:
+        """Which of the ``remaining`` selections to compute next (a non-empty subset; ``size`` is
+        the engine's default chunk size)."""
+
+
+_current = threading.local()  # the Steps of the computation running on this thread, if any
+
+
+def _layer_checkpoint(*_: Any) -> None:
+    steps: Steps | None = getattr(_current, "steps", None)
+    if steps is not None:
+        steps.checkpoint(False)
+
+
+def _layer_hook(module: Any, args: Any, output: Any) -> None:
+    _layer_checkpoint()
+    hidden = output[0] if isinstance(output, tuple) else output
+    if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+        # backward passes through here too; on CUDA the backward runs on autograd's device
+        # thread, where no Steps are set, so it is never paused inside a pass there
+        hidden.register_hook(_layer_checkpoint)
+
+
+def install_layer_checkpoints(model: Any) -> int:
+    """Checkpoints at every decoder layer (the longest ``ModuleList``), once per model; returns how many."""
+    if getattr(model, "_seqsal_checkpoints", None) is not None:
+        return int(model._seqsal_checkpoints)
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    layers = max(lists, key=len) if lists else []
+    for layer in layers:
+        layer.register_forward_hook(_layer_hook)
+    model._seqsal_checkpoints = len(layers)
+    return len(layers)
+
 
 #: IG interpolation schedule exponent: alpha = u**IG_POWER with u on a midpoint grid. 1 (uniform)
 #: measured best on SmolLM2, whose objective changes most between alpha 0.3 and 1; powers 2-4
@@ -110,6 +161,7 @@ class GradientEngine:
         self.ig_power = IG_POWER
         self._lock = threading.Lock()
         self.pad_id = 0
+        install_layer_checkpoints(model)
 
     # --- building blocks ---------------------------------------------------------------------------
 
@@ -230,17 +282,34 @@ class GradientEngine:
         *,
         ig_steps: int = 16,
         cancelled: CancelCheck | None = None,
+        steps: Steps | None = None,
     ) -> Iterator[SaliencyResult]:
         """Saliency for K selections ``masks (K, n_target)`` sharing one forward pass.
 
-        Yields one result per selection, in order, as soon as its chunk of the
-        batched backward is done (IG, when asked, needs all its passes first).
+        Yields one result per selection as soon as its chunk of the batched backward
+        is done (IG, when asked, needs all its passes first): in order, unless
+        ``steps`` picks the chunks. Without ``steps`` one computation runs per
+        engine at a time; with them the scheduler decides what runs.
         """
         masks = np.asarray(masks, dtype=bool)
         if masks.ndim != 2 or masks.shape[1] != len(inputs.target_ids) or not masks.any(axis=1).all():
             raise ValueError("masks must be (K, n_target) with at least one selected token per row")
-        with self._lock:  # one computation per model at a time: autograd graphs are large
-            yield from self._saliency_batch(inputs, masks, methods, ig_steps, cancelled)
+        # one computation per model at a time unless a scheduler decides: autograd graphs are large
+        with self._lock if steps is None else nullcontext():
+            previous = getattr(_current, "steps", None)
+            _current.steps = steps
+            try:
+                yield from self._saliency_batch(inputs, masks, methods, ig_steps, cancelled, steps)
+            finally:
+                _current.steps = previous
+
+    def probe(self) -> None:
+        """A two-token forward pass: raises if the model (or its device) no longer works."""
+        with torch.no_grad():
+            ids = torch.tensor([[self.pad_id, self.pad_id]], device=self.device)
+            logits = self.model(input_ids=ids, use_cache=False).logits
+            if not torch.isfinite(logits).all():
+                raise RuntimeError("the model produces non-finite logits")
 
     def _saliency_batch(
         self,
@@ -249,8 +318,14 @@ class GradientEngine:
         methods: Sequence[int],
         ig_steps: int,
         cancelled: CancelCheck | None,
+        steps: Steps | None = None,
     ) -> Iterator[SaliencyResult]:
-        _check(cancelled)
+        def checkpoint() -> None:
+            _check(cancelled)
+            if steps is not None:
+                steps.checkpoint(True)
+
+        checkpoint()
         rows, n_prompt = self._layout(inputs)
         total = inputs.total_tokens
         n_target = len(inputs.target_ids)
@@ -266,25 +341,30 @@ class GradientEngine:
         with torch.set_grad_enabled(want_grad):
             outputs = self._log_probs(leaf, inputs)
         token_lp = outputs[0].detach().cpu().numpy().astype(np.float32)
-        _check(cancelled)
+        checkpoint()
 
         ig_scores: np.ndarray | None = None
         ig_residuals: np.ndarray | None = None
         if common_pb2.INTEGRATED_GRADIENTS in methods:
             ig_scores, ig_residuals = self._integrated_gradients(
-                inputs, leaf_embeds, weights, outputs.detach(), ig_steps, cancelled
+                inputs, leaf_embeds, weights, outputs.detach(), ig_steps, checkpoint
             )
 
         embeds32 = leaf_embeds.float()
-        for chunk_start in range(0, len(masks), self.segment_batch_size):
-            chunk = slice(chunk_start, chunk_start + self.segment_batch_size)
+        remaining = list(range(len(masks)))
+        while remaining:
             grads = None
             if want_grad:
-                _check(cancelled)
+                checkpoint()  # before choosing the chunk: what is urgent may change while paused
+            if steps is None:
+                chunk = remaining[: self.segment_batch_size]
+            else:
+                chunk = [k for k in steps.next_chunk(remaining, self.segment_batch_size) if k in remaining]
+                chunk = chunk or remaining[:1]
+            remaining = [k for k in remaining if k not in chunk]
+            if want_grad:
                 grads = self._vjp(outputs, leaf, weights[chunk])[:, 0].float()  # (k, T_leaf, D)
-            for offset, k in enumerate(
-                range(chunk_start, min(chunk_start + self.segment_batch_size, len(masks)))
-            ):
+            for offset, k in enumerate(chunk):
                 scores: dict[int, np.ndarray] = {}
                 for method in methods:
                     values = np.zeros(total, dtype=np.float32)
@@ -312,6 +392,7 @@ class GradientEngine:
                     foil_logprob=foil_lp,
                     ig_residual=None if ig_residuals is None else float(ig_residuals[k]),
                     ig_steps=ig_steps if ig_scores is not None else 0,
+                    selection=k,
                 )
 
     def _integrated_gradients(
@@ -321,13 +402,13 @@ class GradientEngine:
         weights: torch.Tensor,
         outputs_at_input: torch.Tensor,
         steps: int,
-        cancelled: CancelCheck | None,
+        checkpoint: Callable[[], None],
     ) -> tuple[np.ndarray, np.ndarray]:
         """IG with a zero baseline for K objectives; returns scores ``(K, T_leaf)`` and residuals ``(K,)``."""
         alphas, quad_weights = ig_schedule(steps, self.ig_power, self.device)
         total_grad = torch.zeros(weights.shape[0], *embeds.shape, dtype=torch.float32, device=self.device)
         for start in range(0, steps, self.ig_batch_size):
-            _check(cancelled)
+            checkpoint()
             batch_alphas = alphas[start : start + self.ig_batch_size]
             batch_weights = quad_weights[start : start + self.ig_batch_size]
             scale = batch_alphas.view(-1, 1, 1).to(self.dtype)

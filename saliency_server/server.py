@@ -11,6 +11,7 @@ import grpc
 
 from saliency_server.model_host import ModelHost
 from saliency_server.serving import SaliencyServing
+from seqsal.access import client_var
 from seqsal.cache import make_cache
 from seqsal.grpc_server import GrpcServer, preflight
 from seqsal.metrics import ServerMetrics
@@ -60,7 +61,7 @@ class SaliencyServicer(saliency_pb2_grpc.SaliencyServiceServicer):
         self, request: saliency_pb2.SaliencyRequest, context: grpc.aio.ServicerContext
     ) -> saliency_pb2.SaliencyResponse:
         with self._counting_cancellation("Saliency", context):
-            response = await self.serving.saliency(request)
+            response = await self.serving.saliency(request, client=client_var.get())
         self._count_tokens(response)
         return response
 
@@ -69,7 +70,7 @@ class SaliencyServicer(saliency_pb2_grpc.SaliencyServiceServicer):
     ) -> AsyncIterator[saliency_pb2.SaliencyAllSegmentsResponse]:
         first = True
         with self._counting_cancellation("SaliencyAllSegments", context):
-            async for message in self.serving.saliency_all_segments(request):
+            async for message in self.serving.saliency_all_segments(request, client=client_var.get()):
                 if first:  # every message repeats the same prompt and target
                     self._count_tokens(message.saliency)
                     first = False
@@ -94,6 +95,9 @@ def build_server(serving: SaliencyServing, settings: Settings) -> GrpcServer:
     metrics.watch_cache(serving.cache)
     admission = serving.admission
     metrics.watch_queue(lambda: {"running": admission.running, "waiting": admission.waiting})
+    metrics.watch_schedulers(serving.schedulers)
+    # a broken engine (e.g. a CUDA error) takes the replica out of rotation: health NOT_SERVING
+    serving.on_health = lambda ok: asyncio.ensure_future(server.set_serving(ok))
     for info in serving.host.infos():
         metrics.model_load.labels(info.id).set(serving.host.get(info.id).load_seconds)
     saliency_pb2_grpc.add_SaliencyServiceServicer_to_server(SaliencyServicer(serving, metrics), server.server)

@@ -1,4 +1,4 @@
-"""The saliency service's logic, independent of gRPC: validate, look up the cache, compute, answer.
+"""The saliency service's logic, independent of gRPC: validate, look up the cache, schedule, answer.
 
 Both the gRPC servicer and the CLI's in-process mode call this class with
 wire messages (``seqsal.v1``) and get wire messages back, so the two paths
@@ -12,16 +12,20 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import aclosing
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from saliency_server.engine import SaliencyResult
+from saliency_server.engine_client import ModelEngine, SaliencyEngine
 from saliency_server.model_host import ModelHost
+from saliency_server.scheduler import Priority, Scheduler, Ticket, TicketSteps, priority_from_wire
 from saliency_server.validation import Problem, build_problem, resolve_selection
 from seqsal import segmentation
 from seqsal.admission import Admission
-from seqsal.cache import CacheBackend, SingleFlight, get_entry, make_key, put_entry
+from seqsal.cache import CacheBackend, get_entry, make_key, put_entry
+from seqsal.errors import CancelledError
 from seqsal.settings import Settings
 from seqsal.threads import stream_from_thread
 from seqsal.tokenization import tokenize
@@ -56,21 +60,94 @@ def _entries_from_result(result: SaliencyResult) -> dict[int, MethodEntry]:
     }
 
 
-class SaliencyServing:
-    """Answers SaliencyService calls for the models of one :class:`ModelHost`."""
+class _LeaderGone(Exception):
+    """The computation a caller joined stopped (its own client went away): compute it yourself."""
 
-    def __init__(self, host: ModelHost, cache: CacheBackend, settings: Settings) -> None:
+
+#: A job's memory cost in bytes, from its problem and number of selections (for the scheduler's budget).
+JobCost = Callable[[Problem, int], int]
+
+#: The client of calls made in-process (the CLI without a server).
+LOCAL_CLIENT = "local"
+
+
+@dataclass(eq=False)
+class Flight:
+    """One scheduled engine run for one problem: its ticket and a future per (selection, method).
+
+    Registered in :attr:`SaliencyServing._inflight` under each result's cache key while it runs,
+    so that any request needing one of those results (from either RPC) waits for it instead of
+    computing it again.
+    """
+
+    model: str
+    ticket: Ticket
+    masks: np.ndarray
+    futures: dict[str, asyncio.Future[MethodEntry]] = field(default_factory=dict)
+    #: cache key -> (selection index, method)
+    slots: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+class SaliencyServing:
+    """Answers SaliencyService calls for the models of one :class:`ModelHost`.
+
+    Each model has an engine (:class:`~saliency_server.engine_client.SaliencyEngine`) and a
+    :class:`~saliency_server.scheduler.Scheduler` in front of it, fed by both RPCs; every
+    result in flight is shared (see :class:`Flight`). ``job_cost`` and ``budget_bytes`` are the
+    scheduler's memory hook (default: no budget).
+    """
+
+    def __init__(
+        self,
+        host: ModelHost,
+        cache: CacheBackend,
+        settings: Settings,
+        *,
+        job_cost: JobCost | None = None,
+        budget_bytes: int | None = None,
+    ) -> None:
         self.host = host
         self.cache = cache
         self.settings = settings
-        self.admission = Admission(settings.max_concurrency, settings.max_queue)
-        self.flight = SingleFlight()
+        self.engines: dict[str, SaliencyEngine] = {
+            info.id: ModelEngine(host.get(info.id).engine, on_errored=self._engine_errored)
+            for info in host.infos()
+        }
+        self.schedulers = {
+            model: Scheduler(
+                model,
+                slots=settings.max_concurrency,
+                budget_bytes=budget_bytes,
+                contended_chunk=settings.contended_chunk,
+            )
+            for model in self.engines
+        }
+        self.admission = Admission(
+            settings.max_concurrency,
+            settings.max_queue,
+            running=lambda: sum(s.running for s in self.schedulers.values()),
+        )
+        self.job_cost: JobCost = job_cost or (lambda problem, selections: 0)
+        self._inflight: dict[str, tuple[Flight, asyncio.Future[MethodEntry]]] = {}
+        #: Called on the event loop with False when an engine breaks (the server sets health).
+        self.on_health: Callable[[bool], object] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # every admitted request may hold a thread (running, paused or waiting for its turn)
         self.executor = ThreadPoolExecutor(
-            max_workers=settings.max_concurrency, thread_name_prefix="seqsal-saliency"
+            max_workers=settings.max_concurrency + settings.max_queue, thread_name_prefix="seqsal-saliency"
         )
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def healthy(self) -> bool:
+        """False once any engine is broken."""
+        return all(engine.errored is None for engine in self.engines.values())
+
+    def _engine_errored(self, why: str) -> None:  # a worker thread
+        if self._loop is not None and self.on_health is not None:
+            self._loop.call_soon_threadsafe(self.on_health, False)
 
     # --- simple calls ------------------------------------------------------------------------------
 
@@ -154,24 +231,136 @@ class SaliencyServing:
             arrays = {"scores": entry.scores, "target_token_logprobs": entry.target_token_logprobs}
             await put_entry(self.cache, self.cache_key(problem, method, mask), meta, arrays)
 
-    async def _compute(
-        self, problem: Problem, masks: np.ndarray, methods: Sequence[int]
-    ) -> AsyncIterator[SaliencyResult]:
-        """Run the engine in a worker thread under admission control, yielding results as they come.
+    def _begin(
+        self, problem: Problem, masks: np.ndarray, methods: Sequence[int], priority: Priority, client: str
+    ) -> Flight:
+        """Take a place and a ticket and register what the run will compute.
 
-        If the caller stops listening (client cancelled, deadline passed), the engine stops at its
-        next checkpoint.
+        Synchronous, so a request arriving right after finds the run and joins it.
         """
-        async with self.admission.slot():
+        self._loop = asyncio.get_running_loop()
+        self.admission.acquire()
+        model = problem.hosted.id
+        ticket = self.schedulers[model].submit(
+            client,
+            priority,
+            cost_bytes=self.job_cost(problem, len(masks)),
+            label=f"{len(masks)} selection(s), {len(problem.inputs.prompt_ids)} prompt tokens",
+        )
+        flight = Flight(model=model, ticket=ticket, masks=masks)
+        for index, mask in enumerate(masks):
+            for method in methods:
+                key = self.cache_key(problem, method, mask)
+                future: asyncio.Future[MethodEntry] = self._loop.create_future()
+                flight.futures[key] = future
+                flight.slots[key] = (index, method)
+                self._inflight.setdefault(key, (flight, future))
+        return flight
 
-            def produce(emit: Callable[[SaliencyResult], None], stopped: Callable[[], bool]) -> None:
-                for result in problem.hosted.engine.saliency_batch(
-                    problem.inputs, masks, methods, ig_steps=problem.ig_steps, cancelled=stopped
+    async def _run(
+        self, flight: Flight, problem: Problem, methods: Sequence[int]
+    ) -> AsyncIterator[tuple[int, dict[int, MethodEntry]]]:
+        """Compute a flight in a worker thread when its scheduler says so.
+
+        Yields ``(selection index, entries)`` as results come; each is cached and handed to
+        whoever joined it. If the caller stops listening (client cancelled, deadline passed),
+        the ticket leaves the scheduler (at once when waiting or paused, at the next checkpoint
+        when running) and those who joined compute what is missing themselves.
+        """
+        scheduler = self.schedulers[flight.model]
+        engine = self.engines[flight.model]
+        ticket = flight.ticket
+        steps = TicketSteps(scheduler, ticket)
+
+        def produce(emit: Callable[[SaliencyResult], None], stopped: Callable[[], bool]) -> None:
+            ticket.stopped = stopped
+            try:
+                for result in engine.compute(
+                    problem.inputs,
+                    flight.masks,
+                    methods,
+                    ig_steps=problem.ig_steps,
+                    cancelled=stopped,
+                    steps=steps,
                 ):
                     emit(result)
+            finally:
+                scheduler.finish(ticket)
 
-            async for result in stream_from_thread(produce, self.executor):
-                yield result
+        failure: Exception = _LeaderGone()
+        try:
+            async with aclosing(stream_from_thread(produce, self.executor)) as stream:
+                async for result in stream:
+                    index = result.selection
+                    entries = _entries_from_result(result)
+                    await self._store(problem, flight.masks[index], entries)
+                    for key, (i, method) in flight.slots.items():
+                        future = flight.futures[key]
+                        if i == index and not future.done():
+                            future.set_result(entries[method])
+                    yield index, entries
+        except CancelledError:
+            raise
+        except Exception as exc:
+            failure = exc
+            raise
+        finally:
+            scheduler.cancel(ticket)  # nothing once finished
+            for key, future in flight.futures.items():
+                if not future.done():
+                    future.set_exception(failure)
+                    future.exception()  # retrieved: no log when nobody joined
+                if self._inflight.get(key, (None, None))[0] is flight:
+                    del self._inflight[key]
+            self.admission.release()
+
+    async def _collect(
+        self, flight: Flight, problem: Problem, methods: Sequence[int]
+    ) -> dict[int, MethodEntry]:
+        """The entries of a one-selection flight."""
+        out: dict[int, MethodEntry] = {}
+        async with aclosing(self._run(flight, problem, methods)) as run:
+            async for _, entries in run:
+                out = entries
+        return out
+
+    def _joinable(
+        self, problem: Problem, mask: np.ndarray, methods: Sequence[int]
+    ) -> dict[int, tuple[Flight, asyncio.Future[MethodEntry]]]:
+        """The methods of ``methods`` that a run in flight is computing for ``mask``."""
+        found = {}
+        for method in methods:
+            hit = self._inflight.get(self.cache_key(problem, method, mask))
+            if hit is not None:
+                found[method] = hit
+        return found
+
+    async def _join(
+        self,
+        joined: dict[int, tuple[Flight, asyncio.Future[MethodEntry]]],
+        problem: Problem,
+        mask: np.ndarray,
+        priority: Priority,
+    ) -> dict[int, MethodEntry]:
+        """Wait for results in flight; an interactive caller boosts the runs it waits for (their
+        selection goes first, at interactive priority). Methods whose run stopped are left out."""
+        boosted: list[tuple[Flight, int]] = []
+        if priority is Priority.INTERACTIVE:
+            for flight in {flight for flight, _ in joined.values()}:
+                index = flight.slots[self.cache_key(problem, next(iter(joined)), mask)][0]
+                self.schedulers[flight.model].boost(flight.ticket, index)
+                boosted.append((flight, index))
+        try:
+            out: dict[int, MethodEntry] = {}
+            for method, (_, future) in joined.items():
+                try:
+                    out[method] = await asyncio.shield(future)  # a cancelled joiner leaves the run alone
+                except _LeaderGone:
+                    continue
+            return out
+        finally:
+            for flight, index in boosted:
+                self.schedulers[flight.model].unboost(flight.ticket, index)
 
     def _response(
         self,
@@ -215,33 +404,41 @@ class SaliencyServing:
         response.server_time_ms = (time.perf_counter() - started) * 1000.0
         return response
 
-    async def saliency(self, request: saliency_pb2.SaliencyRequest) -> saliency_pb2.SaliencyResponse:
-        """Saliency for one selection: from the cache, or one forward and one backward pass."""
+    async def saliency(
+        self, request: saliency_pb2.SaliencyRequest, *, client: str = LOCAL_CLIENT
+    ) -> saliency_pb2.SaliencyResponse:
+        """Saliency for one selection: from the cache, a run in flight, or one forward and one backward."""
         started = time.perf_counter()
         problem = await self._problem(request, all_segments=False)
         mask = resolve_selection(problem, request)
+        priority = priority_from_wire(request.priority, Priority.INTERACTIVE)
         entries = await self._cached(problem, mask)
-        missing = [m for m in problem.methods if m not in entries]
-        cache_hit = not missing
-        if missing:
-            flight_key = "|".join(self.cache_key(problem, m, mask) for m in missing)
-
-            async def compute() -> dict[int, MethodEntry]:
-                results = [r async for r in self._compute(problem, mask[None, :], missing)]
-                computed = _entries_from_result(results[0])
-                await self._store(problem, mask, computed)
-                return computed
-
-            computed, _shared = await self.flight.run(flight_key, compute)
-            entries.update(computed)
+        cache_hit = len(entries) == len(problem.methods)
+        while missing := [m for m in problem.methods if m not in entries]:
+            joined = self._joinable(problem, mask, missing)
+            own = [m for m in missing if m not in joined]
+            tasks: list[asyncio.Task[dict[int, MethodEntry]]] = []
+            if own:
+                flight = self._begin(problem, mask[None, :], own, priority, client)
+                tasks.append(asyncio.create_task(self._collect(flight, problem, own)))
+            if joined:
+                tasks.append(asyncio.create_task(self._join(joined, problem, mask, priority)))
+            try:
+                for found in await asyncio.gather(*tasks):
+                    entries.update(found)
+            finally:
+                for task in tasks:
+                    task.cancel()  # nothing once done
         return self._response(problem, mask, entries, cache_hit=cache_hit, started=started)
 
     async def saliency_all_segments(
-        self, request: saliency_pb2.SaliencyAllSegmentsRequest
+        self, request: saliency_pb2.SaliencyAllSegmentsRequest, *, client: str = LOCAL_CLIENT
     ) -> AsyncIterator[saliency_pb2.SaliencyAllSegmentsResponse]:
-        """Saliency for every target segment: cached ones first, the rest from one batched computation."""
+        """Saliency for every target segment: cached ones first, then the rest from one batched
+        computation (joining segments that another request is computing already)."""
         started = time.perf_counter()
         problem = await self._problem(request, all_segments=True)
+        priority = priority_from_wire(request.priority, Priority.BACKGROUND)
         segments = problem.segments
         targets = segmentation.segment_target_masks(problem.tokens, segments)
         count = len(targets)
@@ -258,20 +455,39 @@ class SaliencyServing:
                 segment_index=index, segment_count=count, target_segment=scored, saliency=saliency
             )
 
+        def missing(index: int) -> list[int]:
+            return [m for m in problem.methods if m not in known[index]]
+
+        known: dict[int, dict[int, MethodEntry]] = {}
         pending: list[int] = []
         for index, (_, mask) in enumerate(targets):
-            entries = await self._cached(problem, np.asarray(mask))
-            if len(entries) == len(problem.methods):
-                yield message(index, entries, True)
-            else:
+            known[index] = await self._cached(problem, np.asarray(mask))
+            if missing(index):
                 pending.append(index)
-        if not pending:
-            return
-        masks = np.asarray([targets[i][1] for i in pending], dtype=bool)
-        position = 0
-        async for result in self._compute(problem, masks, problem.methods):
-            index = pending[position]
-            entries = _entries_from_result(result)
-            await self._store(problem, masks[position], entries)
-            position += 1
-            yield message(index, entries, False)
+            else:
+                yield message(index, known[index], True)
+        while pending:
+            joined: dict[int, dict[int, tuple[Flight, asyncio.Future[MethodEntry]]]] = {}
+            own: list[int] = []
+            for index in pending:
+                found = self._joinable(problem, np.asarray(targets[index][1]), missing(index))
+                if found and len(found) == len(missing(index)):
+                    joined[index] = found
+                else:
+                    own.append(index)
+            pending = []
+            if own:
+                methods = [m for m in problem.methods if any(m not in known[i] for i in own)]
+                masks = np.asarray([targets[i][1] for i in own], dtype=bool)
+                flight = self._begin(problem, masks, methods, priority, client)
+                async with aclosing(self._run(flight, problem, methods)) as run:
+                    async for position, entries in run:
+                        index = own[position]
+                        known[index].update(entries)
+                        yield message(index, known[index], False)
+            for index, found in joined.items():
+                known[index].update(await self._join(found, problem, np.asarray(targets[index][1]), priority))
+                if missing(index):  # the run it joined stopped: compute it here
+                    pending.append(index)
+                else:
+                    yield message(index, known[index], False)

@@ -28,6 +28,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,10 @@ from seqsal.ratelimit import RateLimited, RateLimiter
 from seqsal.tracing import end_span, start_span
 
 MAX_REQUEST_ID_CHARS = 128
+
+#: Who makes the current call, for the saliency scheduler's fairness: ``token:<fingerprint>``
+#: with authentication, else ``peer:<address:port>`` (one connection); ``local`` in-process.
+client_var: ContextVar[str] = ContextVar("seqsal_client", default="local")
 
 access_logger = logging.getLogger("seqsal.access")
 
@@ -198,6 +203,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 break
         rid = rid or new_request_id()
         request_id_var.set(rid)  # this call's task (and its to_thread workers) see it
+        client_var.set(f"peer:{context.peer()}")
         call = _Call(
             rpc=path.rsplit("/", 1)[-1], request_id=rid, started=time.perf_counter(), peer=context.peer()
         )
@@ -218,6 +224,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(failure))
                 raise  # abort raises; this is never reached
             call.client = f"token:{fingerprint(token)}"
+            client_var.set(call.client)
         if self.limiter is not None:
             try:
                 self.limiter.acquire(call.client or f"peer:{peer_host(call.peer)}")

@@ -1,51 +1,47 @@
-"""Bounded admission: a fixed number of workers and a bounded waiting line.
+"""Bounded admission: a fixed number of places, refused at once when they are all taken.
 
-A request beyond ``max_concurrency`` running plus ``max_queue`` waiting is
-refused at once with RESOURCE_EXHAUSTED instead of piling up; a waiting
-request whose client goes away leaves the line without running.
+A server holds at most ``max_concurrency + max_queue`` requests (computing, paused or
+waiting); one beyond that is refused at once with RESOURCE_EXHAUSTED instead of piling up.
+Which admitted request computes when is the scheduler's business
+(:mod:`saliency_server.scheduler`); ``running`` is what it reports.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 from seqsal.errors import ResourceExhaustedError
 
 
 class Admission:
-    """Admission control for one server process (asyncio)."""
+    """Admission control for one server process (used from the event loop)."""
 
-    def __init__(self, max_concurrency: int, max_queue: int) -> None:
+    def __init__(
+        self, max_concurrency: int, max_queue: int, running: Callable[[], int] | None = None
+    ) -> None:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
-        self._slots = asyncio.Semaphore(max_concurrency)
-        self.running = 0
-        self.waiting = 0
+        self.depth = 0  # requests holding a place
+        self._running = running
 
     @property
-    def depth(self) -> int:
-        """Requests running or waiting."""
-        return self.running + self.waiting
+    def running(self) -> int:
+        """Requests computing now (as the scheduler says; 0 without one)."""
+        return min(self.depth, self._running()) if self._running is not None else 0
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold a worker slot for the body; raises ResourceExhaustedError when the line is full."""
+    @property
+    def waiting(self) -> int:
+        return self.depth - self.running
+
+    def acquire(self) -> None:
+        """Take a place; raises ResourceExhaustedError when none is left. Pair with :meth:`release`."""
         if self.depth >= self.max_concurrency + self.max_queue:
             raise ResourceExhaustedError(
                 f"server busy: {self.running} running and {self.waiting} waiting "
                 f"(max_concurrency={self.max_concurrency}, max_queue={self.max_queue}); "
                 "retry with backoff, or raise SEQSAL_MAX_QUEUE on the server"
             )
-        self.waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self.waiting -= 1
-        self.running += 1
-        try:
-            yield
-        finally:
-            self.running -= 1
-            self._slots.release()
+        self.depth += 1
+
+    def release(self) -> None:
+        self.depth -= 1

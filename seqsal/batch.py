@@ -24,7 +24,7 @@ from google.protobuf import json_format
 from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient
 from seqsal.errors import InvalidArgumentError, SeqsalError, UnavailableError
 from seqsal.retry import RetryPolicy
-from seqsal.v1 import common_pb2
+from seqsal.v1 import common_pb2, saliency_pb2
 
 #: Deadline of the check, before the first row, that the services are up.
 PROBE_TIMEOUT_S = 10.0
@@ -113,6 +113,7 @@ async def explain_row(
             granularity=options.granularity,
             custom_regex=options.custom_regex,
             model=options.model,
+            priority=saliency_pb2.PRIORITY_BACKGROUND,  # an export: interactive users go first
         )
         record |= {
             "prompt": prompt,

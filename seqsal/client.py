@@ -116,6 +116,7 @@ def saliency_request(
     custom_regex: str = "",
     ig_steps: int = 0,
     model: str = "",
+    priority: int = saliency_pb2.PRIORITY_UNSPECIFIED,
 ) -> saliency_pb2.SaliencyRequest:
     """Build a SaliencyRequest from keyword arguments."""
     request = saliency_pb2.SaliencyRequest(
@@ -129,6 +130,7 @@ def saliency_request(
         granularity=granularity,
         custom_regex=custom_regex,
         ig_steps=ig_steps,
+        priority=priority,  # type: ignore[arg-type]
     )
     if foil is not None:
         request.foil = foil
@@ -146,6 +148,7 @@ def all_segments_request(
     custom_regex: str = "",
     ig_steps: int = 0,
     model: str = "",
+    priority: int = saliency_pb2.PRIORITY_UNSPECIFIED,
 ) -> saliency_pb2.SaliencyAllSegmentsRequest:
     """Build a SaliencyAllSegmentsRequest from keyword arguments."""
     request = saliency_pb2.SaliencyAllSegmentsRequest(
@@ -157,6 +160,7 @@ def all_segments_request(
         granularity=granularity,
         custom_regex=custom_regex,
         ig_steps=ig_steps,
+        priority=priority,  # type: ignore[arg-type]
     )
     if foil is not None:
         request.foil = foil

@@ -10,6 +10,13 @@ Metric names (all servers):
 * ``seqsal_model_load_seconds{model}``: how long each model took to load;
 * ``seqsal_queue_depth{state}``: ``running`` and ``waiting`` requests (saliency admission; on the
   inference server, generation calls in flight as ``running``);
+* ``seqsal_scheduler_queue_depth{model, priority, state}``: saliency computations per model,
+  priority (``interactive``, ``background``) and state (``waiting``, ``running``, ``paused``);
+* ``seqsal_scheduler_wait_seconds{model, priority}``: how long computations waited for their
+  first turn (histogram);
+* ``seqsal_scheduler_preemptions_total{model, priority}``: running computations paused for more
+  urgent work, by the priority they ran at;
+* ``seqsal_scheduler_finished_total{model, priority}``: computations completed;
 * ``seqsal_cache_{hits,misses,errors,corrupt,sets}_total{backend}``: the result cache's counters
   (saliency server);
 * ``seqsal_gpu_memory_allocated_bytes{device}`` / ``seqsal_gpu_memory_reserved_bytes{device}``:
@@ -29,10 +36,13 @@ from importlib import metadata as _metadata
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from saliency_server.scheduler import Scheduler
     from seqsal.cache import CacheBackend
 
 logger = logging.getLogger("seqsal.metrics")
@@ -55,6 +65,7 @@ class _StateCollector(Collector):
     def __init__(self) -> None:
         self.caches: list[CacheBackend] = []
         self.queue: Callable[[], dict[str, int]] | None = None
+        self.schedulers: Mapping[str, Scheduler] = {}
 
     def collect(self) -> Iterator[Metric]:
         if self.caches:
@@ -71,7 +82,44 @@ class _StateCollector(Collector):
             for state, value in self.queue().items():
                 depth.add_metric([state], float(value))
             yield depth
+        if self.schedulers:
+            yield from _scheduler_metrics(self.schedulers)
         yield from _gpu_memory()
+
+
+def _scheduler_metrics(schedulers: Mapping[str, Scheduler]) -> Iterator[Metric]:
+    from saliency_server.scheduler import WAIT_BUCKETS
+
+    depth = GaugeMetricFamily(
+        "seqsal_scheduler_queue_depth",
+        "Saliency computations by priority and state.",
+        labels=["model", "priority", "state"],
+    )
+    wait = HistogramMetricFamily(
+        "seqsal_scheduler_wait_seconds",
+        "Time saliency computations waited for their first turn.",
+        labels=["model", "priority"],
+    )
+    preemptions = CounterMetricFamily(
+        "seqsal_scheduler_preemptions",
+        "Running saliency computations paused for more urgent work.",
+        labels=["model", "priority"],
+    )
+    finished = CounterMetricFamily(
+        "seqsal_scheduler_finished", "Saliency computations completed.", labels=["model", "priority"]
+    )
+    for model, scheduler in schedulers.items():
+        snap = scheduler.snapshot()
+        for (priority, state), value in snap["depth"].items():  # type: ignore[attr-defined]
+            depth.add_metric([model, priority, state], float(value))
+        for priority, value in snap["preemptions"].items():  # type: ignore[attr-defined]
+            preemptions.add_metric([model, priority], float(value))
+        for priority, value in snap["finished"].items():  # type: ignore[attr-defined]
+            finished.add_metric([model, priority], float(value))
+        for priority, (counts, total, n) in snap["wait"].items():  # type: ignore[attr-defined]
+            buckets = [(str(b), float(c)) for b, c in zip(WAIT_BUCKETS, counts, strict=True)]
+            wait.add_metric([model, priority], [*buckets, ("+Inf", float(n))], float(total))
+    yield from (depth, wait, preemptions, finished)
 
 
 def _gpu_memory() -> Iterator[Metric]:
@@ -161,6 +209,10 @@ class ServerMetrics:
     def watch_cache(self, cache: CacheBackend) -> None:
         """Export ``cache``'s hit, miss, error, corrupt and set counters (read at scrape time)."""
         self._state.caches.append(cache)
+
+    def watch_schedulers(self, schedulers: Mapping[str, Scheduler]) -> None:
+        """Export the saliency schedulers' queue depth, wait times and preemptions (read at scrape time)."""
+        self._state.schedulers = schedulers
 
     def watch_queue(self, depth: Callable[[], dict[str, int]]) -> None:
         """Export ``depth()`` (state -> requests) as ``seqsal_queue_depth``."""

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     segment_batch_size: int = Field(
         default=8, ge=1, description="Target segments per batched backward pass in SaliencyAllSegments."
     )
+    contended_chunk: int = Field(
+        default=1,
+        ge=0,
+        description="Target segments per backward pass while other requests wait for the same model "
+        "(small = a click gets in sooner; 0 = segment_batch_size).",
+    )
 
     # --- inference server ----------------------------------------------------
     inference_host: str = Field(default="127.0.0.1", description="Address the inference server binds to.")

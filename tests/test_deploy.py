@@ -1081,6 +1081,9 @@ def exported_metric_names() -> set[str]:
     server.in_progress.labels("Saliency").set(0)
     server.watch_cache(Cache())  # type: ignore[arg-type]
     server.watch_queue(lambda: {"running": 0, "waiting": 0})
+    from saliency_server.scheduler import Scheduler
+
+    server.watch_schedulers({"m": Scheduler("m")})
     text = generate_latest(server.registry).decode()
     names = {
         line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")
@@ -1108,7 +1111,8 @@ def test_dashboard_queries_only_exported_metrics() -> None:
     for needed in ("seqsal_grpc_requests_total", "seqsal_grpc_request_duration_seconds_bucket",
                    "seqsal_queue_depth", "seqsal_cache_hits_total", "seqsal_cache_misses_total",
                    "seqsal_tokens_processed_total", "seqsal_model_load_seconds",
-                   "seqsal_gpu_memory_allocated_bytes"):  # fmt: skip
+                   "seqsal_gpu_memory_allocated_bytes", "seqsal_scheduler_queue_depth",
+                   "seqsal_scheduler_wait_seconds_bucket", "seqsal_scheduler_preemptions_total"):  # fmt: skip
         assert needed in used, needed
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))

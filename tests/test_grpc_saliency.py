@@ -24,7 +24,7 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from saliency_server.engine import CancelCheck, GradientEngine, SaliencyInputs, SaliencyResult
+from saliency_server.engine import CancelCheck, GradientEngine, SaliencyInputs, SaliencyResult, Steps
 from seqsal.cache import InMemoryCache
 from seqsal.client import AsyncSaliencyClient, error_from_rpc
 from seqsal.errors import (
@@ -127,6 +127,7 @@ class EngineSpy:
         *,
         ig_steps: int = 16,
         cancelled: CancelCheck | None = None,
+        steps: Steps | None = None,
     ) -> Iterator[SaliencyResult]:
         with self._lock:
             self.calls += 1
@@ -140,7 +141,7 @@ class EngineSpy:
                 self.saw_cancel.set()
                 break
             time.sleep(0.01)
-        return self.real(inputs, masks, methods, ig_steps=ig_steps, cancelled=cancelled)
+        return self.real(inputs, masks, methods, ig_steps=ig_steps, cancelled=cancelled, steps=steps)
 
 
 def install_spy(

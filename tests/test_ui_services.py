@@ -7,7 +7,7 @@ import pytest
 from seqsal import errors
 from seqsal.v1 import common_pb2, saliency_pb2
 from ui import services
-from ui.services import CandidateText, Generation, TargetProblem, target_spec
+from ui.services import CandidateText, Generation, TargetProblem, TargetSpec, target_spec
 from ui.state import SideState
 
 GEN = Generation(
@@ -127,15 +127,31 @@ def test_prefetch_against_a_dead_server_reports_in_plain_words() -> None:
     assert prefetcher.progress("unknown") is None
 
 
-def test_prefetch_owners_pause_resume_and_sweep() -> None:
+def test_prefetch_owners_and_sweep() -> None:
     prefetcher = services.Prefetcher()
     dead = services.Endpoints("127.0.0.1:9", "127.0.0.1:9")
     request = saliency_pb2.SaliencyAllSegmentsRequest(prompt="x", target="y", granularity=common_pb2.WORDS)
     key = prefetcher.start("s1:main", dead, request)
     assert prefetcher.start("s1:main", dead, request) == key  # idempotent while it runs
     prefetcher.wait(key, 30)
-    assert prefetcher.pause("s1:") == []  # nothing running any more
-    prefetcher.resume(["s1:main"])  # a finished job with an error is started again
+    assert prefetcher.start("s1:main", dead, request) == key  # a job that failed is started again
     prefetcher.wait(key, 30)
     assert prefetcher.sweep(lambda owner: not owner.startswith("s1:")) == ["s1:main"]
-    assert prefetcher.pause("s1:") == []
+    assert prefetcher.response(key, 0) is None  # the dead server returned nothing
+
+
+def test_prefetch_requests_are_background_and_keep_what_the_stream_returns() -> None:
+    spec = TargetSpec(prompt="p", model="m", target_text="t")
+    whole = services.saliency_request(spec, SideState(), granularity="WORDS")
+    assert whole.priority == saliency_pb2.PRIORITY_UNSPECIFIED  # a click: interactive
+    prefetch = services.all_segments_request(whole)
+    assert prefetch.priority == saliency_pb2.PRIORITY_BACKGROUND
+    prefetcher = services.Prefetcher(max_responses=2)
+    for index in range(3):
+        message = saliency_pb2.SaliencyAllSegmentsResponse(
+            segment_index=index, saliency=saliency_pb2.SaliencyResponse(target_mask=[index == 0])
+        )
+        prefetcher._keep("k", message)
+    assert prefetcher.response("k", 0) is None  # the oldest went first
+    kept = prefetcher.response("k", 2)
+    assert kept is not None and list(kept.target_mask) == [False]

@@ -106,25 +106,26 @@ def _saliency(
     request: saliency_pb2.SaliencyRequest,
     what: str,
     *,
-    server_cached: bool = False,
+    prefetched: saliency_pb2.SaliencyResponse | None = None,
     request_id: str | None = None,
 ) -> tuple[saliency_pb2.SaliencyResponse | None, str | None]:
-    """A response from the session cache or the server; (None, message) on failure.
+    """A response from the session cache, the prefetch stream, or the server; (None, message) on failure.
 
-    Unless the server has it cached already (``server_cached``), this session's background
-    prefetches are paused so the request the user waits for is computed first; the other
-    side's prefetch resumes afterwards (this side's restarts when the caller starts it again).
+    The server schedules: this call is interactive and goes before any precompute (this
+    session's or another user's), which resumes by itself afterwards.
     """
     key = services.request_key(request)
     cache = _cache()
     hit = cache.get(key)
     if hit is not None:
         return hit, None
+    if prefetched is not None:
+        cache.put(key, prefetched)
+        return prefetched, None
     failed_key = f"v_sal_err_{name}"
     failed = st.session_state.get(failed_key)
     if isinstance(failed, tuple) and failed[0] == key:
         return None, failed[1]
-    paused = [] if server_cached else services.PREFETCHER.pause(_session_prefix())
     try:
         with st.spinner(f"Computing saliency for {what}…", show_time=True):
             response = services.call_saliency(endpoints, request, request_id)
@@ -132,8 +133,6 @@ def _saliency(
         message = services.explain_error(exc, "saliency", endpoints.saliency)
         st.session_state[failed_key] = (key, message)
         return None, message
-    finally:
-        services.PREFETCHER.resume([owner for owner in paused if owner != _owner(name)])
     st.session_state.pop(failed_key, None)
     cache.put(key, response)
     return response, None
@@ -268,15 +267,15 @@ def run_side(
         mask = [any(masks[i][1][t] for i in selection) for t in range(len(masks[0][1]))]
         request = services.saliency_request(spec, side, granularity=result.granularity, target_mask=mask)
         what = "the selected segment" + ("s" if len(selection) > 1 else "")
-        # A single segment the prefetch has finished is in the server's cache: no need to pause it.
-        progress = services.PREFETCHER.progress(result.prefetch_key) if result.prefetch_key else None
-        cached = len(selection) == 1 and progress is not None and selection[0] in progress.done_indices
+        # A single segment the prefetch stream has returned is answered from what it returned.
+        prefetched = None
+        if len(selection) == 1 and result.prefetch_key:
+            prefetched = services.PREFETCHER.response(result.prefetch_key, selection[0])
+            if prefetched is not None and list(prefetched.target_mask) != mask:
+                prefetched = None  # not the same selection (never expected): ask the server
         selected, problem = _saliency(
-            name, endpoints, request, what, server_cached=cached, request_id=request_id
+            name, endpoints, request, what, prefetched=prefetched, request_id=request_id
         )
-        if prefetch is not None:  # restarts it if it was paused (finished segments stay cached)
-            result.prefetch_key = services.PREFETCHER.start(_owner(name), endpoints, prefetch)
-            ss[prefetch_key(name)] = result.prefetch_key
         if selected is None:
             result.problem, result.retryable = problem, True
         else:

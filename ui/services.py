@@ -466,6 +466,8 @@ def all_segments_request(request: saliency_pb2.SaliencyRequest) -> saliency_pb2.
         granularity=request.granularity,
         custom_regex=request.custom_regex,
         ig_steps=request.ig_steps,
+        # a precompute: the server computes clicks (of every user) first and resumes it afterwards
+        priority=saliency_pb2.PRIORITY_BACKGROUND,
     )
     if request.HasField("foil"):
         out.foil = request.foil
@@ -543,19 +545,40 @@ class _Job:
 
 
 class Prefetcher:
-    """Runs ``SaliencyAllSegments`` in background threads to fill the server's cache.
+    """Runs ``SaliencyAllSegments`` (background priority) in background threads.
+
+    The server schedules: a click goes before any precompute, this one's or another user's, so
+    nothing here pauses. What the stream returns is kept (a bounded LRU of responses, by job and
+    segment): :meth:`response` answers a click on a finished segment without a call.
 
     Jobs are keyed by request content (two sessions asking the same thing share one job) and
     owned by ``(session, side)`` slots: starting a new job for a slot cancels the slot's previous
     job unless another slot still wants it. :meth:`progress` is safe from any thread.
     """
 
-    def __init__(self, max_jobs: int = 64) -> None:
+    def __init__(self, max_jobs: int = 64, max_responses: int = 512) -> None:
         self._lock = threading.Lock()
         self._jobs: OrderedDict[str, _Job] = OrderedDict()
         self._owners: dict[str, str] = {}
         self._requests: dict[str, tuple[Endpoints, saliency_pb2.SaliencyAllSegmentsRequest]] = {}
+        self._responses: OrderedDict[tuple[str, int], saliency_pb2.SaliencyResponse] = OrderedDict()
         self.max_jobs = max_jobs
+        self.max_responses = max_responses
+
+    def response(self, key: str, segment_index: int) -> saliency_pb2.SaliencyResponse | None:
+        """The response the stream of job ``key`` returned for a target segment, if it has."""
+        with self._lock:
+            item = self._responses.get((key, segment_index))
+            if item is not None:
+                self._responses.move_to_end((key, segment_index))
+            return item
+
+    def _keep(self, key: str, message: saliency_pb2.SaliencyAllSegmentsResponse) -> None:
+        with self._lock:
+            self._responses[(key, message.segment_index)] = message.saliency
+            self._responses.move_to_end((key, message.segment_index))
+            while len(self._responses) > self.max_responses:
+                self._responses.popitem(last=False)
 
     def start(
         self, owner: str, endpoints: Endpoints, request: saliency_pb2.SaliencyAllSegmentsRequest
@@ -605,6 +628,7 @@ class Prefetcher:
                 if job.cancel_requested:
                     call.cancel()
             for message in call:
+                self._keep(job.progress.key, message)
                 with self._lock:
                     job.progress.total = message.segment_count
                     job.progress.done += 1
@@ -670,28 +694,6 @@ class Prefetcher:
         for key in stale:
             self.cancel(key)
         return gone
-
-    def pause(self, prefix: str) -> list[str]:
-        """Cancel the running jobs of every owner starting with ``prefix`` (a session); returns those owners.
-
-        The server computes one request at a time, so a request the user waits for goes first;
-        :meth:`resume` restarts the jobs afterwards (segments already finished stay cached).
-        """
-        paused: list[str] = []
-        with self._lock:
-            owners = [(o, k) for o, k in self._owners.items() if o.startswith(prefix)]
-        for owner, key in owners:
-            if self.cancel(key):
-                paused.append(owner)
-        return paused
-
-    def resume(self, owners: Sequence[str]) -> None:
-        """Restart the current jobs of ``owners`` (after :meth:`pause`)."""
-        for owner in owners:
-            with self._lock:
-                entry = self._requests.get(owner)
-            if entry is not None:
-                self.start(owner, *entry)
 
     def wait(self, key: str, timeout: float) -> Progress | None:
         """Block until a job finishes (for tests and scripts); returns its progress."""

@@ -1,5 +1,6 @@
 from seqsal.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -7,8 +8,17 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIORITY_UNSPECIFIED: _ClassVar[Priority]
+    PRIORITY_INTERACTIVE: _ClassVar[Priority]
+    PRIORITY_BACKGROUND: _ClassVar[Priority]
+PRIORITY_UNSPECIFIED: Priority
+PRIORITY_INTERACTIVE: Priority
+PRIORITY_BACKGROUND: Priority
+
 class SaliencyRequest(_message.Message):
-    __slots__ = ("model", "prompt", "target", "target_token_ids", "target_mask", "target_spans", "methods", "foil", "granularity", "custom_regex", "ig_steps")
+    __slots__ = ("model", "prompt", "target", "target_token_ids", "target_mask", "target_spans", "methods", "foil", "granularity", "custom_regex", "ig_steps", "priority")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +30,7 @@ class SaliencyRequest(_message.Message):
     GRANULARITY_FIELD_NUMBER: _ClassVar[int]
     CUSTOM_REGEX_FIELD_NUMBER: _ClassVar[int]
     IG_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     target: str
@@ -31,7 +42,8 @@ class SaliencyRequest(_message.Message):
     granularity: _common_pb2.Granularity
     custom_regex: str
     ig_steps: int
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., target: _Optional[str] = ..., target_token_ids: _Optional[_Iterable[int]] = ..., target_mask: _Optional[_Iterable[bool]] = ..., target_spans: _Optional[_Iterable[_Union[_common_pb2.CharSpan, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[_common_pb2.Method, str]]] = ..., foil: _Optional[str] = ..., granularity: _Optional[_Union[_common_pb2.Granularity, str]] = ..., custom_regex: _Optional[str] = ..., ig_steps: _Optional[int] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., target: _Optional[str] = ..., target_token_ids: _Optional[_Iterable[int]] = ..., target_mask: _Optional[_Iterable[bool]] = ..., target_spans: _Optional[_Iterable[_Union[_common_pb2.CharSpan, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[_common_pb2.Method, str]]] = ..., foil: _Optional[str] = ..., granularity: _Optional[_Union[_common_pb2.Granularity, str]] = ..., custom_regex: _Optional[str] = ..., ig_steps: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class MethodScores(_message.Message):
     __slots__ = ("method", "scores", "completeness_residual", "ig_steps")
@@ -78,7 +90,7 @@ class SaliencyResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[_Union[_common_pb2.Token, _Mapping]]] = ..., scores: _Optional[_Iterable[_Union[MethodScores, _Mapping]]] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.Segment, _Mapping]]] = ..., granularity: _Optional[_Union[_common_pb2.Granularity, str]] = ..., target_mask: _Optional[_Iterable[bool]] = ..., target_logprob: _Optional[float] = ..., target_token_logprobs: _Optional[_Iterable[float]] = ..., foil_logprob: _Optional[float] = ..., model: _Optional[str] = ..., revision: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., server_time_ms: _Optional[float] = ...) -> None: ...
 
 class SaliencyAllSegmentsRequest(_message.Message):
-    __slots__ = ("model", "prompt", "target", "target_token_ids", "methods", "foil", "granularity", "custom_regex", "ig_steps")
+    __slots__ = ("model", "prompt", "target", "target_token_ids", "methods", "foil", "granularity", "custom_regex", "ig_steps", "priority")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +100,7 @@ class SaliencyAllSegmentsRequest(_message.Message):
     GRANULARITY_FIELD_NUMBER: _ClassVar[int]
     CUSTOM_REGEX_FIELD_NUMBER: _ClassVar[int]
     IG_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     target: str
@@ -97,7 +110,8 @@ class SaliencyAllSegmentsRequest(_message.Message):
     granularity: _common_pb2.Granularity
     custom_regex: str
     ig_steps: int
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., target: _Optional[str] = ..., target_token_ids: _Optional[_Iterable[int]] = ..., methods: _Optional[_Iterable[_Union[_common_pb2.Method, str]]] = ..., foil: _Optional[str] = ..., granularity: _Optional[_Union[_common_pb2.Granularity, str]] = ..., custom_regex: _Optional[str] = ..., ig_steps: _Optional[int] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., target: _Optional[str] = ..., target_token_ids: _Optional[_Iterable[int]] = ..., methods: _Optional[_Iterable[_Union[_common_pb2.Method, str]]] = ..., foil: _Optional[str] = ..., granularity: _Optional[_Union[_common_pb2.Granularity, str]] = ..., custom_regex: _Optional[str] = ..., ig_steps: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class SaliencyAllSegmentsResponse(_message.Message):
     __slots__ = ("segment_index", "segment_count", "target_segment", "saliency")
