@@ -1,5 +1,9 @@
 """Python clients for the seqsal services (sync and asyncio).
 
+Each RPC is written once (:class:`_Rpc`, in ``_SaliencyRpcs`` / ``_InferenceRpcs``) and shared
+by the blocking and the asyncio client of its service: a method takes the request message, or
+the keyword arguments of its builder (:func:`saliency_request`, :func:`generate_request`, ...).
+
 gRPC errors come back as the typed exceptions of :mod:`seqsal.errors`, with
 the offending field when the server named one::
 
@@ -18,10 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
 from seqsal.auth import bearer_metadata
@@ -167,8 +172,71 @@ def all_segments_request(
     return request
 
 
-class _SyncClient:
-    """Channel, deadline, metadata and error mapping shared by the blocking clients."""
+Request = TypeVar("Request", bound=Message)
+
+
+class _Rpc(Generic[Request]):
+    """One RPC of a service, written once for the blocking and the asyncio client.
+
+    On a client, ``client.name(request)`` sends ``request``; ``client.name(*args, **kwargs)``
+    first builds it with ``build`` (e.g. :func:`saliency_request`). ``timeout=`` (seconds;
+    default: the client's) and ``request_id=`` (default: a new one) apply to every call. The
+    client's ``_call`` / ``_stream`` make it blocking or asyncio.
+    """
+
+    def __init__(
+        self, stub_method: str, request_type: type[Request], build: Callable[..., Request], doc: str
+    ) -> None:
+        self.stub_method = stub_method
+        self.request_type = request_type
+        self.build = build
+        self.__doc__ = doc
+        self.streaming = False
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Request:
+        """The message to send: the one given (positionally or as ``request=``), else one built."""
+        if "request" in kwargs:
+            args = (kwargs.pop("request"), *args)
+        if args and args[0] is None:  # client.saliency(None, prompt=...)
+            args = args[1:]
+        if args and isinstance(args[0], self.request_type):
+            if len(args) > 1 or kwargs:
+                raise TypeError(f"{self.name}() takes a request message or keyword arguments, not both")
+            return args[0]
+        return self.build(*args, **kwargs)
+
+    def __get__(self, client: Any, owner: type | None = None) -> Any:
+        if client is None:
+            return self
+        rpc = self
+        send = client._stream if self.streaming else client._call
+
+        def invoke(
+            *args: Any, timeout: float | None = None, request_id: str | None = None, **kwargs: Any
+        ) -> Any:
+            method = getattr(client.stub, rpc.stub_method)
+            return send(method, rpc.request(args, kwargs), timeout, request_id)
+
+        invoke.__name__ = self.name
+        invoke.__doc__ = self.__doc__
+        return invoke
+
+
+class _StreamRpc(_Rpc[Request]):
+    """A server-streaming RPC: the client method returns an iterator (async iterator) of messages."""
+
+    def __init__(
+        self, stub_method: str, request_type: type[Request], build: Callable[..., Request], doc: str
+    ) -> None:
+        super().__init__(stub_method, request_type, build, doc)
+        self.streaming = True
+
+
+class _Client:
+    """Channel, deadline, metadata and request ids shared by every client."""
 
     stub_class: Any = None
 
@@ -178,7 +246,7 @@ class _SyncClient:
         *,
         timeout: float | None = 300.0,
         metadata: Sequence[tuple[str, str]] = (),
-        channel: grpc.Channel | None = None,
+        channel: Any = None,
         max_message_mb: int = 64,
         token: str | None = None,
         tls: ClientTLS | bool | None = None,
@@ -200,46 +268,47 @@ class _SyncClient:
                 (:mod:`seqsal.retry`; ``RetryPolicy(wait_for_ready=True)`` rides out a restart).
         """
         token, tls_config = _security(token, tls, settings)
-        self.channel = channel or sync_channel(target, tls_config, channel_options(max_message_mb, retry))
+        self.channel = channel or self._open(target, tls_config, channel_options(max_message_mb, retry))
         self.stub = self.stub_class(self.channel)
         self.timeout = timeout
         self._metadata = _CallMetadata(metadata, token)
         self.metadata = self._metadata.base
 
+    @staticmethod
+    def _open(target: str, tls: ClientTLS, options: list[tuple[str, int | str]]) -> Any:
+        raise NotImplementedError
+
     @property
     def last_request_id(self) -> str | None:
-        """The request id of the latest call this client made."""
+        """The request id of the latest call (pass ``request_id`` to tell concurrent calls apart)."""
         return self._metadata.last_request_id
 
+    def _call_kwargs(self, timeout: float | None, request_id: str | None) -> dict[str, Any]:
+        return {"timeout": timeout or self.timeout, "metadata": self._metadata.for_call(request_id)}
+
+
+class _SyncClient(_Client):
+    """The blocking clients: calls return messages, streams are iterators."""
+
+    _open = staticmethod(sync_channel)
+
     def _call(self, method: Any, request: Any, timeout: float | None, request_id: str | None = None) -> Any:
-        metadata = self._metadata.for_call(request_id)
+        kwargs = self._call_kwargs(timeout, request_id)
         try:
-            return method(request, timeout=timeout or self.timeout, metadata=metadata)
+            return method(request, **kwargs)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
     def _stream(
         self, method: Any, request: Any, timeout: float | None, request_id: str | None = None
     ) -> Iterator[Any]:
-        stream = method(
-            request, timeout=timeout or self.timeout, metadata=self._metadata.for_call(request_id)
-        )
+        stream = method(request, **self._call_kwargs(timeout, request_id))
         try:
             yield from stream
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         finally:
             stream.cancel()
-
-    def tokenize(
-        self, text: str, *, as_target: bool = False, model: str = "", request_id: str | None = None
-    ) -> common_pb2.TokenizeResponse:
-        """Tokenise a text exactly as the server does (prompt rules, or target rules with ``as_target``)."""
-        request = common_pb2.TokenizeRequest(model=model, text=text, as_target=as_target)
-        return self._call(self.stub.Tokenize, request, None, request_id)
-
-    def list_models(self, *, request_id: str | None = None) -> common_pb2.ListModelsResponse:
-        return self._call(self.stub.ListModels, common_pb2.ListModelsRequest(), None, request_id)
 
     def close(self) -> None:
         self.channel.close()
@@ -251,50 +320,24 @@ class _SyncClient:
         self.close()
 
 
-class _AsyncClient:
-    """Channel, deadline, metadata and error mapping shared by the asyncio clients."""
+class _AsyncClient(_Client):
+    """The asyncio clients: calls are awaited, streams are async iterators."""
 
-    stub_class: Any = None
-
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float | None = 300.0,
-        metadata: Sequence[tuple[str, str]] = (),
-        channel: grpc.aio.Channel | None = None,
-        max_message_mb: int = 64,
-        token: str | None = None,
-        tls: ClientTLS | bool | None = None,
-        settings: Settings | None = None,
-        retry: RetryPolicy = DEFAULT_RETRY,
-    ) -> None:
-        """Connect to ``target`` (``host:port``); the arguments are those of the blocking clients."""
-        token, tls_config = _security(token, tls, settings)
-        self.channel = channel or aio_channel(target, tls_config, channel_options(max_message_mb, retry))
-        self.stub = self.stub_class(self.channel)
-        self.timeout = timeout
-        self._metadata = _CallMetadata(metadata, token)
-        self.metadata = self._metadata.base
-
-    @property
-    def last_request_id(self) -> str | None:
-        """The request id of the latest call this client made (pass ``request_id`` for concurrent calls)."""
-        return self._metadata.last_request_id
+    _open = staticmethod(aio_channel)
 
     async def _call(
         self, method: Any, request: Any, timeout: float | None, request_id: str | None = None
     ) -> Any:
-        metadata = self._metadata.for_call(request_id)
+        kwargs = self._call_kwargs(timeout, request_id)
         try:
-            return await method(request, timeout=timeout or self.timeout, metadata=metadata)
+            return await method(request, **kwargs)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
     async def _stream(
         self, method: Any, request: Any, timeout: float | None, request_id: str | None = None
     ) -> AsyncIterator[Any]:
-        call = method(request, timeout=timeout or self.timeout, metadata=self._metadata.for_call(request_id))
+        call = method(request, **self._call_kwargs(timeout, request_id))
         try:
             async for message in call:
                 yield message
@@ -302,15 +345,6 @@ class _AsyncClient:
             raise error_from_rpc(exc) from None
         finally:
             call.cancel()
-
-    async def tokenize(
-        self, text: str, *, as_target: bool = False, model: str = "", request_id: str | None = None
-    ) -> common_pb2.TokenizeResponse:
-        request = common_pb2.TokenizeRequest(model=model, text=text, as_target=as_target)
-        return await self._call(self.stub.Tokenize, request, None, request_id)
-
-    async def list_models(self, *, request_id: str | None = None) -> common_pb2.ListModelsResponse:
-        return await self._call(self.stub.ListModels, common_pb2.ListModelsRequest(), None, request_id)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -322,64 +356,49 @@ class _AsyncClient:
         await self.close()
 
 
-class SaliencyClient(_SyncClient):
+def tokenize_request(text: str, *, as_target: bool = False, model: str = "") -> common_pb2.TokenizeRequest:
+    """Build a TokenizeRequest: ``text`` with the prompt's rules, or the target's with ``as_target``."""
+    return common_pb2.TokenizeRequest(model=model, text=text, as_target=as_target)
+
+
+def list_models_request() -> common_pb2.ListModelsRequest:
+    return common_pb2.ListModelsRequest()
+
+
+class _CommonRpcs:
+    """The RPCs both services answer."""
+
+    tokenize = _Rpc(
+        "Tokenize",
+        common_pb2.TokenizeRequest,
+        tokenize_request,
+        "Tokenise a text exactly as the server does (prompt rules, or target rules with ``as_target``).",
+    )
+    list_models = _Rpc("ListModels", common_pb2.ListModelsRequest, list_models_request, "The hosted models.")
+
+
+class _SaliencyRpcs(_CommonRpcs):
+    stub_class = saliency_pb2_grpc.SaliencyServiceStub
+    saliency = _Rpc(
+        "Saliency",
+        saliency_pb2.SaliencyRequest,
+        saliency_request,
+        "Saliency for a request, or for keyword arguments (see :func:`saliency_request`).",
+    )
+    saliency_all_segments = _StreamRpc(
+        "SaliencyAllSegments",
+        saliency_pb2.SaliencyAllSegmentsRequest,
+        all_segments_request,
+        "One response per target segment, as the server finishes them (see :func:`all_segments_request`).",
+    )
+
+
+class SaliencyClient(_SaliencyRpcs, _SyncClient):
     """Blocking client for SaliencyService."""
 
-    stub_class = saliency_pb2_grpc.SaliencyServiceStub
 
-    def saliency(
-        self,
-        request: saliency_pb2.SaliencyRequest | None = None,
-        *,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        **kwargs: Any,
-    ) -> saliency_pb2.SaliencyResponse:
-        """Saliency for a request, or for keyword arguments (see :func:`saliency_request`)."""
-        return self._call(self.stub.Saliency, request or saliency_request(**kwargs), timeout, request_id)
-
-    def saliency_all_segments(
-        self,
-        request: saliency_pb2.SaliencyAllSegmentsRequest | None = None,
-        *,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        **kwargs: Any,
-    ) -> Iterator[saliency_pb2.SaliencyAllSegmentsResponse]:
-        """One response per target segment, as the server finishes them."""
-        return self._stream(
-            self.stub.SaliencyAllSegments, request or all_segments_request(**kwargs), timeout, request_id
-        )
-
-
-class AsyncSaliencyClient(_AsyncClient):
+class AsyncSaliencyClient(_SaliencyRpcs, _AsyncClient):
     """asyncio client for SaliencyService."""
-
-    stub_class = saliency_pb2_grpc.SaliencyServiceStub
-
-    async def saliency(
-        self,
-        request: saliency_pb2.SaliencyRequest | None = None,
-        *,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        **kwargs: Any,
-    ) -> saliency_pb2.SaliencyResponse:
-        return await self._call(
-            self.stub.Saliency, request or saliency_request(**kwargs), timeout, request_id
-        )
-
-    def saliency_all_segments(
-        self,
-        request: saliency_pb2.SaliencyAllSegmentsRequest | None = None,
-        *,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        **kwargs: Any,
-    ) -> AsyncIterator[saliency_pb2.SaliencyAllSegmentsResponse]:
-        return self._stream(
-            self.stub.SaliencyAllSegments, request or all_segments_request(**kwargs), timeout, request_id
-        )
 
 
 def generate_request(
@@ -437,82 +456,31 @@ def score_request(
     )
 
 
-class InferenceClient(_SyncClient):
+class _InferenceRpcs(_CommonRpcs):
+    stub_class = inference_pb2_grpc.InferenceServiceStub
+    generate = _Rpc(
+        "Generate",
+        inference_pb2.GenerateRequest,
+        generate_request,
+        "Candidates for a request, or for keyword arguments (see :func:`generate_request`).",
+    )
+    generate_stream = _StreamRpc(
+        "GenerateStream",
+        inference_pb2.GenerateRequest,
+        generate_request,
+        "The candidates as they are generated, one piece per message.",
+    )
+    score = _Rpc(
+        "Score",
+        inference_pb2.ScoreRequest,
+        score_request,
+        "Teacher-forced log-probs of targets (see :func:`score_request`).",
+    )
+
+
+class InferenceClient(_InferenceRpcs, _SyncClient):
     """Blocking client for InferenceService."""
 
-    stub_class = inference_pb2_grpc.InferenceServiceStub
 
-    def generate(
-        self,
-        request: inference_pb2.GenerateRequest | None = None,
-        *,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        **kwargs: Any,
-    ) -> inference_pb2.GenerateResponse:
-        """Candidates for a request, or for keyword arguments (see :func:`generate_request`)."""
-        return self._call(self.stub.Generate, request or generate_request(**kwargs), timeout, request_id)
-
-    def generate_stream(
-        self,
-        request: inference_pb2.GenerateRequest | None = None,
-        *,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        **kwargs: Any,
-    ) -> Iterator[inference_pb2.GenerateStreamResponse]:
-        """The candidates as they are generated, one piece per message."""
-        return self._stream(
-            self.stub.GenerateStream, request or generate_request(**kwargs), timeout, request_id
-        )
-
-    def score(
-        self,
-        request: inference_pb2.ScoreRequest | None = None,
-        *,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        **kwargs: Any,
-    ) -> inference_pb2.ScoreResponse:
-        """Teacher-forced log-probs of targets (see :func:`score_request`)."""
-        return self._call(self.stub.Score, request or score_request(**kwargs), timeout, request_id)
-
-
-class AsyncInferenceClient(_AsyncClient):
+class AsyncInferenceClient(_InferenceRpcs, _AsyncClient):
     """asyncio client for InferenceService."""
-
-    stub_class = inference_pb2_grpc.InferenceServiceStub
-
-    async def generate(
-        self,
-        request: inference_pb2.GenerateRequest | None = None,
-        *,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        **kwargs: Any,
-    ) -> inference_pb2.GenerateResponse:
-        return await self._call(
-            self.stub.Generate, request or generate_request(**kwargs), timeout, request_id
-        )
-
-    def generate_stream(
-        self,
-        request: inference_pb2.GenerateRequest | None = None,
-        *,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        **kwargs: Any,
-    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        return self._stream(
-            self.stub.GenerateStream, request or generate_request(**kwargs), timeout, request_id
-        )
-
-    async def score(
-        self,
-        request: inference_pb2.ScoreRequest | None = None,
-        *,
-        timeout: float | None = None,
-        request_id: str | None = None,
-        **kwargs: Any,
-    ) -> inference_pb2.ScoreResponse:
-        return await self._call(self.stub.Score, request or score_request(**kwargs), timeout, request_id)
