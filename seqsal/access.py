@@ -26,7 +26,6 @@ import asyncio
 import inspect
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -38,33 +37,17 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from seqsal.auth import AuthFailure, TokenAuth, fingerprint, is_open_method
-from seqsal.interceptor import REQUEST_ID_KEY
 from seqsal.logging_setup import request_id_var
 from seqsal.metrics import ServerMetrics
 from seqsal.ratelimit import RateLimited, RateLimiter
+from seqsal.request_ids import REQUEST_ID_KEY, clean_request_id, new_request_id
 from seqsal.tracing import end_span, start_span
-
-MAX_REQUEST_ID_CHARS = 128
 
 #: Who makes the current call, for the saliency scheduler's fairness: ``token:<fingerprint>``
 #: with authentication, else ``peer:<address:port>`` (one connection); ``local`` in-process.
 client_var: ContextVar[str] = ContextVar("seqsal_client", default="local")
 
 access_logger = logging.getLogger("seqsal.access")
-
-
-def new_request_id() -> str:
-    """A fresh random request id (16 hex digits)."""
-    return uuid.uuid4().hex[:16]
-
-
-def _clean_request_id(value: str | bytes) -> str | None:
-    """The caller's id if it is printable ASCII of sane length (it ends up in logs), else None."""
-    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
-    text = text.strip()
-    if not text or len(text) > MAX_REQUEST_ID_CHARS or not text.isprintable() or not text.isascii():
-        return None
-    return text
 
 
 def peer_host(peer: str) -> str:
@@ -199,7 +182,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         rid = None
         for key, value in metadata:
             if key == REQUEST_ID_KEY:
-                rid = _clean_request_id(value)
+                rid = clean_request_id(value)
                 break
         rid = rid or new_request_id()
         request_id_var.set(rid)  # this call's task (and its to_thread workers) see it

@@ -21,7 +21,6 @@ of the call.
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -31,13 +30,13 @@ from google.rpc import error_details_pb2, status_pb2
 
 from seqsal.auth import bearer_metadata
 from seqsal.errors import ERRORS_BY_CODE, SeqsalError
+from seqsal.request_ids import REQUEST_ID_KEY, new_request_id
 from seqsal.retry import DEFAULT_RETRY, RetryPolicy
 from seqsal.settings import Settings
 from seqsal.tls import ClientTLS, aio_channel, sync_channel
 from seqsal.v1 import common_pb2, inference_pb2, inference_pb2_grpc, saliency_pb2, saliency_pb2_grpc
 
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
-REQUEST_ID_KEY = "x-request-id"
 
 
 def _security(
@@ -68,7 +67,7 @@ class _CallMetadata:
         self.last_request_id: str | None = None
 
     def for_call(self, request_id: str | None) -> tuple[tuple[str, str], ...]:
-        rid = request_id or uuid.uuid4().hex[:16]
+        rid = request_id or new_request_id()
         self.last_request_id = rid
         return (*self.base, (REQUEST_ID_KEY, rid))
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,10 +24,9 @@ from grpc_status import rpc_status
 
 from seqsal.errors import InternalError, InvalidArgumentError, SeqsalError
 from seqsal.logging_setup import request_id_var
+from seqsal.request_ids import REQUEST_ID_KEY, new_request_id
 
 logger = logging.getLogger("seqsal.grpc")
-
-REQUEST_ID_KEY = "x-request-id"
 
 
 class UndecodableRequest:
@@ -121,7 +119,7 @@ def request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY:
             return str(value)
-    return uuid.uuid4().hex[:16]
+    return new_request_id()
 
 
 class ErrorInterceptor(AsyncServerInterceptor):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import grpc
 
 from seqsal import errors
 from seqsal.client import InferenceClient, SaliencyClient, error_from_rpc
+from seqsal.request_ids import new_request_id
 from seqsal.retry import RetryPolicy
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, inference_pb2, saliency_pb2
@@ -313,7 +313,7 @@ def generate(
     if reuse and (known := GENERATIONS.get(endpoints, side.generation_key())) is not None:
         return known
     client = POOL.inference(endpoints)
-    request_id = uuid.uuid4().hex[:16]
+    request_id = new_request_id()
     started = time.monotonic()
     texts: dict[int, list[str]] = {}
     ids: dict[int, list[int]] = {}
