@@ -17,9 +17,13 @@ reference measured in the same run, so they stay meaningful on a busy machine:
    (goal: <= 1.2x). The precompute must still complete, with the same scores as the same
    computation run directly on the engine with nobody else around (max abs difference).
 2. **N concurrent clients** (``--clients``), each clicking ``--clicks`` different prompts in a
-   row: throughput (clicks/s) and p50/p95 latency, against N = 1.
-3. **Cross-request batching**: not built yet (see bench/README.md), so there is no on/off
-   comparison to make.
+   row: throughput (clicks/s) and p50/p95 latency, against N = 1, with cross-request batching
+   off and on (``--batch-wait-ms``).
+3. **A lone user with batching on**: the N = 1 row with batching on against the one with it
+   off (a lone click waits the bounded wait at most).
+4. **Padded batching on the raw model**: N clicks' forward + backward passes as one
+   right-padded batch against the same N one after the other: time ratio, and the largest
+   relative difference of the gradients (right padding must not change them).
 
 This is a benchmark, not a test: CI never runs it.
 """
@@ -181,6 +185,47 @@ class Bench:
         }
 
 
+def click_gradients(model: Any, rows: Sequence[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+    """d(sum of target log-probs)/d(input embeddings) of each (prompt ids, target ids) row, computed
+    as one right-padded batch (the engine's objective, one forward and one backward)."""
+    embed = model.get_input_embeddings()
+    width = max(len(p) + len(t) for p, t in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention = torch.zeros(len(rows), width, dtype=torch.long)
+    weights = torch.zeros(len(rows), width - 1)
+    for b, (prompt, target) in enumerate(rows):
+        n = len(prompt) + len(target)
+        ids[b, :n] = torch.tensor(prompt + target)
+        attention[b, :n] = 1
+        weights[b, len(prompt) - 1 : n - 1] = 1.0  # positions that predict the target tokens
+    with torch.no_grad():
+        leaf = embed(ids)
+    leaf.requires_grad_(True)
+    logits = model(inputs_embeds=leaf, attention_mask=attention, use_cache=False).logits[:, :-1]
+    token_lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    (grads,) = torch.autograd.grad(token_lp, leaf, grad_outputs=weights)
+    return [grads[b, : len(p) + len(t)] for b, (p, t) in enumerate(rows)]
+
+
+def batching_potential(bench: Bench, sizes: Sequence[int]) -> list[dict[str, float]]:
+    model = bench.serving.host.default.engine.model
+    out = []
+    for n in sizes:
+        rows = []
+        for _ in range(n):
+            prompt = bench.workload.prompt(bench.args.click_prompt_tokens)
+            rows.append(bench.workload.ids(prompt, bench.click_target))
+        started = time.perf_counter()
+        singles = [click_gradients(model, [row])[0] for row in rows]
+        one_by_one = time.perf_counter() - started
+        started = time.perf_counter()
+        batched = click_gradients(model, rows)
+        together = time.perf_counter() - started
+        worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(batched, singles, strict=True))
+        out.append({"n": n, "one_by_one_s": one_by_one, "batched_s": together, "max_rel_difference": worst})
+    return out
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     info = machine_info()
     settings_kwargs: dict[str, Any] = {
@@ -209,7 +254,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async with bench.client() as clicker:
             await bench.click(clicker)  # warm-up
             alone = await bench.clicks_alone(clicker)
+            console.log(f"click alone: {[round(x, 2) for x in alone]} s")
             during = await bench.during_precompute(clicker)
+            console.log(f"click during the precompute: {[round(x, 2) for x in during['click_s']]} s")
         results["click"] = {
             "alone_s": alone,
             **during,
@@ -222,7 +269,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         scheduler = serving.schedulers[model.id]
         results["click"]["preemptions"] = {p.label: n for p, n in scheduler.preemptions.items()}
-        results["concurrent"] = [await bench.concurrent(n) for n in args.clients]
+        results["concurrent"] = []
+        for wait_ms in (0.0, args.batch_wait_ms):
+            serving.batch_wait_s = wait_ms / 1000.0  # cross-request batching off, then on
+            for n in args.clients:
+                row = {**await bench.concurrent(n), "batch_wait_ms": wait_ms}
+                console.log(f"{n} clients, batch wait {wait_ms} ms: {row}")
+                results["concurrent"].append(row)
+        serving.batch_wait_s = 0.0
+        if args.batch_sizes:
+            results["batching"] = await asyncio.to_thread(batching_potential, bench, args.batch_sizes)
     finally:
         await server.stop(0.5)
         serving.close()
@@ -255,12 +311,16 @@ def report(results: dict[str, Any]) -> None:
     table.add_row("precompute scores: max |difference|", f"{click['max_abs_difference']:.2e}")
     table.add_row("preemptions", str(click["preemptions"]))
     console.print(table)
-    table = Table(title="2. N concurrent clients clicking different prompts (batching: not built)")
-    for column in ("clients", "clicks", "clicks/s", "vs N=1", "p50 ms", "p95 ms", "p50 vs N=1"):
+    table = Table(
+        title="2./3. N concurrent clients clicking different prompts, cross-request batching off and on",
+        caption="vs: against N = 1 with batching off (N = 1 with batching on is a lone user's latency)",
+    )
+    for column in ("batch wait", "clients", "clicks", "clicks/s", "vs", "p50 ms", "p95 ms", "p50 vs"):
         table.add_column(column, justify="right")
     base = results["concurrent"][0] if results["concurrent"] else None
     for row in results["concurrent"]:
         table.add_row(
+            f"{row['batch_wait_ms']:g} ms",
             str(row["clients"]),
             str(row["clicks"]),
             f"{row['throughput_per_s']:.2f}",
@@ -270,6 +330,19 @@ def report(results: dict[str, Any]) -> None:
             f"{ratio(row['p50_s'], base['p50_s']):.2f}x" if base else "-",
         )
     console.print(table)
+    if results.get("batching"):
+        table = Table(title="4. N clicks as one padded batch on the raw model")
+        for column in ("N", "one by one ms", "one batch ms", "speed-up", "max rel. difference"):
+            table.add_column(column, justify="right")
+        for row in results["batching"]:
+            table.add_row(
+                str(row["n"]),
+                f"{row['one_by_one_s'] * 1000:.0f}",
+                f"{row['batched_s'] * 1000:.0f}",
+                f"{ratio(row['one_by_one_s'], row['batched_s']):.2f}x",
+                f"{row['max_rel_difference']:.1e}",
+            )
+        console.print(table)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -285,6 +358,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--head-start", type=float, default=3.0, help="seconds the precompute runs first")
     parser.add_argument("--clients", type=ints, default=[1, 2, 4, 8], help="concurrent clients (section 2)")
     parser.add_argument("--clicks", type=int, default=2, help="clicks per client in section 2")
+    parser.add_argument("--batch-wait-ms", type=float, default=50.0, help="SEQSAL_BATCH_WAIT_MS when on")
+    parser.add_argument("--batch-sizes", type=ints, default=[4], help="section 4; empty = skip")
     parser.add_argument("--model", type=Path, default=None, help="HF model directory (default model)")
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / ".data", help="seqsal data dir")
     parser.add_argument("--json", type=Path, default=None, help="also write every raw number here")

@@ -303,6 +303,100 @@ class GradientEngine:
             finally:
                 _current.steps = previous
 
+    def saliency_many(
+        self,
+        items: Sequence[tuple[SaliencyInputs, Sequence[bool]]],
+        methods: Sequence[int],
+        *,
+        cancelled: CancelCheck | None = None,
+        steps: Steps | None = None,
+    ) -> Iterator[SaliencyResult]:
+        """Saliency for one selection of each of several problems, as one padded batch.
+
+        One forward and one backward pass for all of them (cross-request batching). Rows are
+        padded on the right and masked: a causal model never attends to the right, and each
+        row keeps its own positions 0..n-1, so every result equals a separate call's to float
+        tolerance. Gradient methods only, no foil. Results come in item order
+        (``selection`` = the item's index).
+        """
+        if any(m not in GRADIENT_METHODS for m in methods) or any(i.foil_ids is not None for i, _ in items):
+            raise ValueError("saliency_many computes the gradient methods of problems without a foil")
+        for inputs, mask in items:
+            if len(mask) != len(inputs.target_ids) or not any(mask):
+                raise ValueError("each mask must have one bool per target token and select at least one")
+        with self._lock if steps is None else nullcontext():
+            previous = getattr(_current, "steps", None)
+            _current.steps = steps
+            try:
+                yield from self._saliency_many(items, methods, cancelled, steps)
+            finally:
+                _current.steps = previous
+
+    def _saliency_many(
+        self,
+        items: Sequence[tuple[SaliencyInputs, Sequence[bool]]],
+        methods: Sequence[int],
+        cancelled: CancelCheck | None,
+        steps: Steps | None,
+    ) -> Iterator[SaliencyResult]:
+        def checkpoint() -> None:
+            _check(cancelled)
+            if steps is not None:
+                steps.checkpoint(True)
+
+        checkpoint()
+        rows = [list(inputs.prompt_ids) + list(inputs.target_ids) for inputs, _ in items]
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=self.device)
+        attention = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for b, row in enumerate(rows):
+            ids[b, : len(row)] = torch.tensor(row, device=self.device)
+            attention[b, : len(row)] = 1
+        with torch.no_grad():
+            embeds = self.embeddings(ids)
+        leaf = embeds.clone().requires_grad_(True)
+        # the positions that predict some row's target tokens: one range for the whole batch
+        first = min(len(inputs.prompt_ids) for inputs, _ in items) - 1
+        last = width - 1
+        positions = torch.arange(first, last, device=self.device)
+        kwargs: dict[str, Any] = {"inputs_embeds": leaf, "attention_mask": attention, "use_cache": False}
+        with torch.enable_grad():
+            if self._supports_logits_to_keep:
+                logits = self.model(**kwargs, logits_to_keep=positions).logits
+            else:
+                logits = self.model(**kwargs).logits[:, positions]
+            log_probs = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+            token_lp = log_probs.gather(-1, ids[:, first + 1 : last + 1].unsqueeze(-1)).squeeze(-1)
+        weights = torch.zeros_like(token_lp)
+        for b, (inputs, mask) in enumerate(items):
+            start = len(inputs.prompt_ids) - 1 - first
+            weights[b, start : start + len(mask)] = torch.tensor(list(mask), dtype=weights.dtype)
+        checkpoint()
+        (grads,) = torch.autograd.grad(token_lp, leaf, grad_outputs=weights)
+        lp = token_lp.detach().cpu().numpy().astype(np.float32)
+        for b, (inputs, mask) in enumerate(items):
+            n = len(rows[b])
+            n_prompt, n_target = len(inputs.prompt_ids), len(inputs.target_ids)
+            selected = np.asarray(mask, dtype=bool)
+            row_grads, row_embeds = grads[b, :n].float(), embeds[b, :n].float()
+            limit = n_prompt + int(np.flatnonzero(selected)[-1])
+            scores: dict[int, np.ndarray] = {}
+            for method in methods:
+                if method == common_pb2.GRAD_L2:
+                    values = row_grads.norm(dim=-1).cpu().numpy().astype(np.float32)
+                else:
+                    values = (row_grads * row_embeds).sum(-1).cpu().numpy().astype(np.float32)
+                values[limit:] = 0.0
+                scores[method] = values
+            start = n_prompt - 1 - first
+            target_lp = lp[b, start : start + n_target].copy()
+            yield SaliencyResult(
+                scores=scores,
+                target_token_logprobs=target_lp,
+                target_logprob=float(target_lp[selected].astype(np.float64).sum()),
+                selection=b,
+            )
+
     def probe(self) -> None:
         """A two-token forward pass: raises if the model (or its device) no longer works."""
         with torch.no_grad():

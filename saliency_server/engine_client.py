@@ -42,6 +42,17 @@ class SaliencyEngine(Protocol):
         """Results for the selections ``masks`` (see ``GradientEngine.saliency_batch``)."""
         ...
 
+    def compute_many(
+        self,
+        items: Sequence[tuple[SaliencyInputs, Sequence[bool]]],
+        methods: Sequence[int],
+        *,
+        cancelled: CancelCheck | None = None,
+        steps: Steps | None = None,
+    ) -> Iterator[SaliencyResult]:
+        """One selection of each of several problems as one batch (``GradientEngine.saliency_many``)."""
+        ...
+
     def health(self) -> bool:
         """Whether the engine works (a cheap probe); False once it is errored."""
         ...
@@ -96,14 +107,32 @@ class ModelEngine:
         cancelled: CancelCheck | None = None,
         steps: Steps | None = None,
     ) -> Iterator[SaliencyResult]:
+        return self._guarded(
+            lambda: self.gradient.saliency_batch(
+                inputs, masks, methods, ig_steps=ig_steps, cancelled=cancelled, steps=steps
+            )
+        )
+
+    def compute_many(
+        self,
+        items: Sequence[tuple[SaliencyInputs, Sequence[bool]]],
+        methods: Sequence[int],
+        *,
+        cancelled: CancelCheck | None = None,
+        steps: Steps | None = None,
+    ) -> Iterator[SaliencyResult]:
+        return self._guarded(
+            lambda: self.gradient.saliency_many(items, methods, cancelled=cancelled, steps=steps)
+        )
+
+    def _guarded(self, run: Callable[[], Iterator[SaliencyResult]]) -> Iterator[SaliencyResult]:
+        """``run()``'s results; an unexpected error is INTERNAL, or UNAVAILABLE if the engine broke."""
         if self._errored is not None:
             raise UnavailableError(
                 f"this server's engine is broken ({self._errored}); retry on another replica"
             )
         try:
-            yield from self.gradient.saliency_batch(
-                inputs, masks, methods, ig_steps=ig_steps, cancelled=cancelled, steps=steps
-            )
+            yield from run()
         except SeqsalError:
             raise
         except Exception as exc:

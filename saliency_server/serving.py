@@ -8,6 +8,7 @@ cannot drift apart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from saliency_server.engine import SaliencyResult
+from saliency_server.engine import GRADIENT_METHODS, SaliencyResult
 from saliency_server.engine_client import ModelEngine, SaliencyEngine
 from saliency_server.model_host import ModelHost
 from saliency_server.scheduler import Priority, Scheduler, Ticket, TicketSteps, priority_from_wire
@@ -82,10 +83,25 @@ class Flight:
 
     model: str
     ticket: Ticket
-    masks: np.ndarray
+    #: the selections, one bool per target token of their problem
+    masks: Sequence[np.ndarray]
+    #: the problem of each selection when they differ (a cross-request batch), else None
+    problems: Sequence[Problem] | None = None
     futures: dict[str, asyncio.Future[MethodEntry]] = field(default_factory=dict)
     #: cache key -> (selection index, method)
     slots: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Clicks gathered for one padded batch: (problem, selection, client, future) each."""
+
+    model: str
+    methods: tuple[int, ...]
+    members: list[tuple[Problem, np.ndarray, str, asyncio.Future[dict[int, MethodEntry]]]] = field(
+        default_factory=list
+    )
+    full: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class SaliencyServing:
@@ -129,6 +145,10 @@ class SaliencyServing:
         )
         self.job_cost: JobCost = job_cost or (lambda problem, selections: 0)
         self._inflight: dict[str, tuple[Flight, asyncio.Future[MethodEntry]]] = {}
+        #: cross-request batching: seconds a click waits for others (0 = off), and the open batches
+        self.batch_wait_s = settings.batch_wait_ms / 1000.0
+        self._batches: dict[tuple[str, tuple[int, ...]], _Batch] = {}
+        self._batch_tasks: set[asyncio.Task[None]] = set()
         #: Called on the event loop with False when an engine breaks (the server sets health).
         self.on_health: Callable[[bool], object] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -232,9 +252,17 @@ class SaliencyServing:
             await put_entry(self.cache, self.cache_key(problem, method, mask), meta, arrays)
 
     def _begin(
-        self, problem: Problem, masks: np.ndarray, methods: Sequence[int], priority: Priority, client: str
+        self,
+        problem: Problem,
+        masks: Sequence[np.ndarray],
+        methods: Sequence[int],
+        priority: Priority,
+        client: str,
+        *,
+        problems: Sequence[Problem] | None = None,
     ) -> Flight:
-        """Take a place and a ticket and register what the run will compute.
+        """Take a place and a ticket and register what the run will compute (``problems``: the
+        problem of each selection, for a cross-request batch; else ``problem`` for all).
 
         Synchronous, so a request arriving right after finds the run and joins it.
         """
@@ -247,10 +275,10 @@ class SaliencyServing:
             cost_bytes=self.job_cost(problem, len(masks)),
             label=f"{len(masks)} selection(s), {len(problem.inputs.prompt_ids)} prompt tokens",
         )
-        flight = Flight(model=model, ticket=ticket, masks=masks)
+        flight = Flight(model=model, ticket=ticket, masks=masks, problems=problems)
         for index, mask in enumerate(masks):
             for method in methods:
-                key = self.cache_key(problem, method, mask)
+                key = self.cache_key(problems[index] if problems else problem, method, mask)
                 future: asyncio.Future[MethodEntry] = self._loop.create_future()
                 flight.futures[key] = future
                 flight.slots[key] = (index, method)
@@ -275,14 +303,21 @@ class SaliencyServing:
         def produce(emit: Callable[[SaliencyResult], None], stopped: Callable[[], bool]) -> None:
             ticket.stopped = stopped
             try:
-                for result in engine.compute(
-                    problem.inputs,
-                    flight.masks,
-                    methods,
-                    ig_steps=problem.ig_steps,
-                    cancelled=stopped,
-                    steps=steps,
-                ):
+                if flight.problems is None:
+                    results = engine.compute(
+                        problem.inputs,
+                        np.asarray(flight.masks, dtype=bool),
+                        methods,
+                        ig_steps=problem.ig_steps,
+                        cancelled=stopped,
+                        steps=steps,
+                    )
+                else:
+                    items = [
+                        (p.inputs, m.tolist()) for p, m in zip(flight.problems, flight.masks, strict=True)
+                    ]
+                    results = engine.compute_many(items, methods, cancelled=stopped, steps=steps)
+                for result in results:
                     emit(result)
             finally:
                 scheduler.finish(ticket)
@@ -293,7 +328,8 @@ class SaliencyServing:
                 async for result in stream:
                     index = result.selection
                     entries = _entries_from_result(result)
-                    await self._store(problem, flight.masks[index], entries)
+                    owner = flight.problems[index] if flight.problems else problem
+                    await self._store(owner, flight.masks[index], entries)
                     for key, (i, method) in flight.slots.items():
                         future = flight.futures[key]
                         if i == index and not future.done():
@@ -324,6 +360,76 @@ class SaliencyServing:
                 out = entries
         return out
 
+    def _batchable(self, problem: Problem, methods: Sequence[int], priority: Priority) -> bool:
+        return (
+            self.batch_wait_s > 0
+            and priority is Priority.INTERACTIVE
+            and problem.inputs.foil_ids is None
+            and all(m in GRADIENT_METHODS for m in methods)
+        )
+
+    async def _batched(
+        self, problem: Problem, mask: np.ndarray, methods: Sequence[int], client: str
+    ) -> dict[int, MethodEntry]:
+        """One click's entries, computed in one padded batch with the clicks (for the same model
+        and methods) that arrive within ``SEQSAL_BATCH_WAIT_MS`` of the first; {} if the batch
+        stopped (the caller computes again)."""
+        key = (problem.hosted.id, tuple(methods))
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = _Batch(problem.hosted.id, tuple(methods))
+            task = asyncio.create_task(self._dispatch(batch, key))
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_tasks.discard)
+        future: asyncio.Future[dict[int, MethodEntry]] = asyncio.get_running_loop().create_future()
+        batch.members.append((problem, mask, client, future))
+        if len(batch.members) >= self.settings.batch_max_requests:
+            batch.full.set()
+        try:
+            return await asyncio.shield(future)
+        except _LeaderGone:
+            return {}
+
+    async def _dispatch(self, batch: _Batch, key: tuple[str, tuple[int, ...]]) -> None:
+        """Close ``batch`` when full or after the bounded wait, then compute it as one flight."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(batch.full.wait(), self.batch_wait_s)
+        if self._batches.get(key) is batch:
+            del self._batches[key]
+        rows: dict[str, int] = {}  # identical clicks share a row
+        problems: list[Problem] = []
+        masks: list[np.ndarray] = []
+        for problem, mask, _, _ in batch.members:
+            row = self.cache_key(problem, batch.methods[0], mask)
+            if row not in rows:
+                rows[row] = len(problems)
+                problems.append(problem)
+                masks.append(mask)
+        failure: BaseException = _LeaderGone()
+        try:
+            flight = self._begin(
+                problems[0],
+                masks,
+                batch.methods,
+                Priority.INTERACTIVE,
+                batch.members[0][2],
+                problems=problems if len(problems) > 1 else None,
+            )
+            found: dict[int, dict[int, MethodEntry]] = {}
+            async with aclosing(self._run(flight, problems[0], batch.methods)) as run:
+                async for index, entries in run:
+                    found[index] = entries
+            for problem, mask, _, future in batch.members:
+                if not future.done():
+                    future.set_result(found[rows[self.cache_key(problem, batch.methods[0], mask)]])
+        except Exception as exc:
+            failure = exc
+        finally:
+            for *_, future in batch.members:
+                if not future.done():
+                    future.set_exception(failure)
+                    future.exception()
+
     def _joinable(
         self, problem: Problem, mask: np.ndarray, methods: Sequence[int]
     ) -> dict[int, tuple[Flight, asyncio.Future[MethodEntry]]]:
@@ -346,10 +452,11 @@ class SaliencyServing:
         selection goes first, at interactive priority). Methods whose run stopped are left out."""
         boosted: list[tuple[Flight, int]] = []
         if priority is Priority.INTERACTIVE:
-            for flight in {flight for flight, _ in joined.values()}:
-                index = flight.slots[self.cache_key(problem, next(iter(joined)), mask)][0]
-                self.schedulers[flight.model].boost(flight.ticket, index)
-                boosted.append((flight, index))
+            for method, (flight, _) in joined.items():
+                index = flight.slots[self.cache_key(problem, method, mask)][0]
+                if (flight, index) not in boosted:
+                    self.schedulers[flight.model].boost(flight.ticket, index)
+                    boosted.append((flight, index))
         try:
             out: dict[int, MethodEntry] = {}
             for method, (_, future) in joined.items():
@@ -418,8 +525,10 @@ class SaliencyServing:
             joined = self._joinable(problem, mask, missing)
             own = [m for m in missing if m not in joined]
             tasks: list[asyncio.Task[dict[int, MethodEntry]]] = []
-            if own:
-                flight = self._begin(problem, mask[None, :], own, priority, client)
+            if own and self._batchable(problem, own, priority):
+                tasks.append(asyncio.create_task(self._batched(problem, mask, own, client)))
+            elif own:
+                flight = self._begin(problem, [mask], own, priority, client)
                 tasks.append(asyncio.create_task(self._collect(flight, problem, own)))
             if joined:
                 tasks.append(asyncio.create_task(self._join(joined, problem, mask, priority)))

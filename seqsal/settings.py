@@ -66,6 +66,14 @@ class Settings(BaseSettings):
     segment_batch_size: int = Field(
         default=8, ge=1, description="Target segments per batched backward pass in SaliencyAllSegments."
     )
+    batch_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=1000,
+        description="Cross-request batching: how long a click waits for others to share one padded "
+        "forward and backward pass (gradient methods, no foil); 0 = off.",
+    )
+    batch_max_requests: int = Field(default=8, ge=2, description="Most clicks in one cross-request batch.")
     contended_chunk: int = Field(
         default=1,
         ge=0,

@@ -608,3 +608,38 @@ def test_cancelled_raises(calls: int, loaded: dict[str, Loaded]) -> None:
     # The engine is usable afterwards (its lock was released).
     result = engine.saliency(inputs, mask, [L2], cancelled=lambda: False)
     assert (result.scores[L2][: len(inputs.prompt_ids)] > 0).all()
+
+
+# --- 9. cross-request batching ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_padded_batch_of_problems_equals_separate_calls(arch: str, loaded: dict[str, Loaded]) -> None:
+    """Several problems of different lengths (so rows are padded) in one batch, for every architecture."""
+    tokenizer = loaded[arch].tokenizer
+    engine = GradientEngine(loaded[arch].model)
+    items = [
+        (problem(tokenizer), random_mask(len(problem(tokenizer).target_ids), 1)),
+        (
+            problem(tokenizer, target=" Rome."),
+            np.ones(len(problem(tokenizer, target=" Rome.").target_ids), bool),
+        ),
+        (
+            problem(tokenizer, target=FOIL_LONG),
+            random_mask(len(problem(tokenizer, target=FOIL_LONG).target_ids), 2),
+        ),
+    ]
+    assert len({i.total_tokens for i, _ in items}) == 3  # three widths: two rows are padded
+    batched = list(engine.saliency_many([(i, m.tolist()) for i, m in items], [L2, DOT]))
+    assert [r.selection for r in batched] == [0, 1, 2]
+    for (inputs, mask), got in zip(items, batched, strict=True):
+        want = engine.saliency(inputs, mask.tolist(), [L2, DOT])
+        assert_same_result(got, want)
+    with pytest.raises(ValueError):
+        list(
+            engine.saliency_many(
+                [(problem(tokenizer, FOIL_SHORT), [True] * n) for n in [len(items[0][0].target_ids)]], [L2]
+            )
+        )
+    with pytest.raises(ValueError):
+        list(engine.saliency_many([(items[0][0], items[0][1].tolist())], [IG]))

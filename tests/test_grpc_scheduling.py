@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_grpc_saliency import assert_same_scores, collect, make_settings, wait_for
+from test_grpc_saliency import assert_close_scores, assert_same_scores, collect, make_settings, wait_for
 
 from saliency_server.engine import SaliencyInputs, SaliencyResult, Steps
 from seqsal.client import AsyncSaliencyClient
@@ -227,3 +227,40 @@ async def test_a_broken_engine_turns_health_not_serving(
             assert srv.serving.healthy
             assert await health_status(srv.address) == health_pb2.HealthCheckResponse.SERVING
         assert srv.serving.admission.depth == 0
+
+
+async def test_concurrent_clicks_share_one_padded_batch(
+    run_saliency_server: SaliencyServerFactory, llama: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompts = [
+        "A short one.",
+        "A somewhat longer prompt than that.",
+        "The longest prompt of the three, by far.",
+    ]
+    async with (
+        run_saliency_server(make_settings([llama])) as plain,
+        AsyncSaliencyClient(plain.address, timeout=60) as c,
+    ):
+        expected = [await c.saliency(prompt=p, target=TARGET) for p in prompts]
+    settings = make_settings([llama], batch_wait_ms=1000, batch_max_requests=3)
+    async with run_saliency_server(settings) as srv, AsyncSaliencyClient(srv.address, timeout=60) as c:
+        engine = srv.serving.host.get("").engine
+        batches: list[int] = []
+        real_many = engine.saliency_many
+
+        def many(items: Any, methods: Any, **kwargs: Any) -> Iterator[SaliencyResult]:
+            batches.append(len(items))
+            return real_many(items, methods, **kwargs)
+
+        monkeypatch.setattr(engine, "saliency_many", many)
+        got = await asyncio.gather(*(c.saliency(prompt=p, target=TARGET) for p in prompts))
+        assert batches == [3]  # full before the wait ran out: one forward and one backward for all
+        for response, reference in zip(got, expected, strict=True):
+            assert_close_scores(response, reference)  # padded rows: equal to float tolerance
+            assert list(response.target_token_logprobs) == pytest.approx(
+                list(reference.target_token_logprobs), abs=1e-4
+            )
+        lone = await c.saliency(prompt="Alone: the wait runs out, then it computes unbatched.", target=TARGET)
+        assert batches == [3] and len(lone.scores) == 2
+        again = await c.saliency(prompt=prompts[0], target=TARGET)
+        assert again.cache_hit  # batched results were cached under the usual keys
