@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from saliency_server.engine import SaliencyResult
+from saliency_server.memory import check_fits, memory_budget_bytes
 from saliency_server.model_host import ModelHost
 from saliency_server.validation import Problem, build_problem, resolve_selection
 from seqsal import segmentation
@@ -63,7 +64,9 @@ class SaliencyServing:
         self.host = host
         self.cache = cache
         self.settings = settings
-        self.admission = Admission(settings.max_concurrency, settings.max_queue)
+        # the models are loaded: what is available now is what computations may use
+        self.memory_budget = memory_budget_bytes(settings)
+        self.admission = Admission(settings.max_concurrency, settings.max_queue, self.memory_budget)
         self.flight = SingleFlight()
         self.executor = ThreadPoolExecutor(
             max_workers=settings.max_concurrency, thread_name_prefix="seqsal-saliency"
@@ -162,7 +165,16 @@ class SaliencyServing:
         If the caller stops listening (client cancelled, deadline passed), the engine stops at its
         next checkpoint.
         """
-        async with self.admission.slot():
+        cost = check_fits(
+            problem.hosted.engine,
+            problem.inputs,
+            n_selections=len(masks),
+            methods=methods,
+            ig_steps=problem.ig_steps,
+            budget=self.memory_budget,
+            model_id=problem.hosted.id,
+        )
+        async with self.admission.slot(cost):
 
             def produce(emit: Callable[[SaliencyResult], None], stopped: Callable[[], bool]) -> None:
                 for result in problem.hosted.engine.saliency_batch(
