@@ -39,6 +39,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from saliency_server.checkpointing import CheckpointPolicy, checkpointed_layers
+from saliency_server.checkpointing import Mode as CheckpointMode
+from saliency_server.logprobs import token_logprobs
 from seqsal.errors import CancelledError
 from seqsal.v1 import common_pb2
 
@@ -149,8 +152,18 @@ def _check(cancelled: CancelCheck | None) -> None:
 class GradientEngine:
     """Computes saliency on one loaded model. Thread-safe; runs in worker threads."""
 
-    def __init__(self, model: Any, *, ig_batch_size: int = 8, segment_batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        ig_batch_size: int = 8,
+        segment_batch_size: int = 8,
+        checkpoint_policy: CheckpointPolicy | None = None,
+        logprob_chunk: int = 256,
+    ) -> None:
         self.model = model
+        self.checkpoint_policy = checkpoint_policy or CheckpointPolicy()
+        self.logprob_chunk = logprob_chunk
         self.embeddings = model.get_input_embeddings()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -162,6 +175,7 @@ class GradientEngine:
         self._lock = threading.Lock()
         self.pad_id = 0
         install_layer_checkpoints(model)
+        self.last_checkpointing: CheckpointMode = "off"  # how the latest gradient pass was checkpointed
 
     # --- building blocks ---------------------------------------------------------------------------
 
@@ -179,8 +193,14 @@ class GradientEngine:
             rows.append(prompt + list(inputs.foil_ids))
         return rows, len(prompt)
 
-    def _log_probs(self, leaf: torch.Tensor, inputs: SaliencyInputs) -> torch.Tensor:
+    def _log_probs(
+        self, leaf: torch.Tensor, inputs: SaliencyInputs, *, checkpoint: CheckpointMode = "off"
+    ) -> torch.Tensor:
         """Per-token log-probs ``(B, n_target + n_foil)`` for each interpolation ``alpha``.
+
+        ``checkpoint``: the decoder layers keep only their inputs (and, ``keep_attention``, the
+        attention outputs) for the backward and recompute the rest when it runs (see
+        :mod:`saliency_server.checkpointing`); same values.
 
         ``leaf`` is ``(B, T, D)`` without a foil (the whole sequence) and
         ``(B, P, D)`` with one: only the prompt is explained, so only the prompt
@@ -218,18 +238,35 @@ class GradientEngine:
         kwargs: dict[str, Any] = {"inputs_embeds": embeds, "use_cache": False}
         if attention is not None:
             kwargs["attention_mask"] = attention
-        if self._supports_logits_to_keep:
-            logits = self.model(**kwargs, logits_to_keep=positions).logits
-        else:
-            logits = self.model(**kwargs).logits[:, positions]
-        # half-precision logits are upcast; float32 and float64 keep their precision
-        log_probs = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+        with checkpointed_layers(self.model, checkpoint):
+            if self._supports_logits_to_keep:
+                logits = self.model(**kwargs, logits_to_keep=positions).logits
+            else:
+                logits = self.model(**kwargs).logits[:, positions]
         next_ids = ids[:, n_prompt : n_prompt + n_predict]
-        token_lp = log_probs.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
+        token_lp = token_logprobs(logits, next_ids, chunk=self.logprob_chunk)
         if inputs.foil_ids is None:
             return token_lp  # (B, n_target)
         token_lp = token_lp.view(batch, 2, n_predict)
         return torch.cat([token_lp[:, 0, :n_target], token_lp[:, 1, : len(inputs.foil_ids)]], dim=1)
+
+    def _checkpoint(
+        self, inputs: SaliencyInputs, rows: int, n_selections: int, backward_passes: int
+    ) -> CheckpointMode:
+        """How a forward pass of ``rows`` rows of this problem is checkpointed (the policy decides)."""
+        n_prompt = len(inputs.prompt_ids)
+        width = n_prompt + max(len(inputs.target_ids), len(inputs.foil_ids or ()))
+        mode = self.checkpoint_policy.choose(
+            self.model.config,
+            tokens=width,
+            target_tokens=width - n_prompt,
+            rows=rows,
+            n_selections=min(n_selections, self.segment_batch_size),
+            dtype=self.dtype,
+            backward_passes=backward_passes,
+        )
+        self.last_checkpointing = mode
+        return mode
 
     def _objective_weights(self, inputs: SaliencyInputs, masks: np.ndarray) -> torch.Tensor:
         """``(K, n_target + n_foil)`` weights: the selection, then -1 on every foil token."""
@@ -365,8 +402,7 @@ class GradientEngine:
                 logits = self.model(**kwargs, logits_to_keep=positions).logits
             else:
                 logits = self.model(**kwargs).logits[:, positions]
-            log_probs = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
-            token_lp = log_probs.gather(-1, ids[:, first + 1 : last + 1].unsqueeze(-1)).squeeze(-1)
+            token_lp = token_logprobs(logits, ids[:, first + 1 : last + 1], chunk=self.logprob_chunk)
         weights = torch.zeros_like(token_lp)
         for b, (inputs, mask) in enumerate(items):
             start = len(inputs.prompt_ids) - 1 - first
@@ -431,9 +467,15 @@ class GradientEngine:
         last_selected = np.array([n_prompt + int(np.flatnonzero(m)[-1]) for m in masks])
         limit = np.full(len(masks), n_prompt) if inputs.foil_ids is not None else last_selected
 
+        rows_per_pass = 2 if inputs.foil_ids is not None else 1
+        chunk = self.segment_batch_size if self._batched_vjp_ok else 1
+        backward_passes = -(-len(masks) // chunk)
+        mode: CheckpointMode = (
+            self._checkpoint(inputs, rows_per_pass, len(masks), backward_passes) if want_grad else "off"
+        )
         leaf = leaf_embeds.unsqueeze(0).clone().requires_grad_(want_grad)
         with torch.set_grad_enabled(want_grad):
-            outputs = self._log_probs(leaf, inputs)
+            outputs = self._log_probs(leaf, inputs, checkpoint=mode)
         token_lp = outputs[0].detach().cpu().numpy().astype(np.float32)
         checkpoint()
 
@@ -507,8 +549,11 @@ class GradientEngine:
             batch_weights = quad_weights[start : start + self.ig_batch_size]
             scale = batch_alphas.view(-1, 1, 1).to(self.dtype)
             leaf = (embeds.unsqueeze(0) * scale).detach().requires_grad_(True)
+            rows = len(batch_alphas) * (2 if inputs.foil_ids is not None else 1)
             with torch.enable_grad():
-                outputs = self._log_probs(leaf, inputs)
+                passes = 1 if self._batched_vjp_ok or weights.shape[0] == 1 else weights.shape[0]
+                mode = self._checkpoint(inputs, rows, weights.shape[0], passes)
+                outputs = self._log_probs(leaf, inputs, checkpoint=mode)
                 grads = self._vjp(outputs, leaf, weights)  # (K, B, T, D)
             total_grad += (grads.float() * batch_weights.view(1, -1, 1, 1)).sum(dim=1)
         scores = (total_grad * embeds.float().unsqueeze(0)).sum(-1)  # (K, T)

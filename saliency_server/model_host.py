@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from saliency_server.checkpointing import CheckpointPolicy
 from saliency_server.engine import GradientEngine
 from seqsal.fingerprint import directory_signature
 from seqsal.model_registry import (
@@ -39,14 +40,29 @@ class HostedModel:
         return self.spec.id
 
 
-def _max_tokens(model: Any, tokenizer: Any, limit: int) -> int:
-    config_max = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
-    candidates = [limit]
-    if isinstance(config_max, int) and config_max > 0:
-        candidates.append(config_max)
-    return min(candidates)
+#: SEQSAL_MAX_TOKENS's default is the model's context, but at most this (some configs say 128k+).
+MAX_TOKENS_CAP = 32768
+#: ... and this where the config names no context length.
+FALLBACK_MAX_TOKENS = 4096
+
+
+def context_length(config: Any) -> int | None:
+    """The model's context length from its config, if it names one."""
+    text = getattr(config, "text_config", None)
+    for source in (config, text):
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(source, name, None) if source is not None else None
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def _max_tokens(model: Any, limit: int | None) -> int:
+    """``limit`` (SEQSAL_MAX_TOKENS) capped by the context; unset = the context, capped."""
+    context = context_length(model.config)
+    if limit is None:
+        return min(context, MAX_TOKENS_CAP) if context is not None else FALLBACK_MAX_TOKENS
+    return min(limit, context) if context is not None else limit
 
 
 def load_hosted_model(spec: ModelSpec, settings: Settings, *, is_default: bool) -> HostedModel:
@@ -69,7 +85,12 @@ def load_hosted_model(spec: ModelSpec, settings: Settings, *, is_default: bool) 
             f"model {spec.id}: the files in {spec.path} keep changing; try again when they are written"
         )
     engine = GradientEngine(
-        model, ig_batch_size=settings.ig_batch_size, segment_batch_size=settings.segment_batch_size
+        model,
+        ig_batch_size=settings.ig_batch_size,
+        segment_batch_size=settings.segment_batch_size,
+        checkpoint_policy=CheckpointPolicy(
+            mode=settings.checkpointing, min_tokens=settings.checkpoint_min_tokens
+        ),
     )
     if tokenizer.pad_token_id is not None:
         engine.pad_id = int(tokenizer.pad_token_id)
@@ -77,7 +98,7 @@ def load_hosted_model(spec: ModelSpec, settings: Settings, *, is_default: bool) 
         id=spec.id,
         revision=revision,
         architecture=type(model).__name__,
-        max_tokens=_max_tokens(model, tokenizer, settings.max_tokens),
+        max_tokens=_max_tokens(model, settings.max_tokens),
         dtype=str(dtype).removeprefix("torch."),
         device=str(device),
         is_default=is_default,

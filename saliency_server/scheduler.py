@@ -271,6 +271,12 @@ class Scheduler:
         with self._cond:
             return sum(1 for t in self._tickets if t.state is State.RUNNING)
 
+    @property
+    def bytes_held(self) -> int:
+        """The estimated bytes of the started (running or paused) tickets."""
+        with self._cond:
+            return sum(t.cost_bytes for t in self._tickets if t.started)
+
     def order(self, event: str = "start") -> list[int]:
         """Ticket ids in the order of ``event`` (e.g. the order tickets started)."""
         with self._cond:

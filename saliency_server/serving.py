@@ -20,6 +20,7 @@ import numpy as np
 
 from saliency_server.engine import GRADIENT_METHODS, SaliencyResult
 from saliency_server.engine_client import ModelEngine, SaliencyEngine
+from saliency_server.memory import check_fits, memory_budget_bytes
 from saliency_server.model_host import ModelHost
 from saliency_server.scheduler import Priority, Scheduler, Ticket, TicketSteps, priority_from_wire
 from saliency_server.validation import Problem, build_problem, resolve_selection
@@ -66,7 +67,8 @@ class _LeaderGone(Exception):
 
 
 #: A job's memory cost in bytes, from its problem and number of selections (for the scheduler's budget).
-JobCost = Callable[[Problem, int], int]
+#: The bytes a computation reserves: (problem, number of selections, methods) -> bytes.
+JobCost = Callable[[Problem, int, Sequence[int]], int]
 
 #: The client of calls made in-process (the CLI without a server).
 LOCAL_CLIENT = "local"
@@ -125,6 +127,10 @@ class SaliencyServing:
         self.host = host
         self.cache = cache
         self.settings = settings
+        # the models are loaded: what is available now is what computations may use
+        if budget_bytes is None:
+            budget_bytes = memory_budget_bytes(settings)
+        self.memory_budget = budget_bytes
         self.engines: dict[str, SaliencyEngine] = {
             info.id: ModelEngine(host.get(info.id).engine, on_errored=self._engine_errored)
             for info in host.infos()
@@ -143,7 +149,7 @@ class SaliencyServing:
             settings.max_queue,
             running=lambda: sum(s.running for s in self.schedulers.values()),
         )
-        self.job_cost: JobCost = job_cost or (lambda problem, selections: 0)
+        self.job_cost: JobCost = job_cost or self._memory_cost
         self._inflight: dict[str, tuple[Flight, asyncio.Future[MethodEntry]]] = {}
         #: cross-request batching: seconds a click waits for others (0 = off), and the open batches
         self.batch_wait_s = settings.batch_wait_ms / 1000.0
@@ -251,6 +257,19 @@ class SaliencyServing:
             arrays = {"scores": entry.scores, "target_token_logprobs": entry.target_token_logprobs}
             await put_entry(self.cache, self.cache_key(problem, method, mask), meta, arrays)
 
+    def _memory_cost(self, problem: Problem, selections: int, methods: Sequence[int]) -> int:
+        """The estimated peak bytes of a computation (saliency_server.memory); RESOURCE_EXHAUSTED
+        naming the budget when it can never fit."""
+        return check_fits(
+            problem.hosted.engine,
+            problem.inputs,
+            n_selections=selections,
+            methods=methods,
+            ig_steps=problem.ig_steps,
+            budget=self.memory_budget,
+            model_id=problem.hosted.id,
+        )
+
     def _begin(
         self,
         problem: Problem,
@@ -267,12 +286,13 @@ class SaliencyServing:
         Synchronous, so a request arriving right after finds the run and joins it.
         """
         self._loop = asyncio.get_running_loop()
+        cost = self.job_cost(problem, len(masks), methods)  # refuses what can never fit, before a place
         self.admission.acquire()
         model = problem.hosted.id
         ticket = self.schedulers[model].submit(
             client,
             priority,
-            cost_bytes=self.job_cost(problem, len(masks)),
+            cost_bytes=cost,
             label=f"{len(masks)} selection(s), {len(problem.inputs.prompt_ids)} prompt tokens",
         )
         flight = Flight(model=model, ticket=ticket, masks=masks, problems=problems)

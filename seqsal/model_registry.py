@@ -8,6 +8,7 @@ takes the directory name as id; no model at all means the default model
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 T = TypeVar("T")
+logger = logging.getLogger("seqsal.models")
 
 
 @dataclass(frozen=True)
@@ -86,15 +88,23 @@ def resolve_device(device: str) -> Any:
 
 
 def resolve_dtype(dtype: str, device: Any) -> Any:
-    """``auto`` → float32 on CPU, bfloat16 on GPU; half precision is refused on CPU."""
+    """``auto`` → float32 on CPU, bfloat16 on GPU; bfloat16 on CPU when asked; float16 not on CPU."""
     import torch
+
+    from seqsal.cpu import cpu_has_bf16
 
     if dtype == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     resolved = getattr(torch, dtype)
-    if device.type == "cpu" and resolved != torch.float32:
+    if device.type == "cpu" and resolved == torch.float16:
         raise InvalidArgumentError(
-            f"dtype {dtype} is for GPUs; on CPU use float32 (SEQSAL_DTYPE=float32 or auto)", field="dtype"
+            "dtype float16 is for GPUs; on CPU use float32 (SEQSAL_DTYPE=float32 or auto) or bfloat16",
+            field="dtype",
+        )
+    if device.type == "cpu" and resolved == torch.bfloat16 and not cpu_has_bf16():
+        logger.warning(
+            "dtype bfloat16 on a CPU without AVX512-BF16 or AMX: it works, but emulated, and is "
+            "usually slower than float32 here"
         )
     return resolved
 

@@ -50,8 +50,29 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Model dtype; 'auto' = float32 on CPU, bfloat16 on GPU."
     )
-    max_tokens: int = Field(
-        default=4096, ge=1, description="Most tokens (prompt + target + foil) a request may have."
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most tokens (prompt + target + foil) a request may have; default = each model's "
+        "context length (max_position_embeddings), at most 32768.",
+    )
+    checkpointing: Literal["auto", "off", "full", "keep_attention"] = Field(
+        default="auto",
+        description="Activation checkpointing of the saliency backward: 'auto' from "
+        "`checkpoint_min_tokens` tokens or when free memory is short, 'off', 'full' (every layer "
+        "recomputed), 'keep_attention' (recomputed except the attention outputs).",
+    )
+    checkpoint_min_tokens: int = Field(
+        default=1024,
+        ge=1,
+        description="'auto' checkpointing from this many tokens per forward pass (width x rows).",
+    )
+    memory_budget_mb: int | None = Field(
+        default=None,
+        ge=0,
+        description="Memory (MiB) saliency computations may use together; a request estimated above "
+        "it is refused, concurrent ones wait. Default: available memory at start less a margin; 0 = "
+        "no budget.",
     )
     max_concurrency: int = Field(default=1, ge=1, description="Requests computed at the same time.")
     max_queue: int = Field(

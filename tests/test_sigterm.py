@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from seqsal.client import SaliencyClient
 from seqsal.errors import UnavailableError
+from seqsal.retry import RetryPolicy
 from seqsal.v1 import common_pb2
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +139,11 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(
             time.sleep(0.3)
 
             # draining: a new call on a new connection is refused
-            with SaliencyClient(address, timeout=5.0) as late, pytest.raises(UnavailableError):
+            # (no client retries: they would wait out the drain; the server's refusal is what is tested)
+            with (
+                SaliencyClient(address, timeout=5.0, retry=RetryPolicy(attempts=1)) as late,
+                pytest.raises(UnavailableError),
+            ):
                 late.saliency(prompt="Too late.", target=TARGET)
             assert process.poll() is None, "the server quit before its in-flight request finished"
             assert not in_flight.done(), "the long request finished too early to show draining"
