@@ -77,12 +77,25 @@ def apply_tokenizer_metadata(tokenizer: Any, metadata: TokenizerMetadata) -> Non
     for attribute, token_id in metadata.special_ids.items():
         if 0 <= token_id < vocab_size:
             setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(token_id))
-    # The setters rebuild the post-processor (TemplateProcessing) that inserts BOS/EOS.
-    if metadata.add_eos is not None:
+    # The setters rebuild the post-processor (TemplateProcessing) that inserts BOS/EOS; only touch
+    # it where the tokenizer disagrees with the file (a byte-level post-processor stays as it is).
+    bos_now, eos_now = _adds_bos_eos(tokenizer, metadata)
+    if metadata.add_eos is not None and eos_now is not None and eos_now != metadata.add_eos:
         tokenizer.add_eos_token = metadata.add_eos
-    if metadata.add_bos is not None:
+    if metadata.add_bos is not None and bos_now is not None and bos_now != metadata.add_bos:
         tokenizer.add_bos_token = metadata.add_bos
     tokenizer.chat_template = metadata.chat_template
+
+
+def _adds_bos_eos(tokenizer: Any, metadata: TokenizerMetadata) -> tuple[bool | None, bool | None]:
+    """Whether ``tokenizer`` puts the file's BOS in front / EOS at the end (None: the file names none)."""
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=True)["input_ids"]
+    bos_id = metadata.special_ids.get("bos_token")
+    eos_id = metadata.special_ids.get("eos_token")
+    return (
+        None if bos_id is None else ids[:1] == [bos_id],
+        None if eos_id is None else ids[-1:] == [eos_id],
+    )
 
 
 def tokenizer_mismatches(tokenizer: Any, metadata: TokenizerMetadata) -> list[str]:
@@ -95,13 +108,11 @@ def tokenizer_mismatches(tokenizer: Any, metadata: TokenizerMetadata) -> list[st
         actual = getattr(tokenizer, f"{attribute}_id", None)
         if actual != token_id:
             problems.append(f"{attribute}_id is {actual}, the file says {token_id}")
-    ids = tokenizer(PROBE_TEXT, add_special_tokens=True)["input_ids"]
-    bos_id = metadata.special_ids.get("bos_token")
-    eos_id = metadata.special_ids.get("eos_token")
-    if metadata.add_bos is not None and bos_id is not None and (ids[:1] == [bos_id]) != metadata.add_bos:
-        problems.append(f"add_bos_token should be {metadata.add_bos}, but {PROBE_TEXT!r} encodes as {ids}")
-    if metadata.add_eos is not None and eos_id is not None and (ids[-1:] == [eos_id]) != metadata.add_eos:
-        problems.append(f"add_eos_token should be {metadata.add_eos}, but {PROBE_TEXT!r} encodes as {ids}")
+    bos_now, eos_now = _adds_bos_eos(tokenizer, metadata)
+    for name, wanted, actual in (("bos", metadata.add_bos, bos_now), ("eos", metadata.add_eos, eos_now)):
+        if wanted is not None and actual is not None and actual != wanted:
+            ids = tokenizer(PROBE_TEXT, add_special_tokens=True)["input_ids"]
+            problems.append(f"add_{name}_token should be {wanted}, but {PROBE_TEXT!r} encodes as {ids}")
     if (tokenizer.chat_template or None) != metadata.chat_template:
         problems.append("the chat template differs from the file's tokenizer.chat_template")
     return problems

@@ -148,7 +148,9 @@ def test_metadata_sets_bos_specials_and_template(tiny_model_dirs: dict[str, Path
     ids = tokenizer("The capital of France")["input_ids"]
     assert ids[0] != bos and ids[-1] == eos and tokenizer.pad_token_id == eos != pad
 
-    metadata = TokenizerMetadata("llama", {"bos_token": bos}, add_bos=True, add_eos=False, chat_template=None)
+    metadata = TokenizerMetadata(
+        "llama", {"bos_token": bos, "eos_token": eos}, add_bos=True, add_eos=False, chat_template=None
+    )
     apply_tokenizer_metadata(tokenizer, metadata)
     encoded = tokenizer("The capital", return_special_tokens_mask=True, return_offsets_mapping=True)
     assert encoded["input_ids"][0] == bos and encoded["input_ids"][-1] != eos
