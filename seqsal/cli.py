@@ -299,7 +299,11 @@ def _prepare_models(settings: Settings) -> None:
         for spec in model_specs(settings):
             err_console.print(f"model [bold]{spec.id}[/]: {spec.path}")
     except SeqsalError as error:
-        _fail(error)
+        err_console.print(
+            f"[bold red]could not start the stack[/]: no model for the inference and saliency servers: "
+            f"{error.message}"
+        )
+        raise typer.Exit(code=1) from None
 
 
 @app.command("model-path")

@@ -188,3 +188,12 @@ async def test_gemma_all_segments_equal_autograd(clients: tuple, reference_model
         expected = autograd_scores(reference_model, ids, n_prompt, list(result.target_mask))
         for scores in result.scores:
             assert_close(scores.scores, expected[scores.method])
+
+
+def test_short_name_resolves_to_the_cached_conversion(gemma_model_dir: Path) -> None:
+    from conftest import models_data_dir
+
+    from seqsal.model_registry import model_specs
+
+    (spec,) = model_specs(Settings(data_dir=models_data_dir(), models=["gemma3"]))
+    assert (spec.id, spec.path) == ("gemma-3-270m", gemma_model_dir)
