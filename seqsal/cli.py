@@ -154,6 +154,9 @@ def _serve(what: str, settings: Settings, run: Any) -> None:
     except (BindPolicyError, TlsConfigError, FileNotFoundError) as error:
         err_console.print(f"[bold red]cannot start the {what} server[/]: {error}")
         raise typer.Exit(code=2) from None
+    except SeqsalError as error:  # e.g. a --model that is neither a model directory nor a GGUF file
+        err_console.print(f"[bold red]cannot start the {what} server[/]: {error.message}")
+        raise typer.Exit(code=2) from None
 
 
 def _fail(error: SeqsalError) -> None:
@@ -173,7 +176,8 @@ ModelOption = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="In-process: model to load, 'ID=PATH' or 'PATH' (repeatable; default SmolLM2). "
+        help="In-process: model to load, 'ID=PATH' or 'PATH' (repeatable; default SmolLM2); PATH is a "
+        "model directory, a .gguf file (converted once into the data directory) or smollm2 / gemma3. "
         "With --server: the id of a model it hosts (default: its default model).",
     ),
 ]
@@ -270,6 +274,7 @@ def up(
         models=model, backend=backend, port=port, inference_port=inference_port, ui_port=ui_port
     )
     _setup_logging(settings.log_level)
+    _prepare_models(settings)
     stack = Stack(settings, log_dir=log_dir, console=err_console)
     try:
         stack.start(stack.plan(redis_port=settings.stack_redis_port, ui_port=settings.ui_port))
@@ -291,14 +296,40 @@ def up(
     raise typer.Exit(code=code)
 
 
+def _prepare_models(settings: Settings) -> None:
+    """Convert GGUF models here, with their progress on this terminal, before the servers start."""
+    from seqsal.model_registry import model_specs
+
+    try:
+        for spec in model_specs(settings):
+            err_console.print(f"model [bold]{spec.id}[/]: {spec.path}")
+    except SeqsalError as error:
+        err_console.print(
+            f"[bold red]could not start the stack[/]: no model for the inference and saliency servers: "
+            f"{error.message}"
+        )
+        raise typer.Exit(code=1) from None
+
+
 @app.command("model-path")
-def model_path() -> None:
-    """Print the default model's local directory, converting it from the GGUF on first use."""
+def model_path(
+    source: Annotated[
+        str | None,
+        typer.Argument(help="A .gguf file, or smollm2 / gemma3 (default: the default model)."),
+    ] = None,
+) -> None:
+    """Print a model's local directory, converting it from its GGUF file on first use."""
     from seqsal.default_model import ensure_default_model
+    from seqsal.gguf_convert import ModelConversionError
+    from seqsal.gguf_models import resolve_model_path
 
     settings = _settings()
     _setup_logging(settings.log_level)
-    print(ensure_default_model(settings))
+    try:
+        print(resolve_model_path(source, settings) if source else ensure_default_model(settings))
+    except ModelConversionError as error:
+        err_console.print(f"[bold red]cannot prepare the model[/]: {error}")
+        raise typer.Exit(code=2) from None
 
 
 def _client(server: str | None, model: list[str] | None) -> Any:

