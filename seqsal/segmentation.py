@@ -77,7 +77,7 @@ from typing import Protocol
 
 import re2
 
-from seqsal.errors import InvalidArgumentError
+from seqsal.errors import InvalidArgumentError, quote
 from seqsal.v1 import common_pb2
 
 SPACE_CHARS = "\u2581"
@@ -172,12 +172,12 @@ def validate_regex(pattern: str) -> CompiledRegex:
         compiled: CompiledRegex = re2.compile(pattern, _RE2_OPTIONS)
     except (re2.error, ValueError, UnicodeError) as exc:
         raise InvalidArgumentError(
-            f"custom_regex {pattern!r} is not a valid RE2 pattern: {_re2_message(exc)}. {REGEX_SYNTAX}",
+            f"custom_regex {quote(pattern)} is not a valid RE2 pattern: {_re2_message(exc)}. {REGEX_SYNTAX}",
             field="custom_regex",
         ) from exc
     if all(compiled.fullmatch(text, pos, pos) is not None for text, pos in _EMPTY_CONTEXTS):
         raise InvalidArgumentError(
-            f"custom_regex {pattern!r} matches the empty string everywhere, so it would start a segment "
+            f"custom_regex {quote(pattern)} matches the empty string everywhere, so it would start a segment "
             "at every char (that is granularity TOKENS); make it match at least one char "
             "(e.g. x+ instead of x*) or anchor it (e.g. (?m)^ or \\b)",
             field="custom_regex",

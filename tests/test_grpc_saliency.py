@@ -29,6 +29,7 @@ from saliency_server.engine import CancelCheck, GradientEngine, SaliencyInputs, 
 from seqsal.cache import InMemoryCache
 from seqsal.client import AsyncSaliencyClient, error_from_rpc
 from seqsal.errors import (
+    MAX_MESSAGE_BYTES,
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
@@ -452,6 +453,21 @@ async def test_unsupported_regex_is_invalid_argument_with_the_syntax(
         assert info.value.field == "custom_regex" and "custom_regex" in info.value.message
         for fragment in fragments:
             assert fragment in info.value.message, info.value.message
+
+
+async def test_an_echoed_huge_value_keeps_the_status_intact(client: AsyncSaliencyClient) -> None:
+    """Status messages travel in headers: a 1 MB model name once came back as RESOURCE_EXHAUSTED."""
+    for name in ("x" * 1_000_000, "😀" * 300_000):
+        with pytest.raises(NotFoundError) as info:
+            await client.tokenize("Hi", model=name)
+        assert info.value.field == "model" and f"({len(name)} chars)" in info.value.message
+    regex = "(?:é😀)" * 100 + "("  # within the length limit, 4-byte chars, invalid
+    with pytest.raises(InvalidArgumentError) as bad:
+        await client.saliency(
+            prompt=PROMPT, target=TARGET, granularity=common_pb2.CUSTOM_REGEX, custom_regex=regex
+        )
+    assert bad.value.field == "custom_regex" and "RE2" in bad.value.message
+    assert len(bad.value.message.encode()) <= MAX_MESSAGE_BYTES
 
 
 async def test_target_mask_is_echoed_and_limits_the_scores(client: AsyncSaliencyClient) -> None:
