@@ -23,6 +23,9 @@ from seqsal.v1 import common_pb2, inference_pb2
 
 logger = logging.getLogger("seqsal.inference")
 
+#: Most targets one Score call may carry: each is a forward pass that holds the model.
+MAX_SCORE_TARGETS = 16
+
 
 @dataclass
 class InferenceModel:
@@ -169,17 +172,28 @@ class InferenceServing:
                     first = False
                 yield message
 
-    async def score(self, request: inference_pb2.ScoreRequest) -> inference_pb2.ScoreResponse:
-        model = self.get(request.model)
-        text = self._prompt(model, request.prompt, request.use_chat_template, request.system_prompt)
-        if not request.targets:
-            raise InvalidArgumentError("targets is empty; send at least one target to score", field="targets")
-        ids = await asyncio.to_thread(self._prompt_ids, model, text)
+    def _score_targets(
+        self, model: InferenceModel, ids: list[int], request: inference_pb2.ScoreRequest
+    ) -> list[list[int]]:
+        """Each target's token ids; refuses one that cannot fit before tokenising or decoding it."""
+        context = model.info.max_tokens
         targets: list[list[int]] = []
         for i, target in enumerate(request.targets):
             field = f"targets[{i}]"
             if bool(target.text) == bool(target.token_ids):
                 raise InvalidArgumentError(f"{field}: set exactly one of text and token_ids", field=field)
+            too_long = (
+                surely_too_long(model.tokenizer, len(target.text), context - len(ids))
+                if target.text
+                else len(ids) + len(target.token_ids) > context
+            )
+            if too_long:
+                size = f"{len(target.text)} chars" if target.text else f"{len(target.token_ids)} tokens"
+                raise InvalidArgumentError(
+                    f"{field} is {size}, far more than fits after the prompt in model "
+                    f"{model.spec.id!r}'s context of {context} tokens; shorten it",
+                    field=field,
+                )
             if target.text:
                 tokens = tokenize(
                     model.tokenizer, target.text, part=common_pb2.TARGET, add_special_tokens=False
@@ -191,13 +205,29 @@ class InferenceServing:
                     part=common_pb2.TARGET,
                     field=f"{field}.token_ids",
                 )
-            if len(ids) + len(tokens) > model.info.max_tokens:
+            if len(ids) + len(tokens) > context:
                 raise InvalidArgumentError(
                     f"{field}: prompt + target is {len(ids) + len(tokens)} tokens, over the model's context "
-                    f"of {model.info.max_tokens}",
+                    f"of {context}",
                     field=field,
                 )
             targets.append([t.id for t in tokens])
+        return targets
+
+    async def score(self, request: inference_pb2.ScoreRequest) -> inference_pb2.ScoreResponse:
+        model = self.get(request.model)
+        text = self._prompt(model, request.prompt, request.use_chat_template, request.system_prompt)
+        if not request.targets:
+            raise InvalidArgumentError("targets is empty; send at least one target to score", field="targets")
+        if len(request.targets) > MAX_SCORE_TARGETS:
+            raise InvalidArgumentError(
+                f"targets has {len(request.targets)} entries; at most {MAX_SCORE_TARGETS} are scored per "
+                "call, split them over several calls",
+                field="targets",
+            )
+        # tokenising (a target may be a megabyte) runs in a worker thread, never on the event loop
+        ids = await asyncio.to_thread(self._prompt_ids, model, text)
+        targets = await asyncio.to_thread(self._score_targets, model, ids, request)
         with self.inflight.hold():
             logprobs = await model.backend.score(ids, targets)
         return inference_pb2.ScoreResponse(

@@ -174,7 +174,7 @@ def build_problem(
             f"{hosted.id!r} on this server accepts at most {limit} (SEQSAL_MAX_TOKENS); shorten the prompt",
             field="prompt",
         )
-    return Problem(
+    problem = Problem(
         hosted=hosted,
         prompt_tokens=prompt_tokens,
         target_tokens=target_tokens,
@@ -184,6 +184,8 @@ def build_problem(
         custom_regex=regex,
         ig_steps=ig_steps or default_ig_steps,
     )
+    _ = problem.segments  # segment here, in the caller's worker thread, never on the event loop
+    return problem
 
 
 def resolve_selection(problem: Problem, request: saliency_pb2.SaliencyRequest) -> np.ndarray:

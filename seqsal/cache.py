@@ -13,8 +13,10 @@ Pieces, from the bottom up:
   cache" (one warning per outage, a circuit breaker so a dead Redis costs no
   latency, an info line on recovery).
 * :func:`encode_entry` / :func:`decode_entry` are the codec for cached values:
-  magic, format version, JSON header, raw array bytes and a sha256 checksum, so
-  a corrupt, truncated or foreign entry is detected and never returned.
+  magic, format version, JSON header (which names the key the entry was stored
+  under), raw array bytes and a sha256 checksum, so a corrupt, truncated or
+  foreign entry, or a valid entry found under another key, is detected and
+  never returned.
   :func:`get_entry` / :func:`put_entry` combine codec and backend; a corrupt
   entry is logged, deleted and reported as a miss.
 * :class:`SingleFlight` makes identical concurrent requests compute once.
@@ -73,7 +75,7 @@ T = TypeVar("T")
 
 #: Part of every key; bump it when the meaning or encoding of cached values changes,
 #: so old entries are simply never found again.
-CACHE_FORMAT_VERSION = "v1"
+CACHE_FORMAT_VERSION = "v2"
 
 # ---------------------------------------------------------------------------
 # keys
@@ -464,7 +466,7 @@ def make_cache(settings: Settings) -> CacheBackend:
 #: First bytes of every encoded entry.
 ENTRY_MAGIC = b"SQSLCACH"
 #: Version of the entry layout; decoding any other version fails.
-ENTRY_FORMAT_VERSION = 1
+ENTRY_FORMAT_VERSION = 2
 
 # magic, version (u16), header length (u32); little-endian.
 _PREFIX = struct.Struct("<8sHI")
@@ -476,11 +478,11 @@ class CorruptEntryError(ValueError):
     """A cached value is corrupt, truncated or not an entry of this format version."""
 
 
-def encode_entry(meta: Mapping[str, object], arrays: Mapping[str, np.ndarray]) -> bytes:
+def encode_entry(meta: Mapping[str, object], arrays: Mapping[str, np.ndarray], *, key: str = "") -> bytes:
     """Encode ``meta`` and ``arrays`` into one self-describing, checksummed byte string.
 
     Layout: ``ENTRY_MAGIC``, format version (u16 LE), header length (u32 LE),
-    the UTF-8 JSON header ``{"meta": ..., "arrays": [{"name", "dtype",
+    the UTF-8 JSON header ``{"key": key, "meta": ..., "arrays": [{"name", "dtype",
     "shape"}, ...]}``, each array's raw C-order bytes in header order, and
     finally the sha256 of everything before it. Dtypes keep their byte order
     (``dtype.str``), so entries are portable between machines.
@@ -499,20 +501,22 @@ def encode_entry(meta: Mapping[str, object], arrays: Mapping[str, np.ndarray]) -
         # C-contiguous arrays expose their buffer as is: no copy before the join.
         blobs.append(np.ascontiguousarray(arr) if arr.size else b"")
     header = json.dumps(
-        {"meta": dict(meta), "arrays": specs}, separators=(",", ":"), ensure_ascii=False
+        {"key": key, "meta": dict(meta), "arrays": specs}, separators=(",", ":"), ensure_ascii=False
     ).encode("utf-8")
     body = b"".join([_PREFIX.pack(ENTRY_MAGIC, ENTRY_FORMAT_VERSION, len(header)), header, *blobs])
     return body + hashlib.sha256(body).digest()
 
 
-def decode_entry(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+def decode_entry(data: bytes, *, key: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """Decode what :func:`encode_entry` produced: ``(meta, arrays)``.
 
-    The arrays are writable and independent of ``data``.
+    The arrays are writable and independent of ``data``. With ``key``, the entry must
+    have been encoded for that key: a valid entry copied under another key (by a bug,
+    a migration or by hand) would otherwise be served as this key's result.
 
     Raises:
         CorruptEntryError: bad magic, other format version, checksum mismatch,
-            truncation or a malformed header.
+            truncation, a malformed header, or an entry stored for another key.
     """
     view = memoryview(data)
     if len(view) < _PREFIX.size + _DIGEST_SIZE:
@@ -534,6 +538,7 @@ def decode_entry(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
         specs = header["arrays"]
         if not isinstance(meta, dict) or not isinstance(specs, list):
             raise TypeError("meta must be an object and arrays a list")
+        stored_for = header.get("key", "")
         layout: list[tuple[str, np.dtype, tuple[int, ...], int]] = []
         total = 0
         for spec in specs:
@@ -548,6 +553,8 @@ def decode_entry(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
             total += nbytes
     except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
         raise CorruptEntryError(f"malformed entry header: {exc}") from exc
+    if key is not None and stored_for != key:
+        raise CorruptEntryError(f"entry was stored for another key ({str(stored_for)[-16:]!r})")
     payload_start = start + header_len
     if payload_start + total != len(body):
         raise CorruptEntryError(f"array data is {len(body) - payload_start} bytes, header describes {total}")
@@ -572,7 +579,7 @@ async def get_entry(cache: CacheBackend, key: str) -> tuple[dict, dict[str, np.n
     if data is None:
         return None
     try:
-        return decode_entry(data)
+        return decode_entry(data, key=key)
     except CorruptEntryError as exc:
         cache.corrupt += 1
         logger.warning("dropping corrupt cache entry %s from %s: %s", key, cache.name, exc)
@@ -584,7 +591,7 @@ async def put_entry(
     cache: CacheBackend, key: str, meta: Mapping[str, object], arrays: Mapping[str, np.ndarray]
 ) -> None:
     """Encode ``meta`` and ``arrays`` and store them under ``key``. Call it only with successful results."""
-    await cache.set(key, encode_entry(meta, arrays))
+    await cache.set(key, encode_entry(meta, arrays, key=key))
 
 
 # ---------------------------------------------------------------------------

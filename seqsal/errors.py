@@ -9,6 +9,25 @@ from __future__ import annotations
 
 import grpc
 
+#: Longest status message sent, in UTF-8 bytes: the message (percent-encoded) and its BadRequest
+#: detail (base64) travel in trailing headers, which clients drop past 8 KiB.
+MAX_MESSAGE_BYTES = 1024
+
+
+def quote(value: str, limit: int = 80) -> str:
+    """``repr`` of a client-sent value for an error message, cut to ``limit`` chars."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} chars)"
+
+
+def capped(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``message`` cut to at most ``limit`` UTF-8 bytes, saying that it was cut."""
+    data = message.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return message
+    return data[: limit - 48].decode("utf-8", "ignore") + f"… (message cut from {len(data)} bytes)"
+
 
 class SeqsalError(Exception):
     """Base class: a request failed with a gRPC status code and a clear message."""

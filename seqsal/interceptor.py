@@ -22,7 +22,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_interceptor.server import AsyncServerInterceptor
 from grpc_status import rpc_status
 
-from seqsal.errors import InternalError, InvalidArgumentError, SeqsalError
+from seqsal.errors import InternalError, InvalidArgumentError, SeqsalError, capped
 from seqsal.logging_setup import request_id_var
 from seqsal.request_ids import REQUEST_ID_KEY, new_request_id
 
@@ -97,13 +97,16 @@ def tolerant_deserializer(
 
 def status_for(error: SeqsalError) -> grpc.Status:
     """A rich gRPC status for an error, with a BadRequest detail when it names a field."""
-    status = status_pb2.Status(code=getattr(code_pb2, error.code.name), message=error.message)
+    text = capped(error.message)  # headers carry it: an echoed 1 MB value must not break the status
+    status = status_pb2.Status(code=getattr(code_pb2, error.code.name), message=text)
     if error.field:
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=capped(error.field, 200), description=text
+                    )
                 ]
             )
         )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from seqsal.errors import InvalidArgumentError, NotFoundError
+from seqsal.errors import InvalidArgumentError, NotFoundError, quote
 from seqsal.fingerprint import model_revision as model_revision  # re-exported
 from seqsal.settings import DEFAULT_MODEL_ID, Settings, get_settings
 
@@ -75,7 +75,7 @@ def pick_model(models: Mapping[str, T], model_id: str, default: T) -> T:
         return models[model_id]
     except KeyError:
         raise NotFoundError(
-            f"model {model_id!r} is not hosted here; available: {sorted(models)} "
+            f"model {quote(model_id)} is not hosted here; available: {sorted(models)} "
             "(or leave `model` empty for the default)",
             field="model",
         ) from None

@@ -43,9 +43,18 @@ or ``'▁'``.
   match of ``\\n(?:[spaces]*\\n)+``: two or more newlines with only spaces between
   them (``"\\n\\n"``, ``"\\n\\n\\n"``, ``"\\n  \\n"``, ``"\\r\\n\\r\\n"``). Indentation
   of the next paragraph's first line goes with that paragraph.
-* ``CUSTOM_REGEX``: at the start of every ``re.finditer`` match of the pattern in the
-  part text (zero-length matches included; no flags are added, use inline flags such
-  as ``(?m)``). Applies to every part. The pattern must be non-empty and compile.
+* ``CUSTOM_REGEX``: at the start of every match of the pattern in the part text, found
+  left to right as ``finditer`` does. Applies to every part. The pattern is RE2 syntax
+  (https://github.com/google/re2/wiki/Syntax), matched in time linear in the text, so
+  no pattern can stall the server: no backreferences (``\\1``) or lookaround
+  (``(?=``, ``(?!``, ``(?<=``, ``(?<!``); ``\\w``, ``\\d``, ``\\s`` and ``\\b`` are
+  ASCII (use ``\\pL``, ``\\pN``, ``[[:space:]]`` for other scripts); no flags are
+  added, use inline flags such as ``(?m)`` or ``(?i)``; ``$`` without ``(?m)`` matches only
+  at the very end (Python's ``re`` also matches before a final ``'\\n'``). Zero-width matches of anchors
+  (``(?m)^``, ``\\b``, ``$``) start a segment at their position. The pattern must be
+  non-empty, at most :data:`MAX_REGEX_CHARS` chars, compile, and not match the empty
+  string everywhere (``x*``, ``a?``, ``(|b)``: it would start a segment at every char,
+  which is ``TOKENS``).
 
 ``GRANULARITY_UNSPECIFIED`` gives no segments. A segment's ``char_start``/``char_end``
 are the char span of its tokens in the part text (``char_start == char_end`` at the
@@ -63,9 +72,12 @@ import itertools
 import math
 import re
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
-from seqsal.errors import InvalidArgumentError
+import re2
+
+from seqsal.errors import InvalidArgumentError, quote
 from seqsal.v1 import common_pb2
 
 SPACE_CHARS = "\u2581"
@@ -91,22 +103,86 @@ _KNOWN_GRANULARITIES = _CHAR_GRANULARITIES | {
 }
 
 
-def validate_regex(pattern: str) -> re.Pattern[str]:
-    """Compile a ``custom_regex``; raise ``InvalidArgumentError`` naming the pattern if it is bad.
+MAX_REGEX_CHARS = 1000
+"""Longest ``custom_regex`` accepted."""
 
-    An empty pattern is rejected too: ``CUSTOM_REGEX`` needs something to match.
+REGEX_SYNTAX = (
+    "custom_regex uses RE2 syntax (https://github.com/google/re2/wiki/Syntax), which always runs in "
+    "linear time: no backreferences (\\1) or lookaround ((?=, (?!, (?<=, (?<!); anchor with ^, $, \\b "
+    "and inline flags such as (?m) or (?i), or match the text itself"
+)
+"""What every ``custom_regex`` error says about the supported syntax and the fix."""
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # errors become InvalidArgumentError, not stderr noise
+
+# Every context an empty match can depend on (RE2's ^ $ \b \B \A \z look only at the chars
+# either side): (text, position) for each pair of (start | word | other | newline) before and
+# (end | word | other | newline) after.
+_EMPTY_CONTEXTS = tuple(
+    (before + after, len(before)) for before in ("", "a", " ", "\n") for after in ("", "a", " ", "\n")
+)
+
+
+class RegexMatch(Protocol):
+    """The part of a match this module uses."""
+
+    def start(self) -> int: ...
+
+
+class CompiledRegex(Protocol):
+    """A compiled ``custom_regex`` (an RE2 pattern)."""
+
+    @property
+    def pattern(self) -> str: ...
+
+    def finditer(self, text: str) -> Iterator[RegexMatch]: ...
+
+    def fullmatch(
+        self, text: str, pos: int | None = None, endpos: int | None = None
+    ) -> RegexMatch | None: ...
+
+
+def _re2_message(exc: Exception) -> str:
+    """RE2's error text (the binding gives bytes)."""
+    arg = exc.args[0] if exc.args else exc
+    return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+
+
+def validate_regex(pattern: str) -> CompiledRegex:
+    """Compile a ``custom_regex`` with RE2; raise ``InvalidArgumentError`` naming it if it is bad.
+
+    Rejected: an empty pattern (``CUSTOM_REGEX`` needs something to match), one longer than
+    :data:`MAX_REGEX_CHARS`, one RE2 cannot compile (invalid, or unsupported such as
+    backreferences and lookaround), and one that matches the empty string in every context.
+    The UI and the servers both call this, so they accept and mean the same patterns.
     """
     if not pattern:
         raise InvalidArgumentError(
-            "custom_regex is required with granularity CUSTOM_REGEX", field="custom_regex"
+            "custom_regex is required with granularity CUSTOM_REGEX: give a pattern whose every match "
+            r"starts a segment, e.g. (?m)^\w+: or \*\*, or pick another granularity",
+            field="custom_regex",
+        )
+    if len(pattern) > MAX_REGEX_CHARS:
+        raise InvalidArgumentError(
+            f"custom_regex is {len(pattern)} chars; at most {MAX_REGEX_CHARS} are accepted, shorten it",
+            field="custom_regex",
         )
     try:
-        return re.compile(pattern)
-    except (re.error, OverflowError, RecursionError, ValueError) as exc:
+        compiled: CompiledRegex = re2.compile(pattern, _RE2_OPTIONS)
+    except (re2.error, ValueError, UnicodeError) as exc:
         raise InvalidArgumentError(
-            f"custom_regex {pattern!r} is not a valid Python regular expression: {exc}",
+            f"custom_regex {quote(pattern)} is not a valid RE2 pattern: {_re2_message(exc)}. {REGEX_SYNTAX}",
             field="custom_regex",
         ) from exc
+    if all(compiled.fullmatch(text, pos, pos) is not None for text, pos in _EMPTY_CONTEXTS):
+        raise InvalidArgumentError(
+            f"custom_regex {quote(pattern)} matches the empty string everywhere, so it would start a segment "
+            "at every char (that is granularity TOKENS); make it match at least one char "
+            "(e.g. x+ instead of x*) or anchor it (e.g. (?m)^ or \\b)",
+            field="custom_regex",
+        )
+    return compiled
 
 
 def part_runs(tokens: Sequence[common_pb2.Token]) -> list[tuple[int, int, int]]:
@@ -167,7 +243,7 @@ def part_texts(tokens: Sequence[common_pb2.Token]) -> dict[int, str]:
     return texts
 
 
-def char_boundaries(text: str, granularity: int, pattern: re.Pattern[str] | None = None) -> set[int]:
+def char_boundaries(text: str, granularity: int, pattern: CompiledRegex | None = None) -> set[int]:
     """Char boundaries of a part text for a char-based granularity (see the module docstring).
 
     ``pattern`` is required for ``CUSTOM_REGEX``. The result may include 0 and ``len(text)``.
@@ -227,7 +303,7 @@ def _segment_starts(
     end: int,
     offsets: Sequence[int],
     granularity: int,
-    pattern: re.Pattern[str] | None,
+    pattern: CompiledRegex | None,
 ) -> list[bool]:
     """For one part run, which tokens start a segment (all rules combined)."""
     if granularity == common_pb2.TOKENS:

@@ -25,7 +25,7 @@ import redis
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from seqsal.cache import CorruptEntryError, RedisCache, decode_entry
+from seqsal.cache import CACHE_FORMAT_VERSION, CorruptEntryError, RedisCache, decode_entry
 from seqsal.client import AsyncSaliencyClient
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, saliency_pb2
@@ -166,7 +166,7 @@ async def test_two_servers_share_the_redis_cache(
         assert not computed.cache_hit
         keys = await keys_under(redis_client, prefix)
         assert len(keys) == 3  # one entry per method
-        assert all(key.decode().startswith(f"{prefix}:v1:saliency:") for key in keys)
+        assert all(key.decode().startswith(f"{prefix}:{CACHE_FORMAT_VERSION}:saliency:") for key in keys)
         ttl = await redis_client.ttl(keys[0])
         assert 0 < ttl <= 600
 

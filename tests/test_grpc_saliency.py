@@ -23,11 +23,13 @@ import pytest
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from health_probe import HealthProbe
 
 from saliency_server.engine import CancelCheck, GradientEngine, SaliencyInputs, SaliencyResult, Steps
 from seqsal.cache import InMemoryCache
 from seqsal.client import AsyncSaliencyClient, error_from_rpc
 from seqsal.errors import (
+    MAX_MESSAGE_BYTES,
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
@@ -406,6 +408,67 @@ async def test_custom_regex_segments(client: AsyncSaliencyClient) -> None:
     prompt_segments = [s.text for s in response.segments if s.part == common_pb2.PROMPT]
     assert "".join(prompt_segments).endswith("a, b, c and d")
     assert len(prompt_segments) >= 3
+
+
+# n 'a' then 'b': Python's re backtracks 2**n times on these (the issue's server freeze); RE2 is linear.
+CATASTROPHIC_PROMPT = "a" * 900 + "b"
+CATASTROPHIC_REGEXES = [r"(a+)+$", r"(a|aa)+$", r"(a*)*b$"]
+
+
+@pytest.mark.parametrize("pattern", CATASTROPHIC_REGEXES)
+async def test_catastrophic_regex_answers_and_health_keeps_answering(
+    srv: RunningSaliencyServer, client: AsyncSaliencyClient, pattern: str
+) -> None:
+    regex = {"granularity": common_pb2.CUSTOM_REGEX, "custom_regex": pattern}
+    async with HealthProbe(srv.address) as probe:
+        single = await client.saliency(prompt=CATASTROPHIC_PROMPT, target=" x", **regex)
+        streamed = await collect(
+            client.saliency_all_segments(prompt=CATASTROPHIC_PROMPT, target=" x", **regex)
+        )
+    assert probe.answers >= 2 and not probe.failures
+    prompt_text = "".join(s.text for s in single.segments if s.part == common_pb2.PROMPT)
+    assert prompt_text.endswith(CATASTROPHIC_PROMPT)
+    assert len(streamed) == streamed[0].segment_count == 1
+    assert streamed[0].target_segment.text == " x"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "fragments"),
+    [
+        (r"(a)\1", ("RE2", "backreferences")),
+        (r"(?<=a)b", ("RE2", "lookaround")),
+        (r"x*", ("empty string", "TOKENS")),
+        ("", ("required", "CUSTOM_REGEX")),
+    ],
+)
+async def test_unsupported_regex_is_invalid_argument_with_the_syntax(
+    client: AsyncSaliencyClient, pattern: str, fragments: tuple[str, ...]
+) -> None:
+    regex = {"granularity": common_pb2.CUSTOM_REGEX, "custom_regex": pattern}
+    for call in (
+        client.saliency(prompt=PROMPT, target=TARGET, **regex),
+        collect(client.saliency_all_segments(prompt=PROMPT, target=TARGET, **regex)),
+    ):
+        with pytest.raises(InvalidArgumentError) as info:
+            await call
+        assert info.value.field == "custom_regex" and "custom_regex" in info.value.message
+        for fragment in fragments:
+            assert fragment in info.value.message, info.value.message
+
+
+async def test_an_echoed_huge_value_keeps_the_status_intact(client: AsyncSaliencyClient) -> None:
+    """Status messages travel in headers: a 1 MB model name once came back as RESOURCE_EXHAUSTED."""
+    for name in ("x" * 1_000_000, "😀" * 300_000):
+        with pytest.raises(NotFoundError) as info:
+            await client.tokenize("Hi", model=name)
+        assert info.value.field == "model" and f"({len(name)} chars)" in info.value.message
+    regex = "(?:é😀)" * 100 + "("  # within the length limit, 4-byte chars, invalid
+    with pytest.raises(InvalidArgumentError) as bad:
+        await client.saliency(
+            prompt=PROMPT, target=TARGET, granularity=common_pb2.CUSTOM_REGEX, custom_regex=regex
+        )
+    assert bad.value.field == "custom_regex" and "RE2" in bad.value.message
+    assert len(bad.value.message.encode()) <= MAX_MESSAGE_BYTES
 
 
 async def test_target_mask_is_echoed_and_limits_the_scores(client: AsyncSaliencyClient) -> None:

@@ -186,3 +186,17 @@ async def test_list_models(client: AsyncInferenceClient) -> None:
     assert [m.id for m in models] == ["tiny", "gpt2"] and models[0].is_default
     assert models[0].architecture == "LlamaForCausalLM" and models[0].dtype == "float32"
     assert models[0].max_tokens > 0 and models[0].revision
+
+
+async def test_score_refuses_what_cannot_fit_before_tokenising(client: AsyncInferenceClient) -> None:
+    from inference_server.serving import MAX_SCORE_TARGETS
+
+    with pytest.raises(errors.InvalidArgumentError) as many:
+        await client.score(prompt=PROMPT, targets=[" on"] * (MAX_SCORE_TARGETS + 1))
+    assert many.value.field == "targets" and str(MAX_SCORE_TARGETS) in many.value.message
+    for target in ("a" * 1_000_000, [5] * 5_000):
+        with pytest.raises(errors.InvalidArgumentError) as big:
+            await client.score(prompt=PROMPT, targets=[" on", target])
+        assert big.value.field == "targets[1]" and "context" in big.value.message
+    ok = await client.score(prompt=PROMPT, targets=[" on"] * MAX_SCORE_TARGETS)
+    assert len(ok.scores) == MAX_SCORE_TARGETS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 
 from seqsal.errors import InvalidArgumentError
 from seqsal.segmentation import (
+    MAX_REGEX_CHARS,
+    REGEX_SYNTAX,
     char_boundaries,
     part_texts,
     segment_target_masks,
@@ -238,10 +241,61 @@ def test_custom_regex() -> None:
 
 
 def test_custom_regex_zero_length_and_other_granularities_ignore_it() -> None:
-    tokens = tile(["ab", "cd", "ef"])
-    assert texts(segment_tokens(tokens, common_pb2.CUSTOM_REGEX, r"(?=c)")) == ["ab", "cdef"]
-    assert texts(segment_tokens(tokens, common_pb2.CUSTOM_REGEX, r"x*")) == ["ab", "cd", "ef"]
-    assert texts(segment_tokens(tokens, common_pb2.LINES, r"(")) == ["abcdef"]
+    tokens = tile(["ab", " cd", "\n", "ef"])
+    assert texts(segment_tokens(tokens, common_pb2.CUSTOM_REGEX, r"(?m)^")) == ["ab cd\n", "ef"]
+    assert texts(segment_tokens(tokens, common_pb2.CUSTOM_REGEX, r"\bc")) == ["ab", " cd\nef"]
+    assert texts(segment_tokens(tokens, common_pb2.LINES, r"(")) == ["ab cd\n", "ef"]
+
+
+@pytest.mark.parametrize("pattern", [r"x*", r"a?", r"(|b)", r"[^\n]*", r"\b|\B"])
+def test_regex_matching_the_empty_string_everywhere_is_rejected(pattern: str) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        validate_regex(pattern)
+    assert info.value.field == "custom_regex"
+    assert repr(pattern) in info.value.message
+    assert "empty string everywhere" in info.value.message and "TOKENS" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        (r"(a)\1", "invalid escape sequence"),
+        (r"(?=c)", "invalid perl operator"),
+        (r"(?!c)d", "invalid perl operator"),
+        (r"(?<=a)b", "invalid perl operator"),
+        (r"(?<!a)b", "invalid perl operator"),
+        (r"(?P<x>a)(?P=x)", "invalid perl operator"),
+        (r"a{1001}", "invalid repetition size"),
+    ],
+)
+def test_unsupported_regex_names_re2_and_the_fix(pattern: str, reason: str) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        validate_regex(pattern)
+    assert info.value.field == "custom_regex"
+    assert repr(pattern) in info.value.message and reason in info.value.message
+    assert REGEX_SYNTAX in info.value.message
+    assert "RE2 syntax" in REGEX_SYNTAX and "backreferences" in REGEX_SYNTAX and "lookaround" in REGEX_SYNTAX
+
+
+def test_regex_length_limit() -> None:
+    assert validate_regex("a" * MAX_REGEX_CHARS).pattern == "a" * MAX_REGEX_CHARS
+    with pytest.raises(InvalidArgumentError) as info:
+        validate_regex("a" * (MAX_REGEX_CHARS + 1))
+    assert info.value.field == "custom_regex" and str(MAX_REGEX_CHARS) in info.value.message
+
+
+def test_catastrophic_regex_is_linear() -> None:
+    """(a+)+$ backtracks exponentially in Python's re; RE2 finds no match at once."""
+    text = "a" * 3000 + "b"
+    tokens = tile([text[i : i + 7] for i in range(0, len(text), 7)])
+    assert texts(segment_tokens(tokens, common_pb2.CUSTOM_REGEX, r"(a+)+$")) == [text]
+    assert texts(segment_tokens(tokens, common_pb2.CUSTOM_REGEX, r"(a+)+b")) == [text]
+
+
+def test_custom_regex_offsets_are_chars_not_bytes() -> None:
+    tokens = tile(["é€", "😀 x", "-y"])
+    assert texts(segment_tokens(tokens, common_pb2.CUSTOM_REGEX, r"-")) == ["é€😀 x", "-y"]
+    assert texts(segment_tokens(tokens, common_pb2.CUSTOM_REGEX, r"\pL")) == ["é€", "😀 x", "-y"]
 
 
 def test_invalid_regex() -> None:
@@ -320,7 +374,7 @@ def test_segment_target_masks() -> None:
 # --- property tests ---------------------------------------------------------------------------
 
 ALPHABET = "ab .?!\n\t\r▁-:"
-REGEXES = (r"\.", r"a+", r"b|:", r"(?=a)", r"x*", r"\n\n", r"-")
+REGEXES = (r"\.", r"a+", r"b|:", r"\ba", r"(?m)^", r"\n\n", r"-", r"$")
 
 
 @st.composite
@@ -413,3 +467,11 @@ def test_coarser_granularities_merge_finer_segments(tokens: list[common_pb2.Toke
     sentences, every = starts(common_pb2.SENTENCES), starts(common_pb2.TOKENS)
     assert paragraphs <= lines <= sentences <= every
     assert starts(common_pb2.WORDS) <= every
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(alphabet=ALPHABET + "xyz,", max_size=60), pattern=st.sampled_from(REGEXES[:-1]))
+def test_re2_boundaries_match_python_re_for_ordinary_patterns(text: str, pattern: str) -> None:
+    """Patterns both engines support mean the same thing (``$`` differs: see the module docstring)."""
+    expected = {m.start() for m in re.finditer(pattern, text)}
+    assert char_boundaries(text, common_pb2.CUSTOM_REGEX, validate_regex(pattern)) == expected

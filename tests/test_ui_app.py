@@ -221,9 +221,15 @@ def test_settings_change_what_they_should(app: AppTest) -> None:
     assert any("custom_regex is required" in e for e in texts(at.error)), texts(at.error)
     at.text_input(key="w_regex").set_value("(Taste")
     run_ok(at)
-    assert any("'(Taste' is not a valid Python regular expression" in e for e in texts(at.error))
+    assert any("'(Taste' is not a valid RE2 pattern" in e for e in texts(at.error))
     assert any("showing tokens" in w for w in texts(at.warning)), texts(at.warning)
     assert payloads(at)["main"]["units"]["text"] == tokens["units"]["text"]
+    # The same engine as the servers: lookaround is refused with the syntax, x* as matching nothing.
+    for pattern, fragment in ((r"(?=Taste)", "lookaround"), (r"x*", "empty string everywhere")):
+        at.text_input(key="w_regex").set_value(pattern)
+        run_ok(at)
+        assert any(fragment in e for e in texts(at.error)), texts(at.error)
+        assert payloads(at)["main"]["units"]["text"] == tokens["units"]["text"]
 
     # A valid regex segments the prompt where it matches.
     at.text_input(key="w_regex").set_value(r"(?m)^Taste")

@@ -59,6 +59,8 @@ EXAMPLE_TITLE = "Restaurant few-shot: copy-paste error (Quiche Lorraine)"
 START_TIMEOUT_S = 240.0
 #: Generation plus saliency on a loaded 2-core CPU: a few seconds each; generous, the waits are on conditions.
 WAIT_MS = 120_000
+#: The ~2,000-token prompt: generating and explaining it took over 120 s on a loaded 2-core machine.
+LONG_WAIT_MS = 420_000
 
 HEATMAP = '[data-testid="seqsal-heatmap"]'
 UNIT = f"{HEATMAP} span.seqsal-unit"
@@ -220,6 +222,11 @@ def query(page: Page) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(urlsplit(page.url).query).items()}
 
 
+def wait_query(page: Page, name: str, value: str) -> None:
+    """Wait until the app wrote ``name=value`` into the URL (it does so after it rendered)."""
+    wait_until(page, lambda: query(page).get(name) == value, f"{name}={value} in the URL {page.url}")
+
+
 def payload(page: Page) -> dict[str, Any]:
     """The data the heatmap component last drew (what Python sent), plus whether a click is pending."""
     result: dict[str, Any] = page.locator(HEATMAP).evaluate(
@@ -239,7 +246,9 @@ def payload(page: Page) -> dict[str, Any]:
     return result
 
 
-def settled(page: Page, check: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+def settled(
+    page: Page, check: Callable[[dict[str, Any]], bool], what: str, timeout_ms: int = WAIT_MS
+) -> dict[str, Any]:
     """Wait until the heatmap drew a payload satisfying ``check`` and no click is pending."""
 
     seen: list[dict[str, Any]] = []
@@ -250,7 +259,7 @@ def settled(page: Page, check: Callable[[dict[str, Any]], bool], what: str) -> d
         return data if not data["busy"] and check(data) else None
 
     try:
-        return wait_until(page, ready, what)
+        return wait_until(page, ready, what, timeout_ms)
     except AssertionError as exc:
         raise AssertionError(f"{exc}; the heatmap's last payload: {seen[-1] if seen else None}") from None
 
@@ -275,17 +284,23 @@ def luminance(rgb: tuple[int, int, int]) -> float:
     return 0.2126 * r + 0.7152 * g + 0.0722 * b
 
 
-def wait_precomputed(page: Page) -> None:
-    """The background SaliencyAllSegments call finished: clicks are answered from the cache."""
-    expect(page.get_by_text(re.compile(r"segments precomputed in"))).to_be_visible(timeout=WAIT_MS)
+def wait_precomputed(page: Page, segments: int) -> None:
+    """The background SaliencyAllSegments call for ``segments`` target segments finished.
+
+    The count tells this view's caption from one a previous view may have left on the page.
+    """
+    caption = page.get_by_text(re.compile(rf"All {segments} segments precomputed in"))
+    expect(caption).to_be_visible(timeout=WAIT_MS)
 
 
-def open_app(page: Page, stack: RunningStack, params: dict[str, str] | None = None) -> float:
+def open_app(
+    page: Page, stack: RunningStack, params: dict[str, str] | None = None, timeout_ms: int = WAIT_MS
+) -> float:
     """Load the page and wait for the first heatmap; returns the seconds it took."""
     t0 = time.monotonic()
     page.goto(stack.url + ("/?" + urlencode(params) if params else "/"))
-    expect(page.locator(HEATMAP)).to_be_attached(timeout=WAIT_MS)
-    settled(page, lambda d: d["units"] > 0, "the first heatmap")
+    expect(page.locator(HEATMAP)).to_be_attached(timeout=timeout_ms)
+    settled(page, lambda d: d["units"] > 0, "the first heatmap", timeout_ms)
     return time.monotonic() - t0
 
 
@@ -298,11 +313,11 @@ def test_click_recommendation_colours_prompt_by_score(
     timings: dict[str, float] = {}
     timings["first heatmap"] = open_app(page, stack)
     # The few-shot restaurant example (copy-paste error) is the one a bare link opens.
-    assert query(page).get("ex") == EXAMPLE_ID, page.url
+    wait_query(page, "ex", EXAMPLE_ID)
     expect(page.get_by_role("combobox", name="Example", exact=True)).to_have_value(EXAMPLE_TITLE)
     response = page.locator(RESPONSE_CODE)
     expect(response).to_contain_text("Recommendation", timeout=WAIT_MS)
-    reference = payload(page)["target"]
+    reference = settled(page, lambda d: d["target"] != "", "the reference target's heatmap")["target"]
 
     # Explain the generated response (the example opens on its reference target).
     t0 = time.monotonic()
@@ -318,7 +333,7 @@ def test_click_recommendation_colours_prompt_by_score(
     )
     generated = response.inner_text()
     timings["switch to the generated response"] = time.monotonic() - t0
-    assert query(page).get("target") == "candidate", page.url
+    wait_query(page, "target", "candidate")
     texts = page.locator(TARGET_UNITS).all_text_contents()
     recommendation = next((i for i, t in enumerate(texts) if t.lstrip().startswith("Recommendation")), None)
     if recommendation is None:  # the model's answer has no such sentence: the example's reference has
@@ -329,7 +344,7 @@ def test_click_recommendation_colours_prompt_by_score(
         recommendation = next(i for i, t in enumerate(texts) if t.lstrip().startswith("Recommendation"))
     assert len(texts) >= 2, texts
     whole_scores = [score for score, _ in prompt_colours(page)]
-    wait_precomputed(page)
+    wait_precomputed(page, len(texts))
     shot(page, tmp_path, "01-whole-response")
 
     # Click the "Recommendation" sentence: it is selected at once, and the heatmap explains it.
@@ -341,7 +356,7 @@ def test_click_recommendation_colours_prompt_by_score(
     timings["click -> heatmap"] = time.monotonic() - t0
     assert not data["whole"]
     expect(page.locator(f"{UNIT}.seqsal-selected")).to_have_count(1)
-    assert query(page).get("sel") == str(recommendation), page.url
+    wait_query(page, "sel", str(recommendation))
     expect(page.get_by_text(re.compile(r"cache hit"))).to_be_visible()
 
     colours = prompt_colours(page)
@@ -366,7 +381,7 @@ def test_click_recommendation_colours_prompt_by_score(
     data = settled(page, lambda d: d["selected"] == expected, "the heatmap of two selected sentences")
     timings["shift-click -> heatmap"] = time.monotonic() - t0
     expect(page.locator(f"{UNIT}.seqsal-selected")).to_have_count(2)
-    wait_until(page, lambda: query(page).get("sel") == ",".join(map(str, expected)), "sel= in the URL")
+    wait_query(page, "sel", ",".join(map(str, expected)))
     shot(page, tmp_path, "03-two-selected")
 
     # Token chips: every unit boxed; same units, different rendering.
@@ -381,7 +396,7 @@ def test_click_recommendation_colours_prompt_by_score(
     assert running_style[0] == "none" and chip_style[0] == "solid", (running_style, chip_style)
     assert chip_style[1] > running_style[1]  # padding and border
     assert data["units"] == before and data["selected"] == expected  # the view changed, not the data
-    wait_until(page, lambda: query(page).get("chips") == "1", "chips=1 in the URL")
+    wait_query(page, "chips", "1")
     shot(page, tmp_path, "04-token-chips")
     print("\n[ui-browser] timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
 
@@ -429,8 +444,10 @@ def long_prompt() -> str:
 def test_two_thousand_token_prompt_render_time(stack: RunningStack, page: Page, tmp_path: Path) -> None:
     prompt = long_prompt()
     params = {"ex": EXAMPLE_ID, "prompt": prompt, "gran": "tokens", "target": "candidate", "max_new": "8"}
-    seconds = open_app(page, stack, params)
-    data = settled(page, lambda d: d["prompt"] == prompt and d["target"] != "", "the long prompt's heatmap")
+    seconds = open_app(page, stack, params, LONG_WAIT_MS)
+    data = settled(
+        page, lambda d: d["prompt"] == prompt and d["target"] != "", "the long prompt's heatmap", LONG_WAIT_MS
+    )
     # Too long for a link: the URL keeps the example and a hash of the edited prompt instead.
     link = wait_until(page, lambda: query(page) if "ph" in query(page) else None, "ph= in the URL")
     assert link.get("ex") == EXAMPLE_ID and "prompt" not in link, link
@@ -441,7 +458,11 @@ def test_two_thousand_token_prompt_render_time(stack: RunningStack, page: Page, 
     box = page.locator(f'{HEATMAP} [data-testid="seqsal-text"]')
     expect(box).to_be_visible()
     # The long view scrolls inside its box, down to the response (where the user clicks).
-    assert box.evaluate("b => b.scrollHeight > b.clientHeight && b.scrollTop > 0")
+    wait_until(
+        page,
+        lambda: box.evaluate("b => b.scrollHeight > b.clientHeight && b.scrollTop > 0"),
+        "the long view scrolled to the response",
+    )
     shot(page, tmp_path, "06-long-prompt")
     print(
         f"\n[ui-browser] {prompt_units} prompt tokens, data-units={data['units']}: "

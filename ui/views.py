@@ -177,7 +177,8 @@ def sidebar(report: ModelsReport, endpoints: Endpoints) -> None:
             key=session.W["regex"],
             disabled=not custom,
             placeholder=r"e.g. (?m)^\w+: or \*\*",
-            help="A Python regular expression: a new segment starts at every match.",
+            help="A regular expression in RE2 syntax (no backreferences or lookaround; `\\w`, `\\d`, `\\b` "
+            "are ASCII): a new segment starts at every match. The servers use the same engine.",
         )
         if custom:
             _, problem = explain.effective_granularity(session.read_side(ss))
