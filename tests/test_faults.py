@@ -336,9 +336,7 @@ async def test_new_weights_in_the_same_directory_never_hit_old_results(
 async def test_prompt_too_big_for_memory_is_refused_and_the_server_lives_on(
     run_saliency_server: SaliencyServerFactory, model_spec: str
 ) -> None:
-    """Today the bound is the token limit (SEQSAL_MAX_TOKENS); when the server also estimates peak
-    memory (saliency_server/memory.py), add a request under the token limit but over the memory
-    budget to ``too_big`` below: the same assertions hold."""
+    """Over the token limit (SEQSAL_MAX_TOKENS); the memory budget has its own test below."""
     settings = make_settings(model_spec, max_tokens=64)
     huge = "word " * 2_000
     too_big = [
@@ -354,6 +352,35 @@ async def test_prompt_too_big_for_memory_is_refused_and_the_server_lives_on(
                     [m async for m in c.saliency_all_segments(**request)]
             assert refused.value.field == "prompt", refused.value
             assert "64" in refused.value.message and "shorten" in refused.value.message
+            assert await asyncio.to_thread(grpc_serving, srv.address)
+            fine = await c.saliency(prompt=PROMPT, target=" Paris.")
+            assert len(fine.scores) == 2 and fine.tokens
+
+
+async def test_prompt_over_the_memory_budget_is_refused_and_the_server_lives_on(
+    run_saliency_server: SaliencyServerFactory, model_spec: str
+) -> None:
+    """Under the token limit (the tiny model's context, 1,024) but over the memory budget (by
+    saliency_server/memory.py's estimate on the tiny model: ~64 MiB for a short prompt, ~74 MiB at
+    900 tokens): refused before any compute."""
+    settings = make_settings(model_spec, memory_budget_mb=70)
+    huge = "word " * 450  # 900 tokens
+    async with run_saliency_server(settings) as srv, AsyncSaliencyClient(srv.address, timeout=60) as c:
+        for rpc in ("Saliency", "SaliencyAllSegments"):
+            with pytest.raises(ResourceExhaustedError) as refused:
+                if rpc == "Saliency":
+                    await c.saliency(prompt=huge, target=TARGET)
+                else:
+                    [
+                        m
+                        async for m in c.saliency_all_segments(
+                            prompt=huge, target=TARGET, granularity=common_pb2.WORDS
+                        )
+                    ]
+            message = refused.value.message
+            assert (
+                "memory budget" in message and "SEQSAL_MEMORY_BUDGET_MB" in message and "shorten" in message
+            )
             assert await asyncio.to_thread(grpc_serving, srv.address)
             fine = await c.saliency(prompt=PROMPT, target=" Paris.")
             assert len(fine.scores) == 2 and fine.tokens
