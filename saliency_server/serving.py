@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -34,6 +35,8 @@ from seqsal.tokenization import tokenize
 from seqsal.v1 import common_pb2, saliency_pb2
 
 logger = logging.getLogger("seqsal.saliency")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -92,6 +95,8 @@ class Flight:
     futures: dict[str, asyncio.Future[MethodEntry]] = field(default_factory=dict)
     #: cache key -> (selection index, method)
     slots: dict[str, tuple[int, int]] = field(default_factory=dict)
+    started: bool = False  # its run began (and will clean up after itself)
+    closed: bool = False
 
 
 @dataclass(eq=False)
@@ -342,6 +347,7 @@ class SaliencyServing:
             finally:
                 scheduler.finish(ticket)
 
+        flight.started = True
         failure: Exception = _LeaderGone()
         try:
             async with aclosing(stream_from_thread(produce, self.executor)) as stream:
@@ -361,14 +367,28 @@ class SaliencyServing:
             failure = exc
             raise
         finally:
-            scheduler.cancel(ticket)  # nothing once finished
-            for key, future in flight.futures.items():
-                if not future.done():
-                    future.set_exception(failure)
-                    future.exception()  # retrieved: no log when nobody joined
-                if self._inflight.get(key, (None, None))[0] is flight:
-                    del self._inflight[key]
-            self.admission.release()
+            self._close_flight(flight, failure)
+
+    def _close_flight(self, flight: Flight, failure: Exception | None = None) -> None:
+        """Give back a flight's ticket, place and registrations (once; after its worker is done)."""
+        if flight.closed:
+            return
+        flight.closed = True
+        self.schedulers[flight.model].cancel(flight.ticket)  # nothing once finished
+        for key, future in flight.futures.items():
+            if not future.done():
+                future.set_exception(failure or _LeaderGone())
+                future.exception()  # retrieved: no log when nobody joined
+            if self._inflight.get(key, (None, None))[0] is flight:
+                del self._inflight[key]
+        self.admission.release()
+
+    def _task(self, flight: Flight, coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """A task running ``coroutine`` (which runs ``flight``); if it is cancelled before the
+        run began, the flight is closed all the same (no place or ticket is ever lost)."""
+        task = asyncio.create_task(coroutine)
+        task.add_done_callback(lambda _: None if flight.started else self._close_flight(flight))
+        return task
 
     async def _collect(
         self, flight: Flight, problem: Problem, methods: Sequence[int]
@@ -436,9 +456,13 @@ class SaliencyServing:
                 problems=problems if len(problems) > 1 else None,
             )
             found: dict[int, dict[int, MethodEntry]] = {}
-            async with aclosing(self._run(flight, problems[0], batch.methods)) as run:
-                async for index, entries in run:
-                    found[index] = entries
+            try:
+                async with aclosing(self._run(flight, problems[0], batch.methods)) as run:
+                    async for index, entries in run:
+                        found[index] = entries
+            finally:
+                if not flight.started:
+                    self._close_flight(flight)
             for problem, mask, _, future in batch.members:
                 if not future.done():
                     future.set_result(found[rows[self.cache_key(problem, batch.methods[0], mask)]])
@@ -549,7 +573,7 @@ class SaliencyServing:
                 tasks.append(asyncio.create_task(self._batched(problem, mask, own, client)))
             elif own:
                 flight = self._begin(problem, [mask], own, priority, client)
-                tasks.append(asyncio.create_task(self._collect(flight, problem, own)))
+                tasks.append(self._task(flight, self._collect(flight, problem, own)))
             if joined:
                 tasks.append(asyncio.create_task(self._join(joined, problem, mask, priority)))
             try:
@@ -609,11 +633,15 @@ class SaliencyServing:
                 methods = [m for m in problem.methods if any(m not in known[i] for i in own)]
                 masks = np.asarray([targets[i][1] for i in own], dtype=bool)
                 flight = self._begin(problem, masks, methods, priority, client)
-                async with aclosing(self._run(flight, problem, methods)) as run:
-                    async for position, entries in run:
-                        index = own[position]
-                        known[index].update(entries)
-                        yield message(index, known[index], False)
+                try:
+                    async with aclosing(self._run(flight, problem, methods)) as run:
+                        async for position, entries in run:
+                            index = own[position]
+                            known[index].update(entries)
+                            yield message(index, known[index], False)
+                finally:
+                    if not flight.started:
+                        self._close_flight(flight)
             for index, found in joined.items():
                 known[index].update(await self._join(found, problem, np.asarray(targets[index][1]), priority))
                 if missing(index):  # the run it joined stopped: compute it here

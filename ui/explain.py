@@ -120,8 +120,11 @@ def _saliency(
     if hit is not None:
         return hit, None
     if prefetched is not None:
-        cache.put(key, prefetched)
-        return prefetched, None
+        answer = saliency_pb2.SaliencyResponse()
+        answer.CopyFrom(prefetched)
+        answer.cache_hit = True  # computed earlier by the precompute, not for this click
+        cache.put(key, answer)
+        return answer, None
     failed_key = f"v_sal_err_{name}"
     failed = st.session_state.get(failed_key)
     if isinstance(failed, tuple) and failed[0] == key:
