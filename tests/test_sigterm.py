@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from seqsal.client import SaliencyClient
 from seqsal.errors import UnavailableError
+from seqsal.retry import RetryPolicy
 from seqsal.v1 import common_pb2
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -137,8 +138,12 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(
             signalled = time.monotonic()
             time.sleep(0.3)
 
-            # draining: a new call on a new connection is refused
-            with SaliencyClient(address, timeout=5.0) as late, pytest.raises(UnavailableError):
+            # draining: a new call on a new connection is refused (asked once: the default policy
+            # would retry it for seconds, as it should to reach another replica)
+            with (
+                SaliencyClient(address, timeout=5.0, retry=RetryPolicy(attempts=1)) as late,
+                pytest.raises(UnavailableError),
+            ):
                 late.saliency(prompt="Too late.", target=TARGET)
             assert process.poll() is None, "the server quit before its in-flight request finished"
             assert not in_flight.done(), "the long request finished too early to show draining"
