@@ -42,6 +42,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the servers it starts inherit this: two processes with a spinning OpenMP thread per core each
+# are many times slower on a small machine than with half the cores each (as in tests/conftest.py)
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(4, (os.cpu_count() or 2) // 2))))
 
 import argparse
 import asyncio
