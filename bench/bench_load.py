@@ -18,10 +18,12 @@ Generate 15 % (greedy, 16 new tokens), Score 20 %, Saliency 30 % and SaliencyAll
 (sentences of a three-sentence target). Prompts run from 10 to 4,000 tokens (to 800 with
 ``--quick``: the tiny model's context is 1,024), short ones more often (weights halve at each
 longer size), four variants per size, so that repeats hit the saliency cache as a user's
-clicks do. Every call has a deadline (``--deadline``). A client refused with
-RESOURCE_EXHAUSTED waits a random 0.1-0.5 s before its next call, as a well-behaved client
-does. The run of one N stops by itself: when every client has sent its calls, or at
-``--time-limit``, when the calls still in flight are cancelled (counted as ``cut``).
+clicks do; half the Saliency calls explain a new target, so they must compute (identical
+calls in flight are computed once and do not queue). Every call has a deadline
+(``--deadline``). A client refused with RESOURCE_EXHAUSTED waits a random 0.1-0.5 s before
+its next call, as a well-behaved client does. The run of one N stops by itself: when every
+client has sent its calls, or at ``--time-limit``, when the calls still in flight are
+cancelled (counted as ``cut``).
 
 Reported per N: calls, completed, errors by status code, cut, p50/p95/p99 latency of the
 calls answered OK, the p99 latency of the refusals (overload must be refused fast, never
@@ -40,6 +42,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the servers it starts inherit this: two processes with a spinning OpenMP thread per core each
+# are many times slower on a small machine than with half the cores each (as in tests/conftest.py)
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(4, (os.cpu_count() or 2) // 2))))
 
 import argparse
 import asyncio
@@ -142,7 +147,11 @@ class LoadClient:
         elif rpc == "Score":
             await self.inference.score(prompt=prompt, targets=[TARGET])
         elif rpc == "Saliency":
-            await self.saliency.saliency(prompt=prompt, target=TARGET)
+            # half are clicks on a view seen before (cache hits, or joining an identical call in
+            # flight), half explain a new target: these must compute, and fill the queue
+            fresh = self.rng.random() < 0.5
+            target = TARGET + (f" Note {self.rng.getrandbits(32):08x}." if fresh else "")
+            await self.saliency.saliency(prompt=prompt, target=target)
         else:
             stream = self.saliency.saliency_all_segments(
                 prompt=prompt, target=TARGET, granularity=common_pb2.SENTENCES

@@ -103,10 +103,10 @@ def model_revision(path: Path, *, memo: Path | None = None) -> str:
                 file_hash = str(entry["sha256"])
             else:
                 file_hash = file_sha256(file)
-                if stat_signature(file) != signature:  # written to while hashing: do not remember
-                    raise RuntimeError(f"{file} changed while it was being fingerprinted; try again")
-                known[key] = {"stat": signature, "sha256": file_hash}
-                changed = True
+                # written to while hashing: not remembered (the loader notices and loads again)
+                if stat_signature(file) == signature:
+                    known[key] = {"stat": signature, "sha256": file_hash}
+                    changed = True
             digest.update(str(file.relative_to(path)).encode())
             digest.update(bytes.fromhex(file_hash))
         if changed:

@@ -138,8 +138,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(
             signalled = time.monotonic()
             time.sleep(0.3)
 
-            # draining: a new call on a new connection is refused
-            # (no client retries: they would wait out the drain; the server's refusal is what is tested)
+            # draining: a new call on a new connection is refused (asked once: the default policy
+            # would retry it for seconds, as it should to reach another replica)
             with (
                 SaliencyClient(address, timeout=5.0, retry=RetryPolicy(attempts=1)) as late,
                 pytest.raises(UnavailableError),
