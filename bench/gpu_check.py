@@ -159,7 +159,7 @@ def build_model(shape: dict[str, Any], device: str, dtype: torch.dtype) -> Any:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(**shape, initializer_range=0.02, attn_implementation="sdpa")
-    with torch.random.fork_rng(devices=[] if device == "cpu" else [torch.device(device)]):
+    with torch.random.fork_rng(devices=[] if device == "cpu" else [torch.cuda.current_device()]):
         torch.manual_seed(SEED)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
