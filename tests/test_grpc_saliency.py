@@ -411,7 +411,7 @@ async def test_custom_regex_segments(client: AsyncSaliencyClient) -> None:
 
 # n 'a' then 'b': Python's re backtracks 2**n times on these (the server freeze); RE2 is linear.
 CATASTROPHIC_PROMPT = "a" * 900 + "b"
-CATASTROPHIC_REGEXES = [r"(a+)+$", r"(a|aa)+$", r"(a*)*b$"]
+CATASTROPHIC_REGEXES = [r"(a+)+$", r"(a|aa)+$", r"(a|a)+$"]
 
 
 @pytest.mark.parametrize("pattern", CATASTROPHIC_REGEXES)
