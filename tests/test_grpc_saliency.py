@@ -412,7 +412,7 @@ async def test_custom_regex_segments(client: AsyncSaliencyClient) -> None:
 
 # n 'a' then 'b': Python's re backtracks 2**n times on these (the server freeze); RE2 is linear.
 CATASTROPHIC_PROMPT = "a" * 900 + "b"
-CATASTROPHIC_REGEXES = [r"(a+)+$", r"(a|aa)+$", r"(a*)*b$"]
+CATASTROPHIC_REGEXES = [r"(a+)+$", r"(a|aa)+$", r"(a|a)+$"]
 
 
 @pytest.mark.parametrize("pattern", CATASTROPHIC_REGEXES)
@@ -426,6 +426,9 @@ async def test_catastrophic_regex_answers_and_health_keeps_answering(
             client.saliency_all_segments(prompt=CATASTROPHIC_PROMPT, target=" x", **regex)
         )
     assert probe.answers >= 2 and not probe.failures
+    print(
+        f"\n[regex] {pattern} on {len(CATASTROPHIC_PROMPT)} chars: answered; {probe.answers} health answers"
+    )
     prompt_text = "".join(s.text for s in single.segments if s.part == common_pb2.PROMPT)
     assert prompt_text.endswith(CATASTROPHIC_PROMPT)
     assert len(streamed) == streamed[0].segment_count == 1

@@ -59,8 +59,9 @@ EXAMPLE_TITLE = "Restaurant few-shot: copy-paste error (Quiche Lorraine)"
 START_TIMEOUT_S = 240.0
 #: Generation plus saliency on a loaded 2-core CPU: a few seconds each; generous, the waits are on conditions.
 WAIT_MS = 120_000
-#: The ~2,000-token prompt: generating and explaining it took over 120 s on a loaded 2-core machine.
-LONG_WAIT_MS = 420_000
+#: The ~2,000-token prompt: page load to heatmap took 303 s on a 2-core machine loaded by two
+#: busy loops and four other developers' test runs.
+LONG_WAIT_MS = 600_000
 
 HEATMAP = '[data-testid="seqsal-heatmap"]'
 UNIT = f"{HEATMAP} span.seqsal-unit"
@@ -441,6 +442,7 @@ def long_prompt() -> str:
     return head + "## For example:\n\n" + shots * 12 + "## Now analyse one more example:" + query_part
 
 
+@pytest.mark.timeout(900)  # LONG_WAIT_MS and the checks after it
 def test_two_thousand_token_prompt_render_time(stack: RunningStack, page: Page, tmp_path: Path) -> None:
     prompt = long_prompt()
     params = {"ex": EXAMPLE_ID, "prompt": prompt, "gran": "tokens", "target": "candidate", "max_new": "8"}
