@@ -61,7 +61,7 @@ def test_estimate_grows_with_the_work_and_checkpointing_cuts_it() -> None:
     assert all(c < p for c, p in zip(lean, plain, strict=True))
     # the figures: today 11.4 GB at 7,900 tokens (with ~0.9 GiB of weights and runtime)
     assert 8 * GIB < plain[-1] < 14 * GIB
-    assert lean[-1] < 3 * GIB
+    assert lean[-1] < 5 * GIB and lean[-1] < plain[-1] / 2
     assert estimate(2048, checkpointing=True, n_selections=8) > estimate(2048, checkpointing=True)
     assert estimate(2048, checkpointing=True, rows=2) > estimate(2048, checkpointing=True)
     half = estimate_peak_bytes(
