@@ -19,12 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 
+from seqsal.health import grpc_serving as grpc_serving  # re-exported
 from seqsal.settings import Settings
-from seqsal.tls import ClientTLS, server_tls_enabled, sync_channel
+from seqsal.tls import ClientTLS, server_tls_enabled
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 UI_APP = REPO_ROOT / "ui" / "app.py"
@@ -45,18 +44,6 @@ class Component:
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
-
-
-def grpc_serving(address: str, timeout: float = 1.0, tls: ClientTLS | None = None) -> bool:
-    """True when the gRPC server at ``address`` reports SERVING (health needs no token)."""
-    try:
-        with sync_channel(address, tls, []) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=timeout
-            )
-            return reply.status == health_pb2.HealthCheckResponse.SERVING
-    except grpc.RpcError:
-        return False
 
 
 def redis_ready(url: str) -> bool:

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import streamlit as st
 
 from seqsal.errors import UnavailableError
-from seqsal.stack import grpc_serving
+from seqsal.health import grpc_serving
 from seqsal.tls import ClientTLS
 from ui import explain, services
 from ui.services import Endpoints, ModelsReport
