@@ -86,7 +86,10 @@ class ScaleRules:
             parts.append(f"the range is the {self.clip_percentile:g}th percentile of |score|")
         if self.aggregate == "mean":
             parts.append("segment scores are means over their tokens")
-        return ("; ".join(parts) + ".").capitalize() if parts else ""
+        if not parts:
+            return ""
+        text = "; ".join(parts) + "."
+        return text[0].upper() + text[1:]
 
 
 def excluded_tokens(special: Sequence[bool], rules: ScaleRules) -> list[bool]:
