@@ -32,7 +32,7 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -142,6 +142,17 @@ def ig_schedule(steps: int, power: int, device: Any = None) -> tuple[torch.Tenso
     alphas = u**power
     weights = power * u ** (power - 1) / steps
     return alphas.to(device=device, dtype=torch.float32), weights.to(device=device, dtype=torch.float32)
+
+
+def _checkpointer(cancelled: CancelCheck | None, steps: Steps | None) -> Callable[[], None]:
+    """A step boundary: stop if the client went away, then let the scheduler decide (may block)."""
+
+    def checkpoint() -> None:
+        _check(cancelled)
+        if steps is not None:
+            steps.checkpoint(True)
+
+    return checkpoint
 
 
 def _check(cancelled: CancelCheck | None) -> None:
@@ -331,14 +342,8 @@ class GradientEngine:
         masks = np.asarray(masks, dtype=bool)
         if masks.ndim != 2 or masks.shape[1] != len(inputs.target_ids) or not masks.any(axis=1).all():
             raise ValueError("masks must be (K, n_target) with at least one selected token per row")
-        # one computation per model at a time unless a scheduler decides: autograd graphs are large
-        with self._lock if steps is None else nullcontext():
-            previous = getattr(_current, "steps", None)
-            _current.steps = steps
-            try:
-                yield from self._saliency_batch(inputs, masks, methods, ig_steps, cancelled, steps)
-            finally:
-                _current.steps = previous
+        with self._driven(steps):
+            yield from self._saliency_batch(inputs, masks, methods, ig_steps, cancelled, steps)
 
     def saliency_many(
         self,
@@ -361,13 +366,8 @@ class GradientEngine:
         for inputs, mask in items:
             if len(mask) != len(inputs.target_ids) or not any(mask):
                 raise ValueError("each mask must have one bool per target token and select at least one")
-        with self._lock if steps is None else nullcontext():
-            previous = getattr(_current, "steps", None)
-            _current.steps = steps
-            try:
-                yield from self._saliency_many(items, methods, cancelled, steps)
-            finally:
-                _current.steps = previous
+        with self._driven(steps):
+            yield from self._saliency_many(items, methods, cancelled, steps)
 
     def _saliency_many(
         self,
@@ -376,11 +376,7 @@ class GradientEngine:
         cancelled: CancelCheck | None,
         steps: Steps | None,
     ) -> Iterator[SaliencyResult]:
-        def checkpoint() -> None:
-            _check(cancelled)
-            if steps is not None:
-                steps.checkpoint(True)
-
+        checkpoint = _checkpointer(cancelled, steps)
         checkpoint()
         rows = [list(inputs.prompt_ids) + list(inputs.target_ids) for inputs, _ in items]
         width = max(len(row) for row in rows)
@@ -433,6 +429,18 @@ class GradientEngine:
                 selection=b,
             )
 
+    @contextmanager
+    def _driven(self, steps: Steps | None) -> Iterator[None]:
+        """One computation per engine at a time unless a scheduler decides (autograd graphs are
+        large); the layer checkpoints of this thread report to ``steps`` meanwhile."""
+        with self._lock if steps is None else nullcontext():
+            previous = getattr(_current, "steps", None)
+            _current.steps = steps
+            try:
+                yield
+            finally:
+                _current.steps = previous
+
     def probe(self) -> None:
         """A two-token forward pass: raises if the model (or its device) no longer works."""
         with torch.no_grad():
@@ -450,11 +458,7 @@ class GradientEngine:
         cancelled: CancelCheck | None,
         steps: Steps | None = None,
     ) -> Iterator[SaliencyResult]:
-        def checkpoint() -> None:
-            _check(cancelled)
-            if steps is not None:
-                steps.checkpoint(True)
-
+        checkpoint = _checkpointer(cancelled, steps)
         checkpoint()
         rows, n_prompt = self._layout(inputs)
         total = inputs.total_tokens
