@@ -41,7 +41,9 @@ import torch
 
 from saliency_server.checkpointing import CheckpointPolicy, checkpointed_layers
 from saliency_server.checkpointing import Mode as CheckpointMode
+from saliency_server.forward_cache import ForwardCache, HeldForward, SavedBytes
 from saliency_server.logprobs import token_logprobs
+from saliency_server.memory import model_dims
 from seqsal.errors import CancelledError
 from seqsal.v1 import common_pb2
 
@@ -155,6 +157,10 @@ def _checkpointer(cancelled: CancelCheck | None, steps: Steps | None) -> Callabl
     return checkpoint
 
 
+def _ids_or_none(ids: Sequence[int] | None) -> tuple[int, ...] | None:
+    return None if ids is None else tuple(ids)
+
+
 def _check(cancelled: CancelCheck | None) -> None:
     if cancelled is not None and cancelled():
         raise CancelledError("request cancelled by the client or its deadline passed")
@@ -171,8 +177,11 @@ class GradientEngine:
         segment_batch_size: int = 8,
         checkpoint_policy: CheckpointPolicy | None = None,
         logprob_chunk: int = 256,
+        forward_cache: ForwardCache | None = None,
     ) -> None:
         self.model = model
+        #: forward passes kept for the next computation of the same ids (off unless given)
+        self.forward_cache = forward_cache if forward_cache is not None else ForwardCache(max_bytes=0)
         self.checkpoint_policy = checkpoint_policy or CheckpointPolicy()
         self.logprob_chunk = logprob_chunk
         self.embeddings = model.get_input_embeddings()
@@ -471,16 +480,12 @@ class GradientEngine:
         last_selected = np.array([n_prompt + int(np.flatnonzero(m)[-1]) for m in masks])
         limit = np.full(len(masks), n_prompt) if inputs.foil_ids is not None else last_selected
 
-        rows_per_pass = 2 if inputs.foil_ids is not None else 1
-        chunk = self.segment_batch_size if self._batched_vjp_ok else 1
-        backward_passes = -(-len(masks) // chunk)
-        mode: CheckpointMode = (
-            self._checkpoint(inputs, rows_per_pass, len(masks), backward_passes) if want_grad else "off"
-        )
-        leaf = leaf_embeds.unsqueeze(0).clone().requires_grad_(want_grad)
-        with torch.set_grad_enabled(want_grad):
-            outputs = self._log_probs(leaf, inputs, checkpoint=mode)
-        token_lp = outputs[0].detach().cpu().numpy().astype(np.float32)
+        if want_grad:
+            leaf, outputs, token_lp = self._gradient_forward(inputs, leaf_embeds, len(masks))
+        else:
+            with torch.no_grad():
+                outputs = self._log_probs(leaf_embeds.unsqueeze(0), inputs)
+            leaf, token_lp = leaf_embeds.unsqueeze(0), outputs[0].cpu().numpy().astype(np.float32)
         checkpoint()
 
         ig_scores: np.ndarray | None = None
@@ -534,6 +539,41 @@ class GradientEngine:
                     ig_steps=ig_steps if ig_scores is not None else 0,
                     selection=k,
                 )
+
+    def _gradient_forward(
+        self, inputs: SaliencyInputs, leaf_embeds: torch.Tensor, n_selections: int
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """The leaf, per-token log-probs (with their graph) and their values for a gradient pass:
+        the forward cache's when it holds this problem's, else a new forward (kept when it may be)."""
+        key = (tuple(inputs.prompt_ids), tuple(inputs.target_ids), _ids_or_none(inputs.foil_ids))
+        held = self.forward_cache.get(key)
+        if held is not None:
+            self.last_checkpointing = held.mode  # type: ignore[assignment]
+            return held.leaf, held.outputs, held.token_lp
+        rows = 2 if inputs.foil_ids is not None else 1
+        chunk = self.segment_batch_size if self._batched_vjp_ok else 1
+        passes = -(-n_selections // chunk)
+        if self.forward_cache.enabled and n_selections > 1:
+            # a response's segments (SaliencyAllSegments): another granularity of the same response
+            # is likely next, so the pass is checkpointed in a way it can be backpropagated again
+            passes = max(passes, 2)
+        mode = self._checkpoint(inputs, rows, n_selections, passes)
+        leaf = leaf_embeds.unsqueeze(0).clone().requires_grad_(True)
+        saved = SavedBytes(self.model)
+        with torch.enable_grad(), saved.counting() if self.forward_cache.keeps(mode) else nullcontext():
+            outputs = self._log_probs(leaf, inputs, checkpoint=mode)
+        token_lp = outputs[0].detach().cpu().numpy().astype(np.float32)
+        if self.forward_cache.keeps(mode):
+            nbytes = saved.nbytes + (self._layer_inputs_bytes(inputs, rows) if mode == "full" else 0)
+            self.forward_cache.put(key, HeldForward(leaf, outputs, token_lp, mode, nbytes))
+        return leaf, outputs, token_lp
+
+    def _layer_inputs_bytes(self, inputs: SaliencyInputs, rows: int) -> int:
+        """What a fully checkpointed pass keeps outside autograd's saved tensors: each layer's input."""
+        dims = model_dims(self.model.config)
+        width = len(inputs.prompt_ids) + max(len(inputs.target_ids), len(inputs.foil_ids or ()))
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return dims.layers * rows * width * dims.hidden * element
 
     def _integrated_gradients(
         self,

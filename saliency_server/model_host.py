@@ -9,6 +9,8 @@ from typing import Any
 
 from saliency_server.checkpointing import CheckpointPolicy
 from saliency_server.engine import GradientEngine
+from saliency_server.forward_cache import ForwardCache
+from saliency_server.memory import MIB
 from seqsal.fingerprint import directory_signature
 from seqsal.model_registry import (
     ModelSpec,
@@ -69,7 +71,7 @@ def load_hosted_model(spec: ModelSpec, settings: Settings, *, is_default: bool) 
     """Load one model for gradient computation, as the settings say (device, dtype, batch sizes)."""
     started = time.perf_counter()
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
+    dtype = resolve_dtype(settings.dtype_for(spec.id), device)
     # the revision goes into every cache key: it must describe the weights actually loaded, so
     # it is taken before loading and the load is repeated if the files changed meanwhile
     for _attempt in range(3):
@@ -90,6 +92,9 @@ def load_hosted_model(spec: ModelSpec, settings: Settings, *, is_default: bool) 
         segment_batch_size=settings.segment_batch_size,
         checkpoint_policy=CheckpointPolicy(
             mode=settings.checkpointing, min_tokens=settings.checkpoint_min_tokens
+        ),
+        forward_cache=ForwardCache(
+            max_bytes=settings.forward_cache_mb * MIB, max_entries=4, ttl_s=settings.forward_cache_ttl_s
         ),
     )
     if tokenizer.pad_token_id is not None:

@@ -19,6 +19,8 @@ every decoder layer of a pass; see :class:`saliency_server.engine.Steps`). So:
   while the boost lasts, and its boosted selections go first (:meth:`Ticket.urgent`).
 * **Memory.** Each ticket may carry a cost in bytes; with a budget, a ticket starts only while
   the costs of the started (running or paused) tickets stay within it (one always may start).
+  Memory held between tickets (forward passes the engine keeps for reuse, see
+  :mod:`saliency_server.forward_cache`) counts too, and is let go when a ticket needs the room.
 * **Cancellation.** A waiting or paused ticket whose client went away leaves at once
   (:meth:`Scheduler.cancel`, or its ``stopped`` callable at the next poll) and frees its place.
 
@@ -37,6 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from seqsal.errors import CancelledError
 from seqsal.v1 import saliency_pb2
@@ -65,6 +68,14 @@ def priority_from_wire(value: int, default: Priority) -> Priority:
     if value == saliency_pb2.PRIORITY_BACKGROUND:
         return Priority.BACKGROUND
     return default
+
+
+class Reserve(Protocol):
+    """Memory held outside the tickets that can be let go (the engine's forward cache)."""
+
+    def bytes_held(self) -> int: ...
+
+    def release(self) -> int: ...
 
 
 class State(enum.Enum):
@@ -113,6 +124,8 @@ class Scheduler:
         budget_bytes: most bytes the started tickets may hold together; None = no budget.
         contended_chunk: selections per backward chunk of a ticket while other work is ready
             (small chunks give way sooner); 0 = the engine's own chunk size.
+        reserve: memory held between tickets (the engine's forward cache): counted against the
+            budget, and released when a ticket would not fit because of it.
     """
 
     def __init__(
@@ -122,6 +135,7 @@ class Scheduler:
         slots: int = 1,
         budget_bytes: int | None = None,
         contended_chunk: int = 0,
+        reserve: Reserve | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError("slots must be >= 1")
@@ -129,6 +143,7 @@ class Scheduler:
         self.slots = slots
         self.budget_bytes = budget_bytes
         self.contended_chunk = contended_chunk
+        self.reserve = reserve
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._tickets: list[Ticket] = []  # not done, in submission order
@@ -310,7 +325,12 @@ class Scheduler:
         if ticket.started or self.budget_bytes is None:
             return True
         held = sum(t.cost_bytes for t in self._tickets if t.started)
-        return held == 0 or held + ticket.cost_bytes <= self.budget_bytes
+        fits = held == 0 or held + ticket.cost_bytes <= self.budget_bytes
+        if self.reserve is None or not fits:
+            return fits
+        if held + self.reserve.bytes_held() + ticket.cost_bytes > self.budget_bytes:
+            self.reserve.release()  # kept forward passes give way to a computation that needs the room
+        return True
 
     def _yield_reason(self, running: Ticket, boundary: bool) -> str | None:
         ready = [t for t in self._ready() if self._fits(t)]

@@ -146,6 +146,7 @@ class SaliencyServing:
                 slots=settings.max_concurrency,
                 budget_bytes=budget_bytes,
                 contended_chunk=settings.contended_chunk,
+                reserve=host.get(model).engine.forward_cache,
             )
             for model in self.engines
         }

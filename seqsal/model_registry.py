@@ -64,6 +64,12 @@ def model_specs(settings: Settings) -> list[ModelSpec]:
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise InvalidArgumentError(f"model ids must be unique; repeated: {duplicates}", field="model")
+    unknown = sorted(set(settings.model_dtypes) - set(ids))
+    if unknown:
+        raise InvalidArgumentError(
+            f"SEQSAL_MODEL_DTYPES names models that are not hosted: {unknown}; hosted: {ids}",
+            field="model_dtypes",
+        )
     return specs
 
 

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 
 
@@ -49,8 +51,11 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Address the saliency server binds to.")
     port: int = Field(default=50051, ge=0, le=65535, description="Port of the saliency server.")
     device: str = Field(default="auto", description="'auto' (cuda if present, else cpu), 'cpu', 'cuda:N'.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="Model dtype; 'auto' = float32 on CPU, bfloat16 on GPU."
+    dtype: Dtype = Field(default="auto", description="Model dtype; 'auto' = float32 on CPU, bfloat16 on GPU.")
+    model_dtypes: Annotated[dict[str, Dtype], NoDecode] = Field(
+        default_factory=dict,
+        description="Per-model dtype instead of `dtype`, 'ID=DTYPE,...' with the ids of `models` "
+        "(e.g. 'gemma3-270m=bfloat16'); the models not named get `dtype`.",
     )
     max_tokens: int | None = Field(
         default=None,
@@ -68,6 +73,17 @@ class Settings(BaseSettings):
         default=1024,
         ge=1,
         description="'auto' checkpointing from this many tokens per forward pass (width x rows).",
+    )
+    forward_cache_mb: int = Field(
+        default=1024,
+        ge=0,
+        description="Forward passes (their autograd graphs, MiB in all) kept per model so that the next "
+        "computation of the same prompt and target (another granularity, a custom selection) runs only "
+        "its backward passes; counted against the memory budget and let go when a request needs the "
+        "room; 0 = off.",
+    )
+    forward_cache_ttl_s: float = Field(
+        default=120.0, gt=0, description="A kept forward pass is dropped this long (s) after its last use."
     )
     memory_budget_mb: int | None = Field(
         default=None,
@@ -264,6 +280,21 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("model_dtypes", mode="before")
+    @classmethod
+    def _split_model_dtypes(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        pairs = [part.strip().rpartition("=") for part in value.split(",") if part.strip()]
+        bad = [f"{model}{sep}{dtype}" for model, sep, dtype in pairs if not model or not sep]
+        if bad:
+            raise ValueError(f"model_dtypes must be 'ID=DTYPE,...'; not understood: {bad}")
+        return {model.strip(): dtype.strip() for model, _, dtype in pairs}
+
+    def dtype_for(self, model_id: str) -> str:
+        """The dtype a model is loaded in: its entry in `model_dtypes`, else `dtype`."""
+        return self.model_dtypes.get(model_id, self.dtype)
 
 
 @lru_cache(maxsize=1)

@@ -686,6 +686,35 @@ async def test_all_segments_stream(
     assert sorted(m.segment_index for m in again) == list(range(count))
 
 
+async def test_a_second_granularity_reuses_the_kept_forward_pass(
+    client: AsyncSaliencyClient, srv: RunningSaliencyServer
+) -> None:
+    engine = srv.serving.host.get("").engine
+    forwards: list[int] = []
+    handle = engine.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    prompt = "Kept forward: " + PROMPT
+    try:
+        sentences = await collect(
+            client.saliency_all_segments(prompt=prompt, target=TARGET, granularity=common_pb2.SENTENCES)
+        )
+        assert len(forwards) == 1 and engine.forward_cache.bytes_held() > 0
+        words = await collect(
+            client.saliency_all_segments(prompt=prompt, target=TARGET, granularity=common_pb2.WORDS)
+        )
+        assert len(forwards) == 1  # the words' backward passes ran on the sentences' forward
+    finally:
+        handle.remove()
+    assert len(sentences) == 2 and len(words) > len(sentences)
+    memory_cache(srv).clear()
+    engine.forward_cache.release()
+    for message in words[:2]:  # the same scores as a computation from scratch
+        fresh = await client.saliency(
+            prompt=prompt, target=TARGET, target_mask=list(message.saliency.target_mask)
+        )
+        assert not fresh.cache_hit
+        assert_close_scores(message.saliency, fresh)
+
+
 async def test_all_segments_with_foil_and_ig(client: AsyncSaliencyClient) -> None:
     messages = await collect(
         client.saliency_all_segments(
@@ -887,6 +916,31 @@ async def test_bad_input_is_a_typed_error_naming_the_field(
     for fragment in fragments:
         assert fragment in info.value.message, (fragment, info.value.message)
     await still_serves(client)
+
+
+async def test_each_model_runs_in_its_own_dtype(
+    run_saliency_server: SaliencyServerFactory, model_specs: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEQSAL_MODEL_DTYPES", "gpt2=bfloat16")
+    settings = make_settings(model_specs)
+    assert settings.dtype_for("gpt2") == "bfloat16" and settings.dtype_for("tiny") == "float32"
+    async with run_saliency_server(settings) as mixed, AsyncSaliencyClient(mixed.address, timeout=60.0) as c:
+        dtypes = {m.id: m.dtype for m in (await c.list_models()).models}
+        assert dtypes == {"tiny": "float32", "gpt2": "bfloat16"}
+        bf16 = await c.saliency(model="gpt2", prompt=PROMPT, target=TARGET)
+        fp32 = await c.saliency(model="tiny", prompt=PROMPT, target=TARGET)
+    assert (bf16.dtype, fp32.dtype) == ("bfloat16", "float32")
+    assert all(np.isfinite(scores).all() and np.abs(scores).max() > 0 for scores in scores_of(bf16).values())
+
+
+async def test_model_dtypes_name_hosted_models(model_specs: list[str]) -> None:
+    from seqsal.model_registry import model_specs as resolve_specs
+
+    with pytest.raises(InvalidArgumentError, match=r"not hosted: \['nope'\]") as caught:
+        resolve_specs(make_settings(model_specs, model_dtypes={"nope": "bfloat16"}))
+    assert caught.value.field == "model_dtypes"
+    with pytest.raises(ValueError, match="ID=DTYPE"):
+        Settings(_env_file=None, model_dtypes="bfloat16")  # type: ignore[call-arg]
 
 
 async def test_too_many_tokens(run_saliency_server: SaliencyServerFactory, llama_spec: str) -> None:

@@ -136,7 +136,7 @@ class TransformersBackend(Backend):
 
     async def start(self) -> None:
         device = resolve_device(self.settings.device)
-        dtype = resolve_dtype(self.settings.dtype, device)
+        dtype = resolve_dtype(self.settings.dtype_for(self.spec.id), device)
         self.model = await asyncio.to_thread(load_causal_lm, self.spec.path, device, dtype)
         config = self.model.config
         limit = (

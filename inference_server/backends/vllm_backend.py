@@ -67,9 +67,8 @@ class VllmBackend(Backend):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        dtype = (
-            self.settings.dtype if self.settings.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
-        )
+        asked = self.settings.dtype_for(self.spec.id)
+        dtype = asked if asked != "auto" else ("float32" if on_cpu else "bfloat16")
         kwargs: dict[str, Any] = {
             "model": str(self.spec.path),
             "tokenizer": str(self.spec.path),
