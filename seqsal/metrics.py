@@ -88,6 +88,7 @@ class _StateCollector(Collector):
 
 
 def _scheduler_metrics(schedulers: Mapping[str, Scheduler]) -> Iterator[Metric]:
+    from saliency_server.forward_cache import ForwardCache
     from saliency_server.scheduler import WAIT_BUCKETS
 
     depth = GaugeMetricFamily(
@@ -108,7 +109,19 @@ def _scheduler_metrics(schedulers: Mapping[str, Scheduler]) -> Iterator[Metric]:
     finished = CounterMetricFamily(
         "seqsal_scheduler_finished", "Saliency computations completed.", labels=["model", "priority"]
     )
+    kept = GaugeMetricFamily(
+        "seqsal_forward_cache_bytes", "Bytes of forward passes kept for reuse.", labels=["model"]
+    )
+    lookups = CounterMetricFamily(
+        "seqsal_forward_cache_lookups",
+        "Gradient passes that found (hit) or ran (miss) their forward pass.",
+        labels=["model", "result"],
+    )
     for model, scheduler in schedulers.items():
+        if isinstance(scheduler.reserve, ForwardCache):
+            kept.add_metric([model], float(scheduler.reserve.bytes_held()))
+            lookups.add_metric([model, "hit"], float(scheduler.reserve.hits))
+            lookups.add_metric([model, "miss"], float(scheduler.reserve.misses))
         snap = scheduler.snapshot()
         for (priority, state), value in snap["depth"].items():  # type: ignore[attr-defined]
             depth.add_metric([model, priority, state], float(value))
@@ -119,7 +132,7 @@ def _scheduler_metrics(schedulers: Mapping[str, Scheduler]) -> Iterator[Metric]:
         for priority, (counts, total, n) in snap["wait"].items():  # type: ignore[attr-defined]
             buckets = [(str(b), float(c)) for b, c in zip(WAIT_BUCKETS, counts, strict=True)]
             wait.add_metric([model, priority], [*buckets, ("+Inf", float(n))], float(total))
-    yield from (depth, wait, preemptions, finished)
+    yield from (depth, wait, preemptions, finished, kept, lookups)
 
 
 def _gpu_memory() -> Iterator[Metric]:

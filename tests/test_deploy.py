@@ -1081,9 +1081,12 @@ def exported_metric_names() -> set[str]:
     server.in_progress.labels("Saliency").set(0)
     server.watch_cache(Cache())  # type: ignore[arg-type]
     server.watch_queue(lambda: {"running": 0, "waiting": 0})
+    from saliency_server.forward_cache import ForwardCache
     from saliency_server.scheduler import Scheduler
 
-    server.watch_schedulers({"m": Scheduler("m")})
+    server.watch_schedulers(
+        {"m": Scheduler("m", reserve=ForwardCache(max_bytes=1))}
+    )  # as the server builds them
     text = generate_latest(server.registry).decode()
     names = {
         line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")
