@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     model_dtypes: Annotated[dict[str, Dtype], NoDecode] = Field(
         default_factory=dict,
         description="Per-model dtype instead of `dtype`, 'ID=DTYPE,...' with the ids of `models` "
-        "(e.g. 'gemma3-270m=bfloat16'); the models not named get `dtype`.",
+        "(e.g. 'gemma-3-270m=bfloat16'); the models not named get `dtype`.",
     )
     max_tokens: int | None = Field(
         default=None,
