@@ -22,7 +22,7 @@ SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    """Thin gRPC adapter over :class:`InferenceServing`; errors are mapped by the interceptor."""
+    """Thin gRPC adapter over :class:`InferenceServing`; errors are mapped by :mod:`seqsal.call_lifecycle`."""
 
     def __init__(self, serving: InferenceServing, metrics: ServerMetrics | None = None) -> None:
         self.serving = serving

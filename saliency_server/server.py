@@ -11,8 +11,8 @@ import grpc
 
 from saliency_server.model_host import ModelHost
 from saliency_server.serving import SaliencyServing
-from seqsal.access import client_var
 from seqsal.cache import make_cache
+from seqsal.call_lifecycle import client_var
 from seqsal.grpc_server import GrpcServer, preflight
 from seqsal.metrics import ServerMetrics
 from seqsal.model_registry import model_specs
@@ -25,7 +25,7 @@ SERVICE = saliency_pb2.DESCRIPTOR.services_by_name["SaliencyService"]
 
 
 class SaliencyServicer(saliency_pb2_grpc.SaliencyServiceServicer):
-    """Thin gRPC adapter over :class:`SaliencyServing`; errors are mapped by the interceptor."""
+    """Thin gRPC adapter over :class:`SaliencyServing`; errors are mapped by :mod:`seqsal.call_lifecycle`."""
 
     def __init__(self, serving: SaliencyServing, metrics: ServerMetrics | None = None) -> None:
         self.serving = serving

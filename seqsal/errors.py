@@ -1,6 +1,6 @@
 """Typed errors shared by servers and clients.
 
-Servers raise these; one interceptor turns them into gRPC status codes with a
+Servers raise these; one interceptor (:mod:`seqsal.call_lifecycle`) turns them into gRPC status codes with a
 ``google.rpc.BadRequest`` detail naming the field; the client turns the status
 back into the same exception class. So every layer speaks one error language.
 """

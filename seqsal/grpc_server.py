@@ -1,4 +1,4 @@
-"""Shared gRPC server plumbing: options, health, reflection, interceptor and graceful shutdown."""
+"""Shared gRPC server plumbing: options, health, reflection, the call lifecycle and graceful shutdown."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ from google.protobuf import descriptor as _descriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from seqsal.access import AccessInterceptor
 from seqsal.auth import TokenAuth, check_bind_policy, is_loopback
-from seqsal.interceptor import ErrorInterceptor
+from seqsal.call_lifecycle import CallLifecycle
 from seqsal.metrics import ServerMetrics
 from seqsal.ratelimit import RateLimiter
 from seqsal.settings import Settings
@@ -51,7 +50,7 @@ def preflight(settings: Settings, host: str, what: str) -> None:
 
 
 def request_classes(services: Iterable[_descriptor.ServiceDescriptor]) -> dict[str, type]:
-    """Full method path -> request message class, for the interceptor's tolerant decoding."""
+    """Full method path -> request message class, for the tolerant decoding of requests."""
     classes: dict[str, type] = {}
     for service in services:
         for method in service.methods:
@@ -77,11 +76,15 @@ class GrpcServer:
         self.metrics = ServerMetrics(name)
         self.auth = TokenAuth.from_settings(settings)
         self.limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
-        access = AccessInterceptor(
-            auth=self.auth, limiter=self.limiter, metrics=self.metrics, tracer=make_tracer(settings, name)
+        lifecycle = CallLifecycle(
+            request_classes(services),
+            auth=self.auth,
+            limiter=self.limiter,
+            metrics=self.metrics,
+            tracer=make_tracer(settings, name),
         )
         self.server = grpc.aio.server(
-            interceptors=[access, ErrorInterceptor(request_classes(services))],
+            interceptors=[lifecycle],
             options=server_options(settings),
             maximum_concurrent_rpcs=None,
         )

@@ -42,7 +42,7 @@ def _install_sdk(service: str) -> None:
 
 
 def make_tracer(settings: Settings, service: str) -> Any | None:
-    """A tracer for the access interceptor, or None when tracing is off or OpenTelemetry is missing."""
+    """A tracer for the call lifecycle, or None when tracing is off or OpenTelemetry is missing."""
     if not settings.tracing:
         return None
     try:

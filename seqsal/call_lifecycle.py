@@ -1,23 +1,26 @@
-"""Every call's way in: request id, authentication, rate limit, then metrics, an access log line and a span.
+"""Every call's life on a seqsal server, in one interceptor: way in, answer or error, way out.
 
-The :class:`AccessInterceptor` is the outermost interceptor of each server:
+:class:`CallLifecycle` is the only interceptor of each server (:mod:`seqsal.grpc_server`). For
+every call of a seqsal service, in this order:
 
-1. the request id is the caller's ``x-request-id`` metadata or a new one; it is
-   put in :data:`~seqsal.logging_setup.request_id_var` (so every log line of the
-   call carries it) and sent back in the response's initial metadata, together with
-   the answer (the first message of a stream) or a refusal: headers sent any earlier
-   would commit the call, and gRPC could no longer retry it on another replica, or on
-   the same one restarted, when the server dies mid-call (see :mod:`seqsal.retry`);
-   a failed call has it in its trailing metadata;
-2. unless the method is open (health, reflection), the bearer token is checked
-   (UNAUTHENTICATED) and the caller's rate is charged (RESOURCE_EXHAUSTED with a
-   ``google.rpc.RetryInfo`` detail); a caller is its token's fingerprint, or its
-   address when the server runs without authentication;
-3. when the call ends, however it ends: ``seqsal_grpc_*`` metrics, one access
-   log line (``seqsal.access``: rpc, status, duration_ms, peer, client) and,
-   with tracing on, the span.
+1. the request id is the caller's ``x-request-id`` metadata or a new one (:mod:`seqsal.request_ids`);
+   it is put in :data:`~seqsal.logging_setup.request_id_var` (so every log line of the call
+   carries it) and sent back in the response's initial metadata, together with the answer (the
+   first message of a stream) or a refusal: headers sent any earlier would commit the call, and
+   gRPC could no longer retry it on another replica, or on the same one restarted, when the
+   server dies mid-call (see :mod:`seqsal.retry`); a failed call has it in its trailing metadata;
+2. the bearer token is checked (UNAUTHENTICATED) and the caller's rate is charged
+   (RESOURCE_EXHAUSTED with a ``google.rpc.RetryInfo`` detail); a caller is its token's
+   fingerprint, or its address when the server runs without authentication;
+3. the handler runs; whatever it raises becomes a gRPC status in this one place
+   (:mod:`seqsal.status`): a :class:`~seqsal.errors.SeqsalError` its code and a
+   ``google.rpc.BadRequest`` naming the field, a request that did not decode INVALID_ARGUMENT
+   naming the field, anything else (a bug) INTERNAL quoting the request id, with the traceback
+   in the log; the server keeps serving;
+4. when the call ends, however it ends: ``seqsal_grpc_*`` metrics, one access log line
+   (``seqsal.access``: rpc, status, duration_ms, peer, client) and, with tracing on, the span.
 
-Open methods pass straight through: probes are neither logged nor counted.
+Open methods (health, reflection) pass straight through: probes are neither logged nor counted.
 """
 
 from __future__ import annotations
@@ -32,15 +35,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
+from google.protobuf import message
 
 from seqsal.auth import AuthFailure, TokenAuth, fingerprint, is_open_method
+from seqsal.errors import InternalError, SeqsalError
 from seqsal.logging_setup import request_id_var
 from seqsal.metrics import ServerMetrics
 from seqsal.ratelimit import RateLimited, RateLimiter
 from seqsal.request_ids import REQUEST_ID_KEY, clean_request_id, new_request_id
+from seqsal.status import UndecodableRequest, rate_limited_status, status_for, tolerant_deserializer
 from seqsal.tracing import end_span, start_span
 
 #: Who makes the current call, for the saliency scheduler's fairness: ``token:<fingerprint>``
@@ -48,6 +51,7 @@ from seqsal.tracing import end_span, start_span
 client_var: ContextVar[str] = ContextVar("seqsal_client", default="local")
 
 access_logger = logging.getLogger("seqsal.access")
+error_logger = logging.getLogger("seqsal.grpc")
 
 
 def peer_host(peer: str) -> str:
@@ -59,20 +63,11 @@ def peer_host(peer: str) -> str:
     return peer
 
 
-def rate_limited_status(message: str, retry_after_s: float) -> grpc.Status:
-    """RESOURCE_EXHAUSTED with a RetryInfo detail saying when to retry."""
-    delay = duration_pb2.Duration()
-    delay.FromNanoseconds(max(1, int(retry_after_s * 1e9)))
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[detail])
-    return rpc_status.to_status(status)
-
-
 @dataclass
 class _Call:
     """What the interceptor knows about one call in progress."""
 
+    path: str  # /package.Service/Method
     rpc: str
     request_id: str
     started: float
@@ -88,10 +83,12 @@ class _Call:
             await context.send_initial_metadata(((REQUEST_ID_KEY, self.request_id),))
 
 
-class AccessInterceptor(grpc.aio.ServerInterceptor):
-    """Request ids, authentication, rate limits, metrics, access logs and spans for one server.
+class CallLifecycle(grpc.aio.ServerInterceptor):
+    """Request ids, authentication, rate limits, errors to status, metrics, access logs and spans.
 
     Args:
+        request_classes: full method path -> request message class, for the tolerant decoding
+            of requests (:func:`~seqsal.status.tolerant_deserializer`).
         auth: accepted tokens; None = no authentication.
         limiter: per-caller rate limit; None = none.
         metrics: where call counts and latencies go; None = nowhere.
@@ -100,12 +97,14 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(
         self,
+        request_classes: dict[str, type[message.Message]],
         *,
         auth: TokenAuth | None = None,
         limiter: RateLimiter | None = None,
         metrics: ServerMetrics | None = None,
         tracer: Any = None,
     ) -> None:
+        self.request_classes = request_classes
         self.auth = auth
         self.limiter = limiter
         self.metrics = metrics
@@ -120,6 +119,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         path = handler_call_details.method
         if handler is None or is_open_method(path):
             return handler
+        message_class = self.request_classes.get(path)
+        if message_class is not None and handler.request_deserializer is not None:
+            handler = handler._replace(
+                request_deserializer=tolerant_deserializer(message_class, handler.request_deserializer)
+            )
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._unary(handler.unary_unary, path))
         if handler.stream_unary is not None:
@@ -136,9 +140,15 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             code = "UNKNOWN"
             try:
                 await self._admit(call, context)
-                result = behavior(request, context)
-                if inspect.isawaitable(result):
-                    result = await result
+                try:
+                    _raise_if_undecodable(request)
+                    result = behavior(request, context)
+                    if inspect.isawaitable(result):
+                        result = await result
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await self._abort(call, context, exc)
                 await call.send_headers(context)
                 code = _final_code(context, "OK")
                 return result
@@ -156,13 +166,19 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             code = "UNKNOWN"
             try:
                 await self._admit(call, context)
-                result = behavior(request, context)
-                if inspect.isasyncgen(result):
-                    async for item in result:
-                        await call.send_headers(context)
-                        yield item
-                elif inspect.isawaitable(result):
-                    await result
+                try:
+                    _raise_if_undecodable(request)
+                    result = behavior(request, context)
+                    if inspect.isasyncgen(result):
+                        async for item in result:
+                            await call.send_headers(context)
+                            yield item
+                    elif inspect.isawaitable(result):
+                        await result
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await self._abort(call, context, exc)
                 code = _final_code(context, "OK")
             except GeneratorExit:
                 code = "CANCELLED"
@@ -188,7 +204,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         request_id_var.set(rid)  # this call's task (and its to_thread workers) see it
         client_var.set(f"peer:{context.peer()}")
         call = _Call(
-            rpc=path.rsplit("/", 1)[-1], request_id=rid, started=time.perf_counter(), peer=context.peer()
+            path=path,
+            rpc=path.rsplit("/", 1)[-1],
+            request_id=rid,
+            started=time.perf_counter(),
+            peer=context.peer(),
         )
         if self.metrics is not None:
             self.metrics.in_progress.labels(call.rpc).inc()
@@ -216,6 +236,21 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 await call.send_headers(context)
                 await context.abort(status.code, status.details, status.trailing_metadata)
 
+    async def _abort(self, call: _Call, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        """End the call with the status of what the handler raised (raises ``grpc.aio.AbortError``)."""
+        if isinstance(exc, SeqsalError):
+            error = exc
+            error_logger.info("%s -> %s: %s", call.path, error.code.name, error.message)
+        else:
+            error_logger.exception("%s failed (request id %s)", call.path, call.request_id)
+            error = InternalError(
+                f"internal error while serving {call.path} (request id {call.request_id}); "
+                "the server log has details"
+            )
+        status = status_for(error)
+        trailers = (*status.trailing_metadata, (REQUEST_ID_KEY, call.request_id))
+        await context.abort(status.code, status.details, trailers)
+
     def _end(self, call: _Call, code: str) -> None:
         seconds = time.perf_counter() - call.started
         if self.metrics is not None:
@@ -238,6 +273,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 "request_id": call.request_id,
             },
         )
+
+
+def _raise_if_undecodable(request: Any) -> None:
+    if isinstance(request, UndecodableRequest):
+        raise request.error
 
 
 def _final_code(context: grpc.aio.ServicerContext, default: str) -> str:
