@@ -114,7 +114,7 @@ def build_server(serving: InferenceServing, settings: Settings) -> GrpcServer:
     server = GrpcServer(settings, [SERVICE], name="inference")
     metrics = server.metrics
     inflight = serving.inflight
-    metrics.watch_queue(lambda: {"running": inflight.count})
+    metrics.watch_queue(lambda: {"running": inflight.running})
     for model in serving.models.values():
         metrics.model_load.labels(model.spec.id).set(model.load_seconds)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(

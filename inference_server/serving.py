@@ -13,10 +13,10 @@ from typing import Any
 from inference_server.backends.base import Backend
 from inference_server.detokenize import StreamedText, candidate_text
 from inference_server.params import sampling_params
+from seqsal.admission import Admission
 from seqsal.chat import apply_chat_template
 from seqsal.errors import InvalidArgumentError
 from seqsal.model_registry import ModelSpec, model_revision, pick_model
-from seqsal.ratelimit import InFlightLimit
 from seqsal.settings import Settings
 from seqsal.tokenization import surely_too_long, tokenize, tokens_from_ids
 from seqsal.v1 import common_pb2, inference_pb2
@@ -62,7 +62,7 @@ class InferenceServing:
         self.default = models[0]
         self.settings = settings
         # generation calls in flight (the backend batches them); beyond the bound: RESOURCE_EXHAUSTED
-        self.inflight = InFlightLimit(settings.inference_max_concurrency, "SEQSAL_INFERENCE_MAX_CONCURRENCY")
+        self.inflight = Admission(settings.inference_max_concurrency, "SEQSAL_INFERENCE_MAX_CONCURRENCY")
 
     def get(self, model_id: str) -> InferenceModel:
         return pick_model(self.models, model_id, self.default)

@@ -151,9 +151,10 @@ class SaliencyServing:
             for model in self.engines
         }
         self.admission = Admission(
-            settings.max_concurrency,
-            settings.max_queue,
+            settings.max_concurrency + settings.max_queue,
+            "SEQSAL_MAX_QUEUE",
             running=lambda: sum(s.running for s in self.schedulers.values()),
+            bound=f"max_concurrency={settings.max_concurrency}, max_queue={settings.max_queue}",
         )
         self.job_cost: JobCost = job_cost or self._memory_cost
         self._inflight: dict[str, tuple[Flight, asyncio.Future[MethodEntry]]] = {}

@@ -1,14 +1,11 @@
-"""Limits that protect a shared server: a per-caller rate limit and a bound on calls in flight."""
+"""The per-caller rate limit of a shared server (the bound on requests held is :mod:`seqsal.admission`)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-
-from seqsal.errors import ResourceExhaustedError
+from collections.abc import Callable
 
 
 class RateLimited(Exception):
@@ -63,31 +60,3 @@ class RateLimiter:
             self._buckets[caller] = (tokens - 1.0, now)
             while len(self._buckets) > self.max_callers:
                 self._buckets.popitem(last=False)
-
-
-class InFlightLimit:
-    """At most ``limit`` calls at once; one more is refused at once (RESOURCE_EXHAUSTED), not queued.
-
-    Args:
-        limit: calls allowed in flight.
-        setting: the environment variable that raises the limit (named in the error).
-    """
-
-    def __init__(self, limit: int, setting: str) -> None:
-        self.limit = limit
-        self.setting = setting
-        self.count = 0
-
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        """Count the body as one call in flight; raises ResourceExhaustedError when full."""
-        if self.count >= self.limit:
-            raise ResourceExhaustedError(
-                f"server busy: {self.count} calls in flight (limit {self.limit}); "
-                f"retry with backoff, or raise {self.setting} on the server"
-            )
-        self.count += 1
-        try:
-            yield
-        finally:
-            self.count -= 1

@@ -31,12 +31,13 @@ from typer.testing import CliRunner
 
 from inference_server.server import SERVICE as INFERENCE_SERVICE
 from saliency_server.server import SERVICE as SALIENCY_SERVICE
+from seqsal.admission import Admission
 from seqsal.auth import BindPolicyError, TokenAuth, is_loopback
 from seqsal.cli import app
 from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient, error_from_rpc
 from seqsal.errors import ResourceExhaustedError, UnauthenticatedError, UnavailableError
 from seqsal.grpc_server import GrpcServer
-from seqsal.ratelimit import InFlightLimit, RateLimited, RateLimiter
+from seqsal.ratelimit import RateLimited, RateLimiter
 from seqsal.settings import Settings
 from seqsal.stack import grpc_serving
 from seqsal.tls import ClientTLS, TlsConfigError, server_credentials
@@ -597,12 +598,12 @@ async def test_rate_limit_without_auth_is_per_client_address(
 
 
 def test_in_flight_limit() -> None:
-    limit = InFlightLimit(2, "SEQSAL_X")
+    limit = Admission(2, "SEQSAL_X")
     with limit.hold(), limit.hold():
-        assert limit.count == 2
+        assert limit.depth == 2
         with pytest.raises(ResourceExhaustedError, match="SEQSAL_X"), limit.hold():
             pass
-    assert limit.count == 0
+    assert limit.depth == 0
 
 
 async def test_inference_requests_in_flight_are_bounded(
@@ -631,7 +632,7 @@ async def test_inference_requests_in_flight_are_bounded(
             release.set()
             assert (await first).candidates
             assert (await client.generate(prompt="The dog", max_tokens=2)).candidates
-        assert srv.serving.inflight.count == 0
+        assert srv.serving.inflight.depth == 0
 
 
 # --- the token and certificates travel with the CLI's batch and with `seqsal up` ---------------------
