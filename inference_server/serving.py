@@ -18,7 +18,7 @@ from seqsal.chat import apply_chat_template
 from seqsal.errors import InvalidArgumentError
 from seqsal.model_registry import ModelSpec, model_revision, pick_model
 from seqsal.settings import Settings
-from seqsal.tokenization import surely_too_long, tokenize, tokens_from_ids
+from seqsal.tokenization import ContextLimit, tokenize, tokens_from_ids
 from seqsal.v1 import common_pb2, inference_pb2
 
 logger = logging.getLogger("seqsal.inference")
@@ -36,6 +36,11 @@ class InferenceModel:
     backend: Backend
     info: common_pb2.ModelInfo
     load_seconds: float = 0.0
+
+    @property
+    def limit(self) -> ContextLimit:
+        """The context-length rule for this model: its context (SEQSAL_MAX_MODEL_LEN lowers it)."""
+        return ContextLimit(self.spec.id, self.info.max_tokens, "SEQSAL_MAX_MODEL_LEN", self.tokenizer)
 
 
 def model_info(spec: ModelSpec, backend: Backend, *, context: int, is_default: bool) -> common_pb2.ModelInfo:
@@ -85,19 +90,9 @@ class InferenceServing:
         return apply_chat_template(model.tokenizer, prompt, system_prompt) if use_chat_template else prompt
 
     def _prompt_ids(self, model: InferenceModel, text: str) -> list[int]:
-        if surely_too_long(model.tokenizer, len(text), model.info.max_tokens):
-            raise InvalidArgumentError(
-                f"the prompt is {len(text)} chars, far more than model {model.spec.id!r}'s context of "
-                f"{model.info.max_tokens} tokens; shorten the prompt",
-                field="prompt",
-            )
+        model.limit.check("the prompt", "prompt", chars=len(text), room=1)
         tokens = tokenize(model.tokenizer, text, part=common_pb2.PROMPT, add_special_tokens=True)
-        if len(tokens) >= model.info.max_tokens:
-            raise InvalidArgumentError(
-                f"the prompt is {len(tokens)} tokens; model {model.spec.id!r} has a context of "
-                f"{model.info.max_tokens} tokens and needs room to answer; shorten the prompt",
-                field="prompt",
-            )
+        model.limit.check("the prompt", "prompt", tokens=len(tokens), room=1)
         return [t.id for t in tokens]
 
     async def _prepare(
@@ -176,24 +171,13 @@ class InferenceServing:
         self, model: InferenceModel, ids: list[int], request: inference_pb2.ScoreRequest
     ) -> list[list[int]]:
         """Each target's token ids; refuses one that cannot fit before tokenising or decoding it."""
-        context = model.info.max_tokens
         targets: list[list[int]] = []
         for i, target in enumerate(request.targets):
             field = f"targets[{i}]"
             if bool(target.text) == bool(target.token_ids):
                 raise InvalidArgumentError(f"{field}: set exactly one of text and token_ids", field=field)
-            too_long = (
-                surely_too_long(model.tokenizer, len(target.text), context - len(ids))
-                if target.text
-                else len(ids) + len(target.token_ids) > context
-            )
-            if too_long:
-                size = f"{len(target.text)} chars" if target.text else f"{len(target.token_ids)} tokens"
-                raise InvalidArgumentError(
-                    f"{field} is {size}, far more than fits after the prompt in model "
-                    f"{model.spec.id!r}'s context of {context} tokens; shorten it",
-                    field=field,
-                )
+            what = f"prompt + {field}"
+            model.limit.check(what, field, tokens=len(ids) + len(target.token_ids), chars=len(target.text))
             if target.text:
                 tokens = tokenize(
                     model.tokenizer, target.text, part=common_pb2.TARGET, add_special_tokens=False
@@ -205,12 +189,7 @@ class InferenceServing:
                     part=common_pb2.TARGET,
                     field=f"{field}.token_ids",
                 )
-            if len(ids) + len(tokens) > context:
-                raise InvalidArgumentError(
-                    f"{field}: prompt + target is {len(ids) + len(tokens)} tokens, over the model's context "
-                    f"of {context}",
-                    field=field,
-                )
+            model.limit.check(what, field, tokens=len(ids) + len(tokens))
             targets.append([t.id for t in tokens])
         return targets
 

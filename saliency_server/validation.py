@@ -17,7 +17,7 @@ from saliency_server.engine import SaliencyInputs
 from saliency_server.model_host import HostedModel
 from seqsal import segmentation
 from seqsal.errors import InvalidArgumentError
-from seqsal.tokenization import part_text, surely_too_long, tokenize, tokens_from_ids
+from seqsal.tokenization import ContextLimit, part_text, tokenize, tokens_from_ids
 from seqsal.v1 import common_pb2, saliency_pb2
 
 DEFAULT_METHODS = (common_pb2.GRAD_L2, common_pb2.GRAD_DOT_INPUT)
@@ -150,14 +150,13 @@ def build_problem(
             f"ig_steps = {ig_steps} is out of range; use 1..{MAX_IG_STEPS}, or 0 for the default",
             field="ig_steps",
         )
-    limit = hosted.info.max_tokens
-    chars = len(prompt) + len(target) + len(foil or "")
-    if surely_too_long(hosted.tokenizer, chars, limit):
-        raise InvalidArgumentError(
-            f"prompt + target{' + foil' if foil else ''} is {chars} chars, far more than the {limit} tokens "
-            f"model {hosted.id!r} on this server accepts (SEQSAL_MAX_TOKENS); shorten the prompt",
-            field="prompt",
-        )
+    # SEQSAL_MAX_TOKENS, capped by the model's context (saliency_server/model_host.py)
+    limit = ContextLimit(hosted.id, hosted.info.max_tokens, "SEQSAL_MAX_TOKENS", hosted.tokenizer)
+    limit.check(
+        f"prompt + target{' + foil' if foil else ''}",
+        "prompt",
+        chars=len(prompt) + len(target) + len(foil or ""),
+    )
     prompt_tokens = tokenize(hosted.tokenizer, prompt, part=common_pb2.PROMPT, add_special_tokens=True)
     target_tokens = _target_tokens(hosted, target, target_token_ids, prompt_tokens)
     foil_tokens = None
@@ -167,13 +166,11 @@ def build_problem(
                 "foil is set but empty; send the alternative text, or leave foil unset", field="foil"
             )
         foil_tokens = tokenize(hosted.tokenizer, foil, part=common_pb2.FOIL, add_special_tokens=False)
-    total = len(prompt_tokens) + len(target_tokens) + len(foil_tokens or [])
-    if total > limit:
-        raise InvalidArgumentError(
-            f"prompt + target{' + foil' if foil_tokens else ''} is {total} tokens; model "
-            f"{hosted.id!r} on this server accepts at most {limit} (SEQSAL_MAX_TOKENS); shorten the prompt",
-            field="prompt",
-        )
+    limit.check(
+        f"prompt + target{' + foil' if foil_tokens else ''}",
+        "prompt",
+        tokens=len(prompt_tokens) + len(target_tokens) + len(foil_tokens or []),
+    )
     problem = Problem(
         hosted=hosted,
         prompt_tokens=prompt_tokens,

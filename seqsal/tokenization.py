@@ -11,6 +11,7 @@ literal form as text.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from seqsal.errors import InvalidArgumentError
@@ -171,3 +172,40 @@ def surely_too_long(tokenizer: Any, chars: int, limit: int) -> bool:
     Lets servers refuse a multi-megabyte prompt at once instead of tokenising it first.
     """
     return chars > limit * longest_token_chars(tokenizer)
+
+
+@dataclass(frozen=True)
+class ContextLimit:
+    """The context-length rule of both servers: how many tokens a request may use with one model.
+
+    Args:
+        model: the model's id (named in the refusal).
+        tokens: the limit.
+        setting: what sets the limit on this server (named in the refusal).
+        tokenizer: the model's tokenizer (for texts not tokenised yet).
+    """
+
+    model: str
+    tokens: int
+    setting: str
+    tokenizer: Any
+
+    def check(self, what: str, field: str, *, tokens: int = 0, chars: int = 0, room: int = 0) -> None:
+        """Refuse ``what`` unless it fits in the limit with ``room`` tokens to spare (for an answer).
+
+        ``what`` is ``tokens`` tokens already counted plus, with ``chars``, a text not tokenised
+        yet, refused only when it cannot fit whatever its content (:func:`surely_too_long`), so that
+        a multi-megabyte text is refused before it is tokenised. Raises InvalidArgumentError naming
+        ``field``, the size, the limit and the setting.
+        """
+        budget = self.tokens - room
+        over = surely_too_long(self.tokenizer, chars, budget - tokens) if chars else tokens > budget
+        if not over:
+            return
+        size = " + ".join(f"{n} {unit}" for n, unit in ((tokens, "tokens"), (chars, "chars")) if n)
+        spare = f", less {room} for the answer" if room else ""
+        raise InvalidArgumentError(
+            f"{what} is {size}, over the {self.tokens}-token context of model {self.model!r} on this "
+            f"server ({self.setting}){spare}; shorten {field}",
+            field=field,
+        )
