@@ -72,10 +72,6 @@ class InferenceServing:
     def get(self, model_id: str) -> InferenceModel:
         return pick_model(self.models, model_id, self.default)
 
-    async def start(self) -> None:
-        for model in self.models.values():
-            await model.backend.start()
-
     async def close(self) -> None:
         for model in self.models.values():
             await model.backend.close()

@@ -33,7 +33,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -75,7 +75,6 @@ class SaliencyResult:
     foil_logprob: float | None = None
     ig_residual: float | None = None
     ig_steps: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
     #: Index of the selection among the computation's masks (results may come out of order).
     selection: int = 0
 

@@ -104,7 +104,7 @@ def build_server(serving: SaliencyServing, settings: Settings) -> GrpcServer:
     return server
 
 
-async def serve(settings: Settings, *, ready: object = None) -> None:
+async def serve(settings: Settings) -> None:
     """Load models, listen on settings.host:settings.port and serve until SIGTERM/SIGINT, then drain.
 
     The security settings are checked before the models load (see :func:`seqsal.grpc_server.preflight`);

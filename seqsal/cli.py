@@ -1,4 +1,4 @@
-"""The ``seqsal`` command line: serve, explain, tokenize, and find the default model.
+"""The ``seqsal`` command line: serve, up, batch, saliency, tokenize, models and model-path.
 
 A thin layer over :class:`seqsal.settings.Settings`: flags override the
 ``SEQSAL_*`` environment variables, which override the defaults.

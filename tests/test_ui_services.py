@@ -42,7 +42,7 @@ GEN = Generation(
     ],
 )
 def test_errors_in_plain_words(error: errors.SeqsalError, fragments: list[str]) -> None:
-    text = services.explain_error(error, "saliency", "h:1")
+    text = services.describe_error(error, "saliency", "h:1")
     for fragment in fragments:
         assert fragment in text, text
 

@@ -133,7 +133,7 @@ def _saliency(
         with st.spinner(f"Computing saliency for {what}…", show_time=True):
             response = services.call_saliency(endpoints, request, request_id)
     except SeqsalError as exc:
-        message = services.explain_error(exc, "saliency", endpoints.saliency)
+        message = services.describe_error(exc, "saliency", endpoints.saliency)
         st.session_state[failed_key] = (key, message)
         return None, message
     st.session_state.pop(failed_key, None)
@@ -169,7 +169,7 @@ def _generation(
         try:
             generation = services.generate(endpoints, side, on_update, reuse=not force)
         except SeqsalError as exc:
-            message = services.explain_error(exc, "inference", endpoints.inference)
+            message = services.describe_error(exc, "inference", endpoints.inference)
             status.update(label="Generation failed", state="error", expanded=False)
             preview.empty()
             ss[failed_key] = (wanted, message)

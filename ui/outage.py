@@ -56,7 +56,7 @@ def message(down: Mapping[str, str], endpoints: Endpoints) -> str:
 def covers(text: str | None, down: Mapping[str, str]) -> bool:
     """Whether ``text`` (a side's problem) only repeats that a service in ``down`` is unreachable."""
     return text is not None and any(
-        text == services.explain_error(UnavailableError(""), service, address)  # type: ignore[arg-type]
+        text == services.describe_error(UnavailableError(""), service, address)  # type: ignore[arg-type]
         for service, address in down.items()
     )
 

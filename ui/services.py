@@ -1,7 +1,10 @@
-"""Talking to the two services: clients from the settings, calls, background prefetch, plain-words errors.
+"""The UI's application layer: what the workbench does with the two gRPC services, minus the drawing.
 
-Everything here goes through :mod:`seqsal.client`; the UI never loads a model. Nothing in this
-module draws anything, so it is usable (and tested) without a Streamlit page.
+Clients from the settings (one pool), the calls (models, generation, saliency) with their caches,
+the background prefetch of every segment, and errors described in plain words. Everything here
+goes through :mod:`seqsal.client`; the UI never loads a model. Nothing in this module draws
+anything, so it is usable (and tested) without a Streamlit page; :mod:`ui.explain` runs one
+side's loop over it and :mod:`ui.views` draws the result.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ _ENV_NAME: dict[Service, str] = {
 }
 
 
-def explain_error(exc: BaseException, service: Service, address: str) -> str:
+def describe_error(exc: BaseException, service: Service, address: str) -> str:
     """What went wrong, in plain words, and what to do about it (Markdown)."""
     name = f"{service} server"
     if isinstance(exc, errors.UnavailableError):
@@ -206,7 +209,7 @@ def list_models(endpoints: Endpoints) -> ModelsReport:
         except errors.UnavailableError:
             down[service] = endpoints.address(service)
         except errors.SeqsalError as exc:
-            problems[service] = explain_error(exc, service, endpoints.address(service))
+            problems[service] = describe_error(exc, service, endpoints.address(service))
     if "inference" in answers and "saliency" in answers:
         on_saliency = {m.id for m in answers["saliency"]}
         models = [m for m in answers["inference"] if m.id in on_saliency]
@@ -639,7 +642,7 @@ class Prefetcher:
                 if job.cancel_requested or isinstance(error, errors.CancelledError):
                     job.progress.cancelled = True
                 else:
-                    job.progress.error = explain_error(error, "saliency", endpoints.saliency)
+                    job.progress.error = describe_error(error, "saliency", endpoints.saliency)
             if isinstance(error, errors.UnavailableError):
                 POOL.reset("saliency", endpoints.saliency)
         except Exception as exc:  # a bug must not kill the thread silently
