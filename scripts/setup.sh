@@ -122,6 +122,7 @@ install_vllm() {
 python_packages() {
     log "installing $TORCH_REQUIREMENT"
     pip_install "$TORCH_REQUIREMENT"
+    # .[dev] = every component's extra (ui, saliency, inference) plus the test and lint tools
     log "installing seqsal (editable) with its dev tools"
     # compat mode: a path entry for the repo root, so packages added later import without a reinstall
     pip_install -e ".[dev]" --config-settings editable_mode=compat

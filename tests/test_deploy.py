@@ -619,12 +619,32 @@ def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _pyproject_dependencies() -> dict[str, str]:
+def _pyproject_requirements(*extras: str) -> list[str]:
+    """The requirements of ``pip install seqsal[extras]``: the base ones, then each extra's, with the
+    extras an extra names of seqsal itself (``seqsal[server]``) expanded; no extra = all of them."""
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    optional: dict[str, list[str]] = project["optional-dependencies"]
+    requirements = list(project["dependencies"])
+    todo, done = list(extras or optional), set()
+    while todo:
+        extra = todo.pop()
+        if extra in done:
+            continue
+        done.add(extra)
+        for requirement in optional[extra]:
+            own = re.fullmatch(r"seqsal\[([^\]]+)\]", requirement)
+            if own:
+                todo.extend(e.strip() for e in own.group(1).split(","))
+            elif requirement not in requirements:
+                requirements.append(requirement)
+    return requirements
+
+
+def _pyproject_dependencies(*extras: str) -> dict[str, str]:
     deps: dict[str, str] = {}
-    for requirement in project["dependencies"]:
+    for requirement in _pyproject_requirements(*extras):
         match = re.match(r"([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?\s*(.*)", requirement)
         assert match
         deps[_canonical(match.group(1))] = match.group(2).strip()
@@ -635,12 +655,11 @@ def test_image_pins_satisfy_pyproject() -> None:
     from packaging.specifiers import SpecifierSet
 
     declared = _pyproject_dependencies()
-    for path in (DEPLOY / "constraints.txt", DEPLOY / "requirements-ui.txt"):
-        for name, version in _requirements(path).items():
-            if name in declared:
-                assert version in SpecifierSet(declared[name]), (
-                    f"{path.name}: {name}=={version} vs {declared[name]}"
-                )
+    for name, version in _requirements(DEPLOY / "constraints.txt").items():
+        if name in declared:
+            assert version in SpecifierSet(declared[name]), (
+                f"constraints.txt: {name}=={version} vs {declared[name]}"
+            )
 
 
 def _imports_of(module: str, seen: set[str], third_party: set[str]) -> None:
@@ -673,7 +692,24 @@ def _imports_of(module: str, seen: set[str], third_party: set[str]) -> None:
             if top in first_party:
                 _imports_of(name, seen, third_party)
             elif top and top not in sys.stdlib_module_names and top != "__future__":
-                third_party.add(top)
+                # a namespace package (google.protobuf, google.rpc) is shared by distributions
+                third_party.add(".".join(name.split(".")[:2]) if top in NAMESPACE_PACKAGES else top)
+
+
+#: Top-level packages that several distributions share: a module is known by its first two names.
+NAMESPACE_PACKAGES = {"google"}
+
+
+def _distributions_of(module: str) -> list[str]:
+    """The installed distributions that provide ``module`` (a top-level name, or a namespace's part)."""
+    if "." not in module:
+        return metadata.packages_distributions().get(module, [module])
+    folder = module.replace(".", "/") + "/"
+    return [
+        dist.metadata["Name"]
+        for dist in metadata.distributions()
+        if any(str(f).startswith(folder) for f in dist.files or ())
+    ] or [module]
 
 
 def _distribution_closure(roots: set[str]) -> set[str]:
@@ -698,27 +734,48 @@ def _distribution_closure(roots: set[str]) -> set[str]:
     return done
 
 
-def test_ui_image_has_every_package_the_ui_imports() -> None:
-    """The UI image installs deploy/requirements-ui.txt only (no torch): everything the UI's code imports,
-    directly or through seqsal, must come from those packages or what they pull in."""
+def _missing_imports(roots: list[Path], extras: tuple[str, ...]) -> tuple[set[str], set[str], dict[str, Any]]:
+    """The first-party and third-party modules that the code of ``roots`` (files or folders) imports,
+    directly or through seqsal, and the third-party ones that ``pip install seqsal[extras]`` does not
+    provide (with the distributions that would)."""
     seen: set[str] = set()
     third_party: set[str] = set()
-    for file in (REPO / "ui").rglob("*.py"):
-        _imports_of(
-            ".".join(file.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"),
-            seen,
-            third_party,
-        )
-    assert "ui.app" in seen
-    provided = _distribution_closure(set(_requirements(DEPLOY / "requirements-ui.txt")))
-    distributions = metadata.packages_distributions()
+    for root in roots:
+        for file in [root] if root.is_file() else root.rglob("*.py"):
+            _imports_of(
+                ".".join(file.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"),
+                seen,
+                third_party,
+            )
+    provided = _distribution_closure(set(_pyproject_dependencies(*extras)))
     missing = {
-        module: distributions.get(module)
+        module: _distributions_of(module)
         for module in third_party
-        if not {_canonical(d) for d in distributions.get(module, [module])} & provided
+        if not {_canonical(d) for d in _distributions_of(module)} & provided
     }
+    return seen, third_party, missing
+
+
+def test_ui_image_has_every_package_the_ui_imports() -> None:
+    """The UI image installs seqsal[ui] only (no torch): everything the UI's code imports, directly
+    or through seqsal, must come from that extra's packages or what they pull in."""
+    seen, third_party, missing = _missing_imports([REPO / "ui"], ("ui",))
+    assert "ui.app" in seen
     assert not missing, f"the UI imports modules the UI image lacks: {missing}"
     assert "torch" not in third_party
+
+
+def test_the_client_needs_only_the_base_install() -> None:
+    """`pip install seqsal` (seqsal[client]) is what another service installs to call us: the contract
+    and the client must import nothing beyond it (no torch, no numpy)."""
+    seen, third_party, missing = _missing_imports(
+        [REPO / "seqsal" / "client.py", REPO / "seqsal" / "v1"], ("client",)
+    )
+    assert "seqsal.client" in seen and "seqsal.v1.saliency_pb2_grpc" in seen
+    assert not missing, f"the client imports modules `pip install seqsal` lacks: {missing}"
+    assert not third_party & {"torch", "numpy", "transformers"}, third_party
+    names = {_canonical(n) for n in _pyproject_dependencies("client")}
+    assert not names & {"torch", "numpy", "transformers", "streamlit", "redis"}, names
 
 
 def test_build_context_admits_what_the_dockerfile_copies() -> None:
