@@ -48,7 +48,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from rich.console import Console
 from rich.table import Table
 
 from saliency_server.server import build_server, build_serving
+from saliency_server.serving import SaliencyServing
 from seqsal.client import AsyncSaliencyClient, all_segments_request, saliency_request
 from seqsal.settings import Settings
 from seqsal.tokenization import tokenize
@@ -565,6 +566,24 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+@contextlib.asynccontextmanager
+async def saliency_server(settings: Settings) -> AsyncIterator[tuple[SaliencyServing, int]]:
+    """A saliency server in this process on a free loopback port: its serving layer and port.
+
+    On exit the server is stopped (0.5 s grace) and the serving layer and its cache are closed.
+    """
+    serving = await asyncio.to_thread(build_serving, settings)
+    server = build_server(serving, settings)
+    try:
+        port = server.bind("127.0.0.1", 0)
+        await server.start()
+        yield serving, port
+    finally:
+        await server.stop(0.5)
+        serving.close()
+        await serving.cache.close()
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     info = machine_info()
     settings_kwargs: dict[str, Any] = {
@@ -579,43 +598,34 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         settings_kwargs["models"] = [str(args.model)]
     settings = Settings(**settings_kwargs)
     started = time.perf_counter()
-    serving = await asyncio.to_thread(build_serving, settings)
-    server = build_server(serving, settings)
-    port = server.bind("127.0.0.1", 0)
-    await server.start()
-    model_info = serving.host.default.info
-    info.update(
-        model=model_info.id,
-        model_revision=model_info.revision,
-        dtype=model_info.dtype,
-        device=model_info.device,
-        model_load_s=round(time.perf_counter() - started, 2),
-    )
-    console.log(
-        f"server on 127.0.0.1:{port}: {model_info.id} ({model_info.dtype} on {model_info.device}), "
-        f"{info['cpu_cores']} cores, {info['torch_threads']} torch threads"
-    )
     results: dict[str, Any] = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}}
-    client = AsyncSaliencyClient(f"127.0.0.1:{port}", timeout=3600.0)
-    bench_started = time.perf_counter()
-    try:
-        bench = Bench(args, client, serving)
-        await bench.warm_up()
-        sizes: dict[int, SizeResult] = {}
-        for n in args.sizes:
-            sizes[n] = await bench.size(n)
-        results["sizes"] = {str(n): {**asdict(r), "summary": r.summary()} for n, r in sizes.items()}
-        if not args.skip_segments:
-            seg = await bench.segments()
-            results["segments"] = {**asdict(seg), "summary": seg.summary()}
-        if not args.skip_ig:
-            ig = await bench.ig()
-            results["ig"] = {**asdict(ig), "summary": ig.summary()}
-    finally:
-        await client.close()
-        await server.stop(0.5)
-        serving.close()
-        await serving.cache.close()
+    async with saliency_server(settings) as (serving, port):
+        model_info = serving.host.default.info
+        info.update(
+            model=model_info.id,
+            model_revision=model_info.revision,
+            dtype=model_info.dtype,
+            device=model_info.device,
+            model_load_s=round(time.perf_counter() - started, 2),
+        )
+        console.log(
+            f"server on 127.0.0.1:{port}: {model_info.id} ({model_info.dtype} on {model_info.device}), "
+            f"{info['cpu_cores']} cores, {info['torch_threads']} torch threads"
+        )
+        bench_started = time.perf_counter()
+        async with AsyncSaliencyClient(f"127.0.0.1:{port}", timeout=3600.0) as client:
+            bench = Bench(args, client, serving)
+            await bench.warm_up()
+            sizes: dict[int, SizeResult] = {}
+            for n in args.sizes:
+                sizes[n] = await bench.size(n)
+            results["sizes"] = {str(n): {**asdict(r), "summary": r.summary()} for n, r in sizes.items()}
+            if not args.skip_segments:
+                seg = await bench.segments()
+                results["segments"] = {**asdict(seg), "summary": seg.summary()}
+            if not args.skip_ig:
+                ig = await bench.ig()
+                results["ig"] = {**asdict(ig), "summary": ig.summary()}
     info["bench_s"] = round(time.perf_counter() - bench_started, 1)
     info["load_average_end"] = list(os.getloadavg())
     return results

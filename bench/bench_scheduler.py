@@ -54,8 +54,7 @@ from rich.table import Table
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.bench_saliency import Workload, machine_info, median, ratio  # noqa: E402
-from saliency_server.server import build_server, build_serving  # noqa: E402
+from bench.bench_saliency import Workload, machine_info, median, ratio, saliency_server  # noqa: E402
 from seqsal import segmentation  # noqa: E402
 from seqsal.client import AsyncSaliencyClient, all_segments_request, saliency_request  # noqa: E402
 from seqsal.settings import Settings  # noqa: E402
@@ -240,17 +239,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.model is not None:
         settings_kwargs["models"] = [str(args.model)]
     settings = Settings(**settings_kwargs)
-    serving = await asyncio.to_thread(build_serving, settings)
-    server = build_server(serving, settings)
-    port = server.bind("127.0.0.1", 0)
-    await server.start()
-    model = serving.host.default.info
-    info.update(model=model.id, dtype=model.dtype, device=model.device)
-    console.log(f"server on 127.0.0.1:{port}: {model.id} ({model.dtype} on {model.device})")
-    results: dict[str, Any] = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}}
-    bench = Bench(args, f"127.0.0.1:{port}", serving)
-    bench_started = time.perf_counter()
-    try:
+    async with saliency_server(settings) as (serving, port):
+        model = serving.host.default.info
+        info.update(model=model.id, dtype=model.dtype, device=model.device)
+        console.log(f"server on 127.0.0.1:{port}: {model.id} ({model.dtype} on {model.device})")
+        results: dict[str, Any] = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}}
+        bench = Bench(args, f"127.0.0.1:{port}", serving)
+        bench_started = time.perf_counter()
         async with bench.client() as clicker:
             await bench.click(clicker)  # warm-up
             alone = await bench.clicks_alone(clicker)
@@ -279,10 +274,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         serving.batch_wait_s = 0.0
         if args.batch_sizes:
             results["batching"] = await asyncio.to_thread(batching_potential, bench, args.batch_sizes)
-    finally:
-        await server.stop(0.5)
-        serving.close()
-        await serving.cache.close()
     info["bench_s"] = round(time.perf_counter() - bench_started, 1)
     info["load_average_end"] = list(os.getloadavg())
     return results
