@@ -143,11 +143,13 @@ def main(
     )
 
 
-def _serve(what: str, settings: Settings, run: Any) -> None:
-    """Run a server's ``serve(settings)``; configuration errors become one clear line and exit code 2."""
+def _serve(what: str, run: Any, **overrides: Any) -> None:
+    """Run a server's ``serve(settings)`` with the flags that were given (None = not given);
+    configuration errors become one clear line and exit code 2."""
     from seqsal.auth import BindPolicyError
     from seqsal.tls import TlsConfigError
 
+    settings = _settings(**overrides)
     _setup_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(run(settings))
@@ -165,6 +167,8 @@ def _fail(error: SeqsalError) -> None:
     raise typer.Exit(code=2)
 
 
+HostOption = Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")]
+DtypeOption = Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16 (GPU).")]
 ServerOption = Annotated[
     str | None,
     typer.Option(
@@ -185,11 +189,11 @@ ModelOption = Annotated[
 
 @serve_app.command("saliency")
 def serve_saliency(
-    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    host: HostOption = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on (default 50051; 0 = any free).")] = None,
     model: ModelOption = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda:N.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16 (GPU).")] = None,
+    dtype: DtypeOption = None,
     max_tokens: Annotated[int | None, typer.Option(help="Most tokens per request.")] = None,
     max_concurrency: Annotated[int | None, typer.Option(help="Requests computed at once.")] = None,
     max_queue: Annotated[int | None, typer.Option(help="Requests waiting before RESOURCE_EXHAUSTED.")] = None,
@@ -203,7 +207,9 @@ def serve_saliency(
     """Serve SaliencyService over gRPC until SIGTERM/SIGINT (then drain in-flight calls)."""
     from saliency_server.server import serve
 
-    settings = _settings(
+    _serve(
+        "saliency",
+        serve,
         host=host,
         port=port,
         models=model,
@@ -215,12 +221,11 @@ def serve_saliency(
         redis_url=redis_url,
         metrics_port=metrics_port,
     )
-    _serve("saliency", settings, serve)
 
 
 @serve_app.command("inference")
 def serve_inference(
-    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    host: HostOption = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on (default 50052; 0 = any free).")] = None,
     model: ModelOption = None,
     backend: Annotated[
@@ -233,7 +238,7 @@ def serve_inference(
     tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM: GPUs per model.")] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option(help="vLLM: share of GPU memory.")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="vLLM: context length.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16 (GPU).")] = None,
+    dtype: DtypeOption = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="Prometheus /metrics port (default 9102; 0 = off).")
     ] = None,
@@ -241,7 +246,9 @@ def serve_inference(
     """Serve InferenceService (generation and scoring) over gRPC until SIGTERM/SIGINT."""
     from inference_server.server import serve
 
-    settings = _settings(
+    _serve(
+        "inference",
+        serve,
         inference_host=host,
         inference_port=port,
         models=model,
@@ -253,7 +260,6 @@ def serve_inference(
         dtype=dtype,
         inference_metrics_port=metrics_port,
     )
-    _serve("inference", settings, serve)
 
 
 @app.command()
