@@ -369,9 +369,9 @@ def _prompt_text(words: int, seed: int) -> str:
 
 
 def check_concurrency(plan: Plan, deadline: float) -> dict[str, Any]:
+    from saliency_server.cache import make_cache
     from saliency_server.model_host import HostedModel, ModelHost
     from saliency_server.serving import SaliencyServing
-    from seqsal.cache import make_cache
     from seqsal.model_registry import ModelSpec
     from seqsal.settings import Settings
     from seqsal.v1 import saliency_pb2

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from inference_server.backends.base import Backend
+from inference_server.chat import apply_chat_template
 from inference_server.detokenize import StreamedText, candidate_text
 from inference_server.params import sampling_params
 from seqsal.admission import Admission
-from seqsal.chat import apply_chat_template
 from seqsal.errors import InvalidArgumentError
 from seqsal.model_registry import ModelSpec, model_revision, pick_model
 from seqsal.settings import Settings

@@ -9,9 +9,9 @@ from contextlib import contextmanager
 
 import grpc
 
+from saliency_server.cache import make_cache
 from saliency_server.model_host import ModelHost
 from saliency_server.serving import SaliencyServing
-from seqsal.cache import make_cache
 from seqsal.call_lifecycle import client_var
 from seqsal.grpc_server import GrpcServer, preflight
 from seqsal.metrics import ServerMetrics

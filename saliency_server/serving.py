@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from saliency_server.cache import CacheBackend, get_entry, make_key, put_entry
 from saliency_server.engine import GRADIENT_METHODS, SaliencyResult
 from saliency_server.engine_client import ModelEngine, SaliencyEngine
 from saliency_server.memory import check_fits, memory_budget_bytes
@@ -27,7 +28,6 @@ from saliency_server.scheduler import Priority, Scheduler, Ticket, TicketSteps, 
 from saliency_server.validation import Problem, build_problem, resolve_selection
 from seqsal import segmentation
 from seqsal.admission import Admission
-from seqsal.cache import CacheBackend, get_entry, make_key, put_entry
 from seqsal.errors import CancelledError
 from seqsal.settings import Settings
 from seqsal.threads import stream_from_thread

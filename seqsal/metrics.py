@@ -42,8 +42,8 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from saliency_server.cache import CacheBackend
     from saliency_server.scheduler import Scheduler
-    from seqsal.cache import CacheBackend
 
 logger = logging.getLogger("seqsal.metrics")
 

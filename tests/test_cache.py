@@ -1,4 +1,4 @@
-"""Tests of seqsal.cache: keys, backends (in-process LRU and real Redis), codec, single flight.
+"""Tests of saliency_server.cache: keys, backends (in-process LRU and real Redis), codec, single flight.
 
 Redis tests use the shared server at ``SEQSAL_TEST_REDIS_URL`` (default
 ``redis://127.0.0.1:6379/0``) under a unique key prefix that is deleted at the
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import redis
 
-from seqsal.cache import (
+from saliency_server.cache import (
     CACHE_FORMAT_VERSION,
     ENTRY_MAGIC,
     CorruptEntryError,

@@ -25,7 +25,7 @@ import redis
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from seqsal.cache import CACHE_FORMAT_VERSION, CorruptEntryError, RedisCache, decode_entry
+from saliency_server.cache import CACHE_FORMAT_VERSION, CorruptEntryError, RedisCache, decode_entry
 from seqsal.client import AsyncSaliencyClient
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, saliency_pb2

@@ -29,7 +29,7 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seqsal.cache import InMemoryCache, decode_entry
+from saliency_server.cache import InMemoryCache, decode_entry
 from seqsal.client import channel_options
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, saliency_pb2, saliency_pb2_grpc

@@ -22,8 +22,8 @@ import pytest
 import redis
 from procs import REDIS_SERVER, ServerProcess, free_port, metric_value, server_process, start_redis, stop
 
+from saliency_server.cache import decode_entry
 from saliency_server.engine import CancelCheck, SaliencyResult
-from seqsal.cache import decode_entry
 from seqsal.client import AsyncSaliencyClient, InferenceClient, SaliencyClient
 from seqsal.errors import (
     DeadlineExceededError,

@@ -25,8 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from health_probe import HealthProbe
 
+from saliency_server.cache import InMemoryCache
 from saliency_server.engine import CancelCheck, GradientEngine, SaliencyInputs, SaliencyResult, Steps
-from seqsal.cache import InMemoryCache
 from seqsal.client import AsyncSaliencyClient, error_from_rpc
 from seqsal.errors import (
     MAX_MESSAGE_BYTES,
