@@ -26,6 +26,7 @@ Open methods (health, reflection) pass straight through: probes are neither logg
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -140,15 +141,11 @@ class CallLifecycle(grpc.aio.ServerInterceptor):
             code = "UNKNOWN"
             try:
                 await self._admit(call, context)
-                try:
+                async with self._errors_to_status(call, context):
                     _raise_if_undecodable(request)
                     result = behavior(request, context)
                     if inspect.isawaitable(result):
                         result = await result
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await self._abort(call, context, exc)
                 await call.send_headers(context)
                 code = _final_code(context, "OK")
                 return result
@@ -166,7 +163,7 @@ class CallLifecycle(grpc.aio.ServerInterceptor):
             code = "UNKNOWN"
             try:
                 await self._admit(call, context)
-                try:
+                async with self._errors_to_status(call, context):
                     _raise_if_undecodable(request)
                     result = behavior(request, context)
                     if inspect.isasyncgen(result):
@@ -175,10 +172,6 @@ class CallLifecycle(grpc.aio.ServerInterceptor):
                             yield item
                     elif inspect.isawaitable(result):
                         await result
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await self._abort(call, context, exc)
                 code = _final_code(context, "OK")
             except GeneratorExit:
                 code = "CANCELLED"
@@ -235,6 +228,16 @@ class CallLifecycle(grpc.aio.ServerInterceptor):
                 status = rate_limited_status(limited.message, limited.retry_after_s)
                 await call.send_headers(context)
                 await context.abort(status.code, status.details, status.trailing_metadata)
+
+    @contextlib.asynccontextmanager
+    async def _errors_to_status(self, call: _Call, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """What the handler raises ends the call with its gRPC status (as ``grpc.aio.AbortError``)."""
+        try:
+            yield
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await self._abort(call, context, exc)
 
     async def _abort(self, call: _Call, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         """End the call with the status of what the handler raised (raises ``grpc.aio.AbortError``)."""
