@@ -164,16 +164,19 @@ class InferenceServing:
                 yield message
 
     def _score_targets(
-        self, model: InferenceModel, ids: list[int], request: inference_pb2.ScoreRequest
+        self, model: InferenceModel, prompt_length: int, request: inference_pb2.ScoreRequest
     ) -> list[list[int]]:
-        """Each target's token ids; refuses one that cannot fit before tokenising or decoding it."""
+        """Each target's token ids; refuses one that cannot fit after ``prompt_length`` prompt tokens
+        before tokenising or decoding it."""
         targets: list[list[int]] = []
         for i, target in enumerate(request.targets):
             field = f"targets[{i}]"
             if bool(target.text) == bool(target.token_ids):
                 raise InvalidArgumentError(f"{field}: set exactly one of text and token_ids", field=field)
             what = f"prompt + {field}"
-            model.limit.check(what, field, tokens=len(ids) + len(target.token_ids), chars=len(target.text))
+            model.limit.check(
+                what, field, tokens=prompt_length + len(target.token_ids), chars=len(target.text)
+            )
             if target.text:
                 tokens = tokenize(
                     model.tokenizer, target.text, part=common_pb2.TARGET, add_special_tokens=False
@@ -185,13 +188,56 @@ class InferenceServing:
                     part=common_pb2.TARGET,
                     field=f"{field}.token_ids",
                 )
-            model.limit.check(what, field, tokens=len(ids) + len(tokens))
+            model.limit.check(what, field, tokens=prompt_length + len(tokens))
             targets.append([t.id for t in tokens])
         return targets
 
+    def _id_prompts(self, model: InferenceModel, request: inference_pb2.ScoreRequest) -> list[list[int]]:
+        """The prompts sent as token ids, checked: non-empty, ids of this vocabulary, within the context."""
+        for name in ("prompt", "system_prompt"):
+            if getattr(request, name):
+                raise InvalidArgumentError(
+                    f"{name} is set together with prompt_token_ids; send the prompts one way", field=name
+                )
+        if request.use_chat_template:
+            raise InvalidArgumentError(
+                "use_chat_template does not apply to prompt_token_ids (they are used as given)",
+                field="use_chat_template",
+            )
+        rows = len(request.prompt_token_ids) * len(request.targets)
+        limit = self.settings.max_score_rows
+        if rows > limit:
+            raise InvalidArgumentError(
+                f"prompt_token_ids x targets is {rows} prompt-target pairs; at most {limit} are scored per "
+                "call (SEQSAL_MAX_SCORE_ROWS), split them over several calls",
+                field="prompt_token_ids",
+            )
+        vocab = len(model.tokenizer)
+        prompts: list[list[int]] = []
+        for i, prompt in enumerate(request.prompt_token_ids):
+            ids = list(prompt.ids)
+            field = f"prompt_token_ids[{i}]"
+            if not ids:
+                raise InvalidArgumentError(f"{field} is empty; send at least one token id", field=field)
+            model.limit.check(field, field, tokens=len(ids), room=1)
+            bad = next((j for j, t in enumerate(ids) if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidArgumentError(
+                    f"{field}.ids[{bad}] = {ids[bad]} is not a token id of this model (vocabulary size "
+                    f"{vocab})",
+                    field=field,
+                )
+            prompts.append(ids)
+        return prompts
+
     async def score(self, request: inference_pb2.ScoreRequest) -> inference_pb2.ScoreResponse:
         model = self.get(request.model)
-        text = self._prompt(model, request.prompt, request.use_chat_template, request.system_prompt)
+        by_ids = len(request.prompt_token_ids) > 0
+        text = (
+            ""
+            if by_ids
+            else self._prompt(model, request.prompt, request.use_chat_template, request.system_prompt)
+        )
         if not request.targets:
             raise InvalidArgumentError("targets is empty; send at least one target to score", field="targets")
         if len(request.targets) > MAX_SCORE_TARGETS:
@@ -201,14 +247,26 @@ class InferenceServing:
                 field="targets",
             )
         # tokenising (a target may be a megabyte) runs in a worker thread, never on the event loop
-        ids = await asyncio.to_thread(self._prompt_ids, model, text)
-        targets = await asyncio.to_thread(self._score_targets, model, ids, request)
+        if by_ids:
+            prompts = await asyncio.to_thread(self._id_prompts, model, request)
+            ids: list[int] = []
+        else:
+            ids = await asyncio.to_thread(self._prompt_ids, model, text)
+            prompts = [ids]
+        longest = max(len(p) for p in prompts)
+        targets = await asyncio.to_thread(self._score_targets, model, longest, request)
+        rows = [(prompt, target) for prompt in prompts for target in targets]
         with self.inflight.hold():
-            logprobs = await model.backend.score(ids, targets)
+            logprobs = await model.backend.score_rows(rows)
         return inference_pb2.ScoreResponse(
             scores=[
-                inference_pb2.TargetScore(token_ids=t, logprobs=lp, total_logprob=float(sum(lp)))
-                for t, lp in zip(targets, logprobs, strict=True)
+                inference_pb2.TargetScore(
+                    token_ids=target,
+                    logprobs=lp,
+                    total_logprob=float(sum(lp)),
+                    prompt_index=i // len(targets),
+                )
+                for i, ((_, target), lp) in enumerate(zip(rows, logprobs, strict=True))
             ],
             prompt=text,
             prompt_token_ids=ids,

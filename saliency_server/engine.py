@@ -45,6 +45,7 @@ from saliency_server.forward_cache import ForwardCache, HeldForward, SavedBytes
 from saliency_server.logprobs import token_logprobs
 from saliency_server.memory import model_dims
 from seqsal.errors import CancelledError
+from seqsal.teacher_forcing import score_rows
 from seqsal.v1 import common_pb2
 
 logger = logging.getLogger("seqsal.engine")
@@ -448,6 +449,27 @@ class GradientEngine:
                 yield
             finally:
                 _current.steps = previous
+
+    def score_rows(
+        self,
+        rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+        *,
+        batch_tokens: int = 8192,
+        cancelled: CancelCheck | None = None,
+        steps: Steps | None = None,
+    ) -> list[np.ndarray]:
+        """Teacher-forced log-probs of many (prompt, target) rows in batched no-grad passes
+        (:func:`seqsal.teacher_forcing.score_rows`), with a step boundary before every batch and
+        the layer checkpoints inside each: the perturbation methods' fallback without an
+        inference server, scheduled like any other computation."""
+        with self._driven(steps):
+            return score_rows(
+                self.model,
+                rows,
+                batch_tokens=batch_tokens,
+                pad_id=self.pad_id,
+                between=_checkpointer(cancelled, steps),
+            )
 
     def probe(self) -> None:
         """A two-token forward pass: raises if the model (or its device) no longer works."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -24,6 +24,8 @@ from saliency_server.engine import CancelCheck, GradientEngine, SaliencyInputs, 
 from seqsal.errors import InternalError, SeqsalError, UnavailableError
 
 logger = logging.getLogger("seqsal.engine")
+
+T = TypeVar("T")
 
 
 class SaliencyEngine(Protocol):
@@ -51,6 +53,17 @@ class SaliencyEngine(Protocol):
         steps: Steps | None = None,
     ) -> Iterator[SaliencyResult]:
         """One selection of each of several problems as one batch (``GradientEngine.saliency_many``)."""
+        ...
+
+    def score_rows(
+        self,
+        rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+        *,
+        batch_tokens: int,
+        cancelled: CancelCheck | None = None,
+        steps: Steps | None = None,
+    ) -> list[np.ndarray]:
+        """Log-probs of each row's target after its prompt (``GradientEngine.score_rows``)."""
         ...
 
     def health(self) -> bool:
@@ -125,7 +138,22 @@ class ModelEngine:
             lambda: self.gradient.saliency_many(items, methods, cancelled=cancelled, steps=steps)
         )
 
-    def _guarded(self, run: Callable[[], Iterator[SaliencyResult]]) -> Iterator[SaliencyResult]:
+    def score_rows(
+        self,
+        rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+        *,
+        batch_tokens: int,
+        cancelled: CancelCheck | None = None,
+        steps: Steps | None = None,
+    ) -> list[np.ndarray]:
+        scores = self._guarded(
+            lambda: iter(
+                [self.gradient.score_rows(rows, batch_tokens=batch_tokens, cancelled=cancelled, steps=steps)]
+            )
+        )
+        return next(scores)
+
+    def _guarded(self, run: Callable[[], Iterator[T]]) -> Iterator[T]:
         """``run()``'s results; an unexpected error is INTERNAL, or UNAVAILABLE if the engine broke."""
         if self._errored is not None:
             raise UnavailableError(

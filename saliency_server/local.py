@@ -9,7 +9,7 @@ import asyncio
 from typing import Any
 
 from saliency_server.server import build_serving
-from seqsal.client import all_segments_request, saliency_request
+from seqsal.client import all_segments_request, saliency_request, verify_request
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, saliency_pb2
 
@@ -38,6 +38,11 @@ class LocalSaliencyClient:
             return [message async for message in stream]
 
         return self.loop.run_until_complete(collect())
+
+    def verify(
+        self, request: saliency_pb2.VerifyRequest | None = None, **kwargs: Any
+    ) -> saliency_pb2.VerifyResponse:
+        return self.loop.run_until_complete(self.serving.verify(request or verify_request(**kwargs)))
 
     def list_models(self) -> common_pb2.ListModelsResponse:
         return self.loop.run_until_complete(self.serving.list_models(common_pb2.ListModelsRequest()))

@@ -76,6 +76,12 @@ class SaliencyServicer(saliency_pb2_grpc.SaliencyServiceServicer):
                     first = False
                 yield message
 
+    async def Verify(
+        self, request: saliency_pb2.VerifyRequest, context: grpc.aio.ServicerContext
+    ) -> saliency_pb2.VerifyResponse:
+        with self._counting_cancellation("Verify", context):
+            return await self.serving.verify(request, client=client_var.get())
+
     async def ListModels(
         self, request: common_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.ListModelsResponse:

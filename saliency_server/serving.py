@@ -24,6 +24,8 @@ from saliency_server.engine import GRADIENT_METHODS, SaliencyResult
 from saliency_server.engine_client import ModelEngine, SaliencyEngine
 from saliency_server.memory import check_fits, memory_budget_bytes
 from saliency_server.model_host import ModelHost
+from saliency_server.perturbation import PERTURBATION_METHODS
+from saliency_server.perturbing import PerturbationScoring
 from saliency_server.scheduler import Priority, Scheduler, Ticket, TicketSteps, priority_from_wire
 from saliency_server.validation import Problem, build_problem, resolve_selection
 from seqsal import segmentation
@@ -49,6 +51,10 @@ class MethodEntry:
     foil_logprob: float | None
     ig_residual: float | None
     ig_steps: int
+    #: the perturbation methods: LIME's R^2, perturbed prompts scored, and where
+    r2: float | None = None
+    perturbations: int = 0
+    scored_by: str = ""
 
 
 def _entries_from_result(result: SaliencyResult) -> dict[int, MethodEntry]:
@@ -169,6 +175,8 @@ class SaliencyServing:
         self.executor = ThreadPoolExecutor(
             max_workers=settings.max_concurrency + settings.max_queue, thread_name_prefix="seqsal-saliency"
         )
+        #: OCCLUSION, LIME and Verify: variants scored by the inference server, or here
+        self.perturbation = PerturbationScoring(self)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -217,6 +225,8 @@ class SaliencyServing:
             ig_steps=request.ig_steps,
             default_ig_steps=self.settings.ig_steps,
             require_granularity=all_segments,
+            perturbation=request.perturbation if request.HasField("perturbation") else None,
+            max_perturbations=self.settings.max_perturbations,
         )
 
     def cache_key(self, problem: Problem, method: int, mask: np.ndarray) -> str:
@@ -234,6 +244,9 @@ class SaliencyServing:
             "selection": "".join("1" if b else "0" for b in mask),
             "foil_ids": None if inputs.foil_ids is None else list(inputs.foil_ids),
         }
+        if method in PERTURBATION_METHODS:  # the segments removed and how
+            fields |= {"granularity": problem.granularity, "custom_regex": problem.custom_regex}
+            fields |= problem.perturbation.key_fields(method)
         return make_key(self.settings.cache_prefix, "saliency", fields)
 
     async def _cached(self, problem: Problem, mask: np.ndarray) -> dict[int, MethodEntry]:
@@ -250,6 +263,9 @@ class SaliencyServing:
                 foil_logprob=meta.get("foil_logprob"),
                 ig_residual=meta.get("ig_residual"),
                 ig_steps=int(meta.get("ig_steps", 0)),
+                r2=meta.get("r2"),
+                perturbations=int(meta.get("perturbations", 0)),
+                scored_by=str(meta.get("scored_by", "")),
             )
         return found
 
@@ -261,6 +277,8 @@ class SaliencyServing:
                 "ig_residual": entry.ig_residual,
                 "ig_steps": entry.ig_steps,
             }
+            if method in PERTURBATION_METHODS:
+                meta |= {"r2": entry.r2, "perturbations": entry.perturbations, "scored_by": entry.scored_by}
             arrays = {"scores": entry.scores, "target_token_logprobs": entry.target_token_logprobs}
             await put_entry(self.cache, self.cache_key(problem, method, mask), meta, arrays)
 
@@ -548,6 +566,11 @@ class SaliencyServing:
                 scores.ig_steps = entry.ig_steps
                 if entry.ig_residual is not None:
                     scores.completeness_residual = entry.ig_residual
+            if method in PERTURBATION_METHODS:
+                scores.perturbations = entry.perturbations
+                scores.scored_by = entry.scored_by
+                if entry.r2 is not None:
+                    scores.r2 = entry.r2
             response.scores.append(scores)
         if problem.granularity != common_pb2.GRANULARITY_UNSPECIFIED:
             segments = problem.segments
@@ -569,8 +592,10 @@ class SaliencyServing:
         cache_hit = len(entries) == len(problem.methods)
         while missing := [m for m in problem.methods if m not in entries]:
             joined = self._joinable(problem, mask, missing)
-            own = [m for m in missing if m not in joined]
+            own = [m for m in missing if m not in joined and m not in PERTURBATION_METHODS]
             tasks: list[asyncio.Task[dict[int, MethodEntry]]] = []
+            if perturbed := [m for m in missing if m in PERTURBATION_METHODS]:
+                tasks.append(asyncio.create_task(self._perturbed(problem, mask, perturbed, priority, client)))
             if own and self._batchable(problem, own, priority):
                 tasks.append(asyncio.create_task(self._batched(problem, mask, own, client)))
             elif own:
@@ -585,6 +610,17 @@ class SaliencyServing:
                 for task in tasks:
                     task.cancel()  # nothing once done
         return self._response(problem, mask, entries, cache_hit=cache_hit, started=started)
+
+    async def _perturbed(
+        self, problem: Problem, mask: np.ndarray, methods: Sequence[int], priority: Priority, client: str
+    ) -> dict[int, MethodEntry]:
+        return (await self.perturbation.entries(problem, [mask], methods, priority, client))[0]
+
+    async def verify(
+        self, request: saliency_pb2.VerifyRequest, *, client: str = LOCAL_CLIENT
+    ) -> saliency_pb2.VerifyResponse:
+        """The ablation test of one method's explanation (see :mod:`saliency_server.perturbing`)."""
+        return await self.perturbation.verify(request, client)
 
     async def saliency_all_segments(
         self, request: saliency_pb2.SaliencyAllSegmentsRequest, *, client: str = LOCAL_CLIENT
@@ -621,6 +657,17 @@ class SaliencyServing:
                 pending.append(index)
             else:
                 yield message(index, known[index], True)
+        perturbed = [m for m in problem.methods if m in PERTURBATION_METHODS]
+        if todo := [i for i in pending if any(m not in known[i] for m in perturbed)]:
+            # the variants do not depend on the selection: one scoring job for every segment
+            masks = [np.asarray(targets[i][1]) for i in todo]
+            found = await self.perturbation.entries(problem, masks, perturbed, priority, client)
+            for index, entries in zip(todo, found, strict=True):
+                known[index].update(entries)
+            ready = [i for i in pending if not missing(i)]
+            pending = [i for i in pending if missing(i)]
+            for index in ready:
+                yield message(index, known[index], False)
         while pending:
             joined: dict[int, dict[int, tuple[Flight, asyncio.Future[MethodEntry]]]] = {}
             own: list[int] = []

@@ -8,13 +8,22 @@ target, unknown methods and granularities, invalid regexes, too many tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 
 from saliency_server.engine import SaliencyInputs
 from saliency_server.model_host import HostedModel
+from saliency_server.perturbation import (
+    PERTURBATION_METHODS,
+    Feature,
+    PerturbationSpec,
+    check_count,
+    perturbation_segments,
+    prompt_features,
+    validate_options,
+)
 from seqsal import segmentation
 from seqsal.errors import InvalidArgumentError
 from seqsal.tokenization import ContextLimit, part_text, tokenize, tokens_from_ids
@@ -38,6 +47,14 @@ class Problem:
     granularity: int
     custom_regex: str
     ig_steps: int
+    perturbation: PerturbationSpec = field(default_factory=PerturbationSpec)
+
+    @cached_property
+    def features(self) -> list[Feature]:
+        """The prompt segments the perturbation methods remove (see :mod:`saliency_server.perturbation`)."""
+        return prompt_features(
+            self.tokens, perturbation_segments(self.tokens, self.segments, self.granularity)
+        )
 
     @cached_property
     def segments(self) -> list[common_pb2.Segment]:
@@ -139,6 +156,8 @@ def build_problem(
     ig_steps: int,
     default_ig_steps: int,
     require_granularity: bool = False,
+    perturbation: saliency_pb2.PerturbationOptions | None = None,
+    max_perturbations: int = 512,
 ) -> Problem:
     """Validate and tokenise; raises InvalidArgumentError naming the field at the first problem."""
     if not prompt:
@@ -182,7 +201,39 @@ def build_problem(
         ig_steps=ig_steps or default_ig_steps,
     )
     _ = problem.segments  # segment here, in the caller's worker thread, never on the event loop
+    if any(m in PERTURBATION_METHODS for m in resolved_methods):
+        problem.perturbation = _perturbation(hosted, perturbation, max_perturbations)
+        count = len(problem.features)
+        if count == 0:
+            raise InvalidArgumentError(
+                "the prompt has no segment to perturb (only special tokens); OCCLUSION and LIME remove "
+                "prompt segments",
+                field="prompt",
+            )
+        if common_pb2.OCCLUSION in resolved_methods:
+            check_count(
+                count + 1, max_perturbations, what=f"OCCLUSION of {count} segments", field="granularity"
+            )
     return problem
+
+
+def _perturbation(
+    hosted: HostedModel, options: saliency_pb2.PerturbationOptions | None, max_perturbations: int
+) -> PerturbationSpec:
+    options = options or saliency_pb2.PerturbationOptions()
+    filler: list[int] = []
+    if options.filler:
+        filler = [
+            t.id
+            for t in tokenize(
+                hosted.tokenizer, options.filler, part=common_pb2.TARGET, add_special_tokens=False
+            )
+        ]
+        if not filler:
+            raise InvalidArgumentError(
+                "perturbation.filler has no tokens for this model's tokenizer", field="perturbation.filler"
+            )
+    return validate_options(options, filler, max_perturbations)
 
 
 def resolve_selection(problem: Problem, request: saliency_pb2.SaliencyRequest) -> np.ndarray:

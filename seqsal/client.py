@@ -121,8 +121,9 @@ def saliency_request(
     ig_steps: int = 0,
     model: str = "",
     priority: int = saliency_pb2.PRIORITY_UNSPECIFIED,
+    perturbation: saliency_pb2.PerturbationOptions | None = None,
 ) -> saliency_pb2.SaliencyRequest:
-    """Build a SaliencyRequest from keyword arguments."""
+    """Build a SaliencyRequest from keyword arguments (``perturbation``: OCCLUSION/LIME options)."""
     request = saliency_pb2.SaliencyRequest(
         model=model,
         prompt=prompt,
@@ -138,7 +139,35 @@ def saliency_request(
     )
     if foil is not None:
         request.foil = foil
+    if perturbation is not None:
+        request.perturbation.CopyFrom(perturbation)
     return request
+
+
+def perturbation_options(
+    *, filler: str = "", samples: int = 0, seed: int = 0, ridge_alpha: float = 0.0
+) -> saliency_pb2.PerturbationOptions:
+    """OCCLUSION's filler, LIME's samples, seed and ridge alpha (0 = the server's defaults)."""
+    return saliency_pb2.PerturbationOptions(
+        filler=filler, samples=samples, seed=seed, ridge_alpha=ridge_alpha
+    )
+
+
+def verify_request(
+    *,
+    k: Sequence[int] = (),
+    random_draws: int = 0,
+    seed: int = 0,
+    problem: saliency_pb2.SaliencyRequest | None = None,
+    **problem_fields: Any,
+) -> saliency_pb2.VerifyRequest:
+    """Build a VerifyRequest: the problem as a SaliencyRequest, or its :func:`saliency_request`
+    keyword arguments (one method, a granularity)."""
+    if problem is None:
+        problem = saliency_request(**problem_fields)
+    elif problem_fields:
+        raise TypeError("give the problem as a SaliencyRequest or as keyword arguments, not both")
+    return saliency_pb2.VerifyRequest(problem=problem, k=list(k), random_draws=random_draws, seed=seed)
 
 
 def all_segments_request(
@@ -153,6 +182,7 @@ def all_segments_request(
     ig_steps: int = 0,
     model: str = "",
     priority: int = saliency_pb2.PRIORITY_UNSPECIFIED,
+    perturbation: saliency_pb2.PerturbationOptions | None = None,
 ) -> saliency_pb2.SaliencyAllSegmentsRequest:
     """Build a SaliencyAllSegmentsRequest from keyword arguments."""
     request = saliency_pb2.SaliencyAllSegmentsRequest(
@@ -168,6 +198,8 @@ def all_segments_request(
     )
     if foil is not None:
         request.foil = foil
+    if perturbation is not None:
+        request.perturbation.CopyFrom(perturbation)
     return request
 
 
@@ -390,6 +422,12 @@ class _SaliencyRpcs(_CommonRpcs):
         all_segments_request,
         "One response per target segment, as the server finishes them (see :func:`all_segments_request`).",
     )
+    verify = _Rpc(
+        "Verify",
+        saliency_pb2.VerifyRequest,
+        verify_request,
+        "The ablation test of one method's explanation (see :func:`verify_request`).",
+    )
 
 
 class SaliencyClient(_SaliencyRpcs, _SyncClient):
@@ -434,16 +472,19 @@ def generate_request(
 
 def score_request(
     *,
-    prompt: str,
     targets: Sequence[str | Sequence[int]],
+    prompt: str = "",
+    prompt_token_ids: Sequence[Sequence[int]] = (),
     use_chat_template: bool = False,
     system_prompt: str = "",
     model: str = "",
 ) -> inference_pb2.ScoreRequest:
-    """Build a ScoreRequest; each target is a text or a list of token ids."""
+    """Build a ScoreRequest; each target is a text or a list of token ids. ``prompt_token_ids``:
+    many prompts as ids instead of ``prompt`` (every target scored after each, one batch)."""
     return inference_pb2.ScoreRequest(
         model=model,
         prompt=prompt,
+        prompt_token_ids=[inference_pb2.TokenIds(ids=list(p)) for p in prompt_token_ids],
         targets=[
             inference_pb2.ScoreTarget(text=t)
             if isinstance(t, str)

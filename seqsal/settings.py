@@ -113,6 +113,25 @@ class Settings(BaseSettings):
         "forward and backward pass (gradient methods, no foil); 0 = off.",
     )
     batch_max_requests: int = Field(default=8, ge=2, description="Most clicks in one cross-request batch.")
+    score_address: str | None = Field(
+        default=None,
+        description="host:port of an inference server hosting the same models (same revision): the "
+        "saliency server scores the perturbed prompts of OCCLUSION, LIME and Verify through its batched "
+        "Score RPC. Unset (or a model it does not host): batched no-grad forward passes with "
+        "transformers in the saliency process, through the scheduler; responses say which.",
+    )
+    max_perturbations: int = Field(
+        default=512,
+        ge=1,
+        description="Most perturbed prompts one OCCLUSION, LIME or Verify request may score (segments, "
+        "samples, draws); beyond it INVALID_ARGUMENT naming the field.",
+    )
+    score_batch_tokens: int = Field(
+        default=8192,
+        ge=64,
+        description="Tokens (rows x padded width) per batched no-grad forward pass when scoring with "
+        "transformers (the saliency server's fallback and the inference server's transformers backend).",
+    )
     contended_chunk: int = Field(
         default=1,
         ge=0,
@@ -156,6 +175,11 @@ class Settings(BaseSettings):
     max_candidates: int = Field(default=16, ge=1, description="Largest `n` a Generate request may ask for.")
     default_max_new_tokens: int = Field(
         default=256, ge=1, description="Generate's max_tokens when 0 is sent."
+    )
+    max_score_rows: int = Field(
+        default=1024,
+        ge=1,
+        description="Most prompt-target pairs one Score call may score (prompts as token ids x targets).",
     )
     inference_max_concurrency: int = Field(
         default=64,

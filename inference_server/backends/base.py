@@ -78,8 +78,13 @@ class Backend(ABC):
         """
 
     @abstractmethod
+    async def score_rows(self, rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[list[float]]:
+        """``log p(target_t | prompt, target_<t)`` for every token of every ``(prompt ids, target
+        ids)`` row, in row order: many prompts (e.g. perturbed variants) in one batched call."""
+
     async def score(self, prompt_ids: Sequence[int], targets: Sequence[Sequence[int]]) -> list[list[float]]:
-        """``log p(target_t | prompt, target_<t)`` for every token of every target."""
+        """``log p(target_t | prompt, target_<t)`` for every token of every target of one prompt."""
+        return await self.score_rows([(prompt_ids, target) for target in targets])
 
     async def start(self) -> None:  # noqa: B027 (optional hook)
         """Load weights or connect; called once before serving."""

@@ -359,8 +359,8 @@ class OpenAIBackend(Backend):
             out.append(float(values[i]))
         return out
 
-    async def score(self, prompt_ids: Sequence[int], targets: Sequence[Sequence[int]]) -> list[list[float]]:
-        fulls = [list(prompt_ids) + list(target) for target in targets]
+    async def score_rows(self, rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[list[float]]:
+        fulls = [list(prompt) + list(target) for prompt, target in rows]
         payload = {
             "model": self.remote_model,
             "prompt": fulls,
@@ -377,4 +377,4 @@ class OpenAIBackend(Backend):
             raise InternalError(
                 f"the server at {self.url} returned choices {sorted(choices)} for {len(fulls)} prompts"
             )
-        return [self._prompt_logprobs(choices[i], full, len(prompt_ids)) for i, full in enumerate(fulls)]
+        return [self._prompt_logprobs(choices[i], full, len(rows[i][0])) for i, full in enumerate(fulls)]

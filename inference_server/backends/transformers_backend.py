@@ -21,8 +21,10 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from inference_server.backends.base import Backend, CandidateDelta, GeneratedCandidate, SamplingParams
+from seqsal.errors import CancelledError
 from seqsal.model_registry import ModelSpec, load_causal_lm, resolve_device, resolve_dtype
 from seqsal.settings import Settings
+from seqsal.teacher_forcing import score_rows
 from seqsal.threads import stream_from_thread
 from seqsal.v1 import inference_pb2
 
@@ -209,16 +211,21 @@ class TransformersBackend(Backend):
                 candidate.finish_reason = delta.finish_reason
         return candidates
 
-    def _score(self, prompt_ids: Sequence[int], targets: Sequence[Sequence[int]]) -> list[list[float]]:
-        device = next(self.model.parameters()).device
-        out: list[list[float]] = []
-        with self._lock, torch.no_grad():
-            for target in targets:
-                ids = torch.tensor([list(prompt_ids) + list(target)], device=device)
-                logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
-                lp = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, len(prompt_ids) :, None])[:, 0]
-                out.append(lp.cpu().tolist())
-        return out
+    async def score_rows(self, rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[list[float]]:
+        """Batched no-grad passes (``seqsal.teacher_forcing``) in a worker thread; a client that
+        goes away stops it before the next batch."""
 
-    async def score(self, prompt_ids: Sequence[int], targets: Sequence[Sequence[int]]) -> list[list[float]]:
-        return await asyncio.to_thread(self._score, prompt_ids, targets)
+        def produce(emit: Callable[[list[list[float]]], None], stopped: Callable[[], bool]) -> None:
+            def between() -> None:
+                if stopped():
+                    raise CancelledError("score cancelled by the client or its deadline passed")
+
+            with self._lock:
+                scores = score_rows(
+                    self.model, rows, batch_tokens=self.settings.score_batch_tokens, between=between
+                )
+            emit([lp.tolist() for lp in scores])
+
+        async for result in stream_from_thread(produce):
+            return result
+        raise CancelledError("score cancelled")

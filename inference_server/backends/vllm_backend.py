@@ -169,5 +169,6 @@ class VllmBackend(Backend):
         assert prompt_logprobs is not None
         return [float(prompt_logprobs[i][full[i]].logprob) for i in range(len(prompt_ids), len(full))]
 
-    async def score(self, prompt_ids: Sequence[int], targets: Sequence[Sequence[int]]) -> list[list[float]]:
-        return list(await asyncio.gather(*(self._score_one(prompt_ids, t) for t in targets)))
+    async def score_rows(self, rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[list[float]]:
+        # submitted together, the rows are one batch for vLLM's scheduler (continuous batching)
+        return list(await asyncio.gather(*(self._score_one(prompt, target) for prompt, target in rows)))

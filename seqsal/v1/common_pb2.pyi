@@ -20,6 +20,8 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GRAD_L2: _ClassVar[Method]
     GRAD_DOT_INPUT: _ClassVar[Method]
     INTEGRATED_GRADIENTS: _ClassVar[Method]
+    OCCLUSION: _ClassVar[Method]
+    LIME: _ClassVar[Method]
 
 class Granularity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -38,6 +40,8 @@ METHOD_UNSPECIFIED: Method
 GRAD_L2: Method
 GRAD_DOT_INPUT: Method
 INTEGRATED_GRADIENTS: Method
+OCCLUSION: Method
+LIME: Method
 GRANULARITY_UNSPECIFIED: Granularity
 TOKENS: Granularity
 WORDS: Granularity

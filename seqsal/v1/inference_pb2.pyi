@@ -101,29 +101,39 @@ class ScoreTarget(_message.Message):
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class ScoreRequest(_message.Message):
-    __slots__ = ("model", "prompt", "targets", "use_chat_template", "system_prompt")
+    __slots__ = ("model", "prompt", "targets", "use_chat_template", "system_prompt", "prompt_token_ids")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     USE_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     targets: _containers.RepeatedCompositeFieldContainer[ScoreTarget]
     use_chat_template: bool
     system_prompt: str
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[ScoreTarget, _Mapping]]] = ..., use_chat_template: _Optional[bool] = ..., system_prompt: _Optional[str] = ...) -> None: ...
+    prompt_token_ids: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[ScoreTarget, _Mapping]]] = ..., use_chat_template: _Optional[bool] = ..., system_prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ...) -> None: ...
 
 class TargetScore(_message.Message):
-    __slots__ = ("token_ids", "logprobs", "total_logprob")
+    __slots__ = ("token_ids", "logprobs", "total_logprob", "prompt_index")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_INDEX_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     total_logprob: float
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., total_logprob: _Optional[float] = ...) -> None: ...
+    prompt_index: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., total_logprob: _Optional[float] = ..., prompt_index: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("scores", "prompt", "prompt_token_ids", "model")

@@ -56,6 +56,11 @@ class SaliencyServiceStub:
                 request_serializer=seqsal_dot_v1_dot_common__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=seqsal_dot_v1_dot_common__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/seqsal.v1.SaliencyService/Verify',
+                request_serializer=seqsal_dot_v1_dot_saliency__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=seqsal_dot_v1_dot_saliency__pb2.VerifyResponse.FromString,
+                _registered_method=True)
 
 
 class SaliencyServiceServicer:
@@ -91,6 +96,16 @@ class SaliencyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Verify(self, request, context):
+        """Check an explanation by ablation: remove its top-k prompt segments (and, to
+        compare, k random ones over seeded draws), re-score the selected target in
+        one batched call, and report the drops (comprehensiveness) and what the
+        top-k alone keep (sufficiency).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SaliencyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +128,11 @@ def add_SaliencyServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=seqsal_dot_v1_dot_common__pb2.ListModelsRequest.FromString,
                     response_serializer=seqsal_dot_v1_dot_common__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=seqsal_dot_v1_dot_saliency__pb2.VerifyRequest.FromString,
+                    response_serializer=seqsal_dot_v1_dot_saliency__pb2.VerifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +244,33 @@ class SaliencyService:
             '/seqsal.v1.SaliencyService/ListModels',
             seqsal_dot_v1_dot_common__pb2.ListModelsRequest.SerializeToString,
             seqsal_dot_v1_dot_common__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seqsal.v1.SaliencyService/Verify',
+            seqsal_dot_v1_dot_saliency__pb2.VerifyRequest.SerializeToString,
+            seqsal_dot_v1_dot_saliency__pb2.VerifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
