@@ -5,8 +5,10 @@ Each input line is a JSON object with ``prompt`` and optionally ``id``,
 greedy) and ``foil``. Each output line has the row's ``id``, the prompt and
 target actually explained, whether the target was generated, and the full
 SaliencyResponse (proto JSON) - or an ``error`` with its code, field and
-message. Rows are processed with bounded concurrency and written as they
-finish; a rerun skips ids already in the output (a half-written last line
+message. With ``--verify`` each line also has ``verify``: per method, the
+ablation test of its explanation (``seqsal.verification.record``), which
+``seqsal report`` compares. Rows are processed with bounded concurrency and
+written as they finish; a rerun skips ids already in the output (a half-written last line
 from an interrupted run is dropped first).
 """
 
@@ -21,7 +23,8 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient
+from seqsal import verification
+from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient, saliency_request, verify_request
 from seqsal.errors import InvalidArgumentError, SeqsalError, UnavailableError
 from seqsal.retry import RetryPolicy
 from seqsal.v1 import common_pb2, saliency_pb2
@@ -43,6 +46,8 @@ class BatchOptions:
     use_chat_template: bool = False
     model: str = ""
     concurrency: int = 4
+    #: add each method's ablation test (Verify) to every row
+    verify: bool = False
 
 
 def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -121,9 +126,40 @@ async def explain_row(
             "generated": generated,
             "saliency": json_format.MessageToDict(result, preserving_proto_field_name=True),
         }
+        if options.verify:
+            record["verify"] = await verify_row(prompt, result, row.get("foil"), options, saliency)
     except SeqsalError as error:
         record["error"] = {"code": error.code.name, "field": error.field, "message": error.message}
     return record
+
+
+async def verify_row(
+    prompt: str,
+    explained: saliency_pb2.SaliencyResponse,
+    foil: str | None,
+    options: BatchOptions,
+    saliency: AsyncSaliencyClient,
+) -> dict[str, Any]:
+    """Each method's Verify result (seqsal.verification.record), or its error, by method name."""
+    out: dict[str, Any] = {}
+    target_ids = [t.id for t in explained.tokens if t.part == common_pb2.TARGET]
+    for scores in explained.scores:
+        name = common_pb2.Method.Name(scores.method)
+        problem = saliency_request(
+            prompt=prompt,
+            target_token_ids=target_ids,
+            methods=[scores.method],
+            foil=foil,
+            granularity=options.granularity,
+            custom_regex=options.custom_regex,
+            model=options.model,
+            priority=saliency_pb2.PRIORITY_BACKGROUND,
+        )
+        try:
+            out[name] = verification.record(await saliency.verify(verify_request(problem=problem)))
+        except SeqsalError as error:
+            out[name] = {"error": {"code": error.code.name, "field": error.field, "message": error.message}}
+    return out
 
 
 async def run_batch(

@@ -38,6 +38,8 @@ class MethodOption(StrEnum):
     grad_l2 = "grad_l2"
     grad_dot_input = "grad_dot_input"
     integrated_gradients = "integrated_gradients"
+    occlusion = "occlusion"
+    lime = "lime"
 
 
 class GranularityOption(StrEnum):
@@ -185,6 +187,13 @@ ModelOption = Annotated[
         "With --server: the id of a model it hosts (default: its default model).",
     ),
 ]
+
+
+FillerOption = Annotated[
+    str, typer.Option(help="occlusion: replace each removed segment by this text (default: delete it).")
+]
+SamplesOption = Annotated[int, typer.Option(help="lime: random masks scored (0 = 64).")]
+SeedOption = Annotated[int, typer.Option(help="lime masks and verify's random draws: the seed.")]
 
 
 @serve_app.command("saliency")
@@ -407,6 +416,9 @@ def saliency(
         list[str] | None, typer.Option(help="Explain only target chars START:END; repeatable. Default: all.")
     ] = None,
     ig_steps: Annotated[int, typer.Option(help="Integrated-gradients steps (0 = server default).")] = 0,
+    filler: FillerOption = "",
+    samples: SamplesOption = 0,
+    seed: SeedOption = 0,
     output_format: Annotated[
         OutputFormat, typer.Option("--format", "-f", help="Output format.")
     ] = OutputFormat.table,
@@ -432,7 +444,6 @@ def saliency(
 ) -> None:
     """Explain which parts of a prompt made the model produce a target."""
     from seqsal import render
-    from seqsal.client import saliency_request
     from seqsal.scale import ScaleRules
 
     try:
@@ -442,28 +453,19 @@ def saliency(
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
 
-    prompt_text = _read_text(prompt, prompt_file, "prompt")
-    target_text = _read_text(target, target_file, "target")
-    if not prompt_text or not target_text:
-        raise typer.BadParameter(
-            "both a prompt (--prompt/--prompt-file) and a target (--target/--target-file) are needed"
-        )
-    spans = []
-    for item in span or []:
-        start, _, end = item.partition(":")
-        if not start.isdigit() or not end.isdigit():
-            raise typer.BadParameter(f"--span {item!r} must be START:END char offsets into the target")
-        spans.append((int(start), int(end)))
-    request = saliency_request(
-        prompt=prompt_text,
-        target=target_text,
-        target_spans=spans,
-        methods=[common_pb2.Method.Value(m.value.upper()) for m in method or []],
+    request = _saliency_request(
+        prompt=_read_text(prompt, prompt_file, "prompt"),
+        target=_read_text(target, target_file, "target"),
+        span=span,
+        methods=method or [],
         foil=foil,
-        granularity=common_pb2.Granularity.Value(granularity.value.upper()),
-        custom_regex=regex,
+        granularity=granularity,
+        regex=regex,
         ig_steps=ig_steps,
         model=model[0].partition("=")[0] if server and model else "",
+        filler=filler,
+        samples=samples,
+        seed=seed,
     )
     try:
         with _client(server, model) as client:
@@ -492,6 +494,163 @@ def saliency(
         sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
 
 
+def _saliency_request(
+    *,
+    prompt: str | None,
+    target: str | None,
+    span: list[str] | None,
+    methods: list[MethodOption],
+    foil: str | None,
+    granularity: GranularityOption,
+    regex: str,
+    ig_steps: int,
+    model: str,
+    filler: str,
+    samples: int,
+    seed: int,
+) -> Any:
+    """The SaliencyRequest of the saliency and verify commands."""
+    from seqsal.client import perturbation_options, saliency_request
+
+    if not prompt or not target:
+        raise typer.BadParameter(
+            "both a prompt (--prompt/--prompt-file) and a target (--target/--target-file) are needed"
+        )
+    spans = []
+    for item in span or []:
+        start, _, end = item.partition(":")
+        if not start.isdigit() or not end.isdigit():
+            raise typer.BadParameter(f"--span {item!r} must be START:END char offsets into the target")
+        spans.append((int(start), int(end)))
+    return saliency_request(
+        prompt=prompt,
+        target=target,
+        target_spans=spans,
+        methods=[common_pb2.Method.Value(m.value.upper()) for m in methods],
+        foil=foil,
+        granularity=common_pb2.Granularity.Value(granularity.value.upper()),
+        custom_regex=regex,
+        ig_steps=ig_steps,
+        model=model,
+        perturbation=perturbation_options(filler=filler, samples=samples, seed=seed),
+    )
+
+
+@app.command()
+def verify(
+    prompt: Annotated[str | None, typer.Option(help="Prompt text.")] = None,
+    prompt_file: Annotated[
+        Path | None, typer.Option(help="Read the prompt from a file ('-' = stdin).")
+    ] = None,
+    target: Annotated[str | None, typer.Option(help="Target text whose explanation to check.")] = None,
+    target_file: Annotated[Path | None, typer.Option(help="Read the target from a file.")] = None,
+    foil: Annotated[str | None, typer.Option(help="Contrastive foil, as for saliency.")] = None,
+    method: Annotated[MethodOption, typer.Option(help="The method whose explanation to check.")] = (
+        MethodOption.grad_l2
+    ),
+    granularity: Annotated[
+        GranularityOption, typer.Option(help="Segments ranked and removed.")
+    ] = GranularityOption.sentences,
+    regex: Annotated[str, typer.Option(help="With --granularity custom_regex: where segments start.")] = "",
+    span: Annotated[list[str] | None, typer.Option(help="Explain only target chars START:END.")] = None,
+    k: Annotated[
+        list[int] | None, typer.Option("--k", help="Segments to remove; repeatable (1 2 3 5).")
+    ] = None,
+    draws: Annotated[int, typer.Option(help="Random draws per k (0 = 8).")] = 0,
+    seed: SeedOption = 0,
+    filler: FillerOption = "",
+    samples: SamplesOption = 0,
+    show_prompts: Annotated[bool, typer.Option(help="Print the prompt with the top-k removed.")] = False,
+    output_format: Annotated[
+        OutputFormat, typer.Option("--format", "-f", help="table (words) or json.")
+    ] = OutputFormat.table,
+    server: ServerOption = None,
+    model: ModelOption = None,
+) -> None:
+    """Check an explanation: remove its most salient segments and k random ones, and compare."""
+    from google.protobuf import json_format
+
+    from seqsal.client import verify_request
+    from seqsal.verification import describe_step, describe_sufficiency
+
+    problem = _saliency_request(
+        prompt=_read_text(prompt, prompt_file, "prompt"),
+        target=_read_text(target, target_file, "target"),
+        span=span,
+        methods=[method],
+        foil=foil,
+        granularity=granularity,
+        regex=regex,
+        ig_steps=0,
+        model=model[0].partition("=")[0] if server and model else "",
+        filler=filler,
+        samples=samples,
+        seed=seed,
+    )
+    request = verify_request(problem=problem, k=k or [], random_draws=draws, seed=seed)
+    try:
+        with _client(server, model) as client:
+            response = client.verify(request)
+    except SeqsalError as error:
+        _fail(error)
+    if output_format is not OutputFormat.table:
+        sys.stdout.write(json_format.MessageToJson(response, preserving_proto_field_name=True) + "\n")
+        return
+    granularity_value = response.saliency.granularity
+    console.print(
+        f"[bold]{method.value}[/] · log p(target) = {response.full_logprob:.2f} · "
+        f"{response.removable_segments} removable segments"
+    )
+    for step in response.steps:
+        console.print(f"  {describe_step(step, granularity_value)}")
+        console.print(f"  [dim]{describe_sufficiency(step, response.full_logprob, granularity_value)}[/]")
+        if show_prompts:
+            console.print(step.ablated_prompt, markup=False, highlight=False)
+    console.print(
+        f"[dim]scored by {response.scored_by} · {response.perturbations} prompts · "
+        f"{response.server_time_ms:.0f} ms[/]"
+    )
+
+
+@app.command()
+def report(
+    export: Annotated[Path, typer.Argument(help="A `seqsal batch --verify` output (JSONL).")],
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG plot of the drops against k here.")] = None,
+) -> None:
+    """Compare the methods' faithfulness over an export: mean drops of top-k vs random removal."""
+    from seqsal.report import plot as draw
+    from seqsal.report import read_export
+
+    cells = read_export(export)
+    if not cells:
+        err_console.print(f"{export} has no verification: make it with `seqsal batch --verify`")
+        raise typer.Exit(code=1)
+    table = Table(
+        "method",
+        "k",
+        "rows",
+        "top-k drop",
+        "random drop",
+        "difference",
+        "top-k > random",
+        title="Faithfulness (drop in log p(target), nats; larger = the explanation found what matters)",
+    )
+    for cell in cells:
+        table.add_row(
+            cell.method,
+            str(cell.k),
+            str(cell.rows),
+            f"{cell.topk_drop:.2f}",
+            f"{cell.random_drop:.2f}",
+            f"{cell.gain:+.2f}",
+            f"{cell.wins:.0%}",
+        )
+    console.print(table)
+    if plot is not None:
+        draw(cells, plot)
+        err_console.print(f"wrote {plot}")
+
+
 @app.command()
 def batch(
     input_path: Annotated[
@@ -506,6 +665,9 @@ def batch(
     max_new_tokens: Annotated[int, typer.Option(help="Generation length for rows without a target.")] = 128,
     chat_template: Annotated[bool, typer.Option(help="Generate with the model's chat template.")] = False,
     concurrency: Annotated[int, typer.Option(min=1, help="Rows in flight at once.")] = 4,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Add each method's ablation test (Verify) to every row.")
+    ] = False,
     saliency_server: Annotated[str | None, typer.Option(help="Saliency server host:port.")] = None,
     inference_server: Annotated[str | None, typer.Option(help="Inference server host:port.")] = None,
     model: Annotated[str, typer.Option(help="Model id on the servers (default: theirs).")] = "",
@@ -524,6 +686,7 @@ def batch(
         use_chat_template=chat_template,
         model=model,
         concurrency=concurrency,
+        verify=verify,
     )
     with (
         Progress(

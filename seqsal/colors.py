@@ -4,7 +4,7 @@ Shared by the HTML/terminal renderers (:mod:`seqsal.render`) and the UI.
 
 * Non-negative methods (``GRAD_L2``) use a sequential map from white to deep
   purple (ColorBrewer *Purples*).
-* Signed methods (``GRAD_DOT_INPUT``, ``INTEGRATED_GRADIENTS``) use a diverging
+* Signed methods (``GRAD_DOT_INPUT``, ``INTEGRATED_GRADIENTS``, ``OCCLUSION``, ``LIME``) use a diverging
   map centred on white at 0: blue for negative, red for positive (ColorBrewer
   *RdBu*, which is colour-blind safe).
 
@@ -36,9 +36,11 @@ __all__ = [
 _GRAD_L2 = 1
 _GRAD_DOT_INPUT = 2
 _INTEGRATED_GRADIENTS = 3
+_OCCLUSION = 4
+_LIME = 5
 
 #: Methods whose scores can be negative.
-SIGNED_METHODS: frozenset[int] = frozenset({_GRAD_DOT_INPUT, _INTEGRATED_GRADIENTS})
+SIGNED_METHODS: frozenset[int] = frozenset({_GRAD_DOT_INPUT, _INTEGRATED_GRADIENTS, _OCCLUSION, _LIME})
 
 #: White -> deep purple (ColorBrewer Purples), for values in [0, 1].
 SEQUENTIAL_STOPS: tuple[tuple[float, str], ...] = (

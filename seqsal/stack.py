@@ -172,7 +172,11 @@ class Stack:
                 command=[python, "-m", "seqsal.cli", "serve", "saliency"],
                 ready=lambda: grpc_serving(saliency, tls=tls),
                 url=f"{scheme}://{saliency}",
-                env=env | server_env | {"SEQSAL_HOST": s.host, "SEQSAL_PORT": str(s.port)},
+                # it scores OCCLUSION/LIME/Verify variants through the inference server, as a client
+                env=env
+                | server_env
+                | client_env
+                | {"SEQSAL_HOST": s.host, "SEQSAL_PORT": str(s.port), "SEQSAL_SCORE_ADDRESS": inference},
             )
         )
         if with_ui and UI_APP.exists():
