@@ -25,7 +25,7 @@ from seqsal.request_ids import new_request_id
 from seqsal.retry import RetryPolicy
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, inference_pb2, saliency_pb2
-from ui.state import SideState, granularity_enum, method_enum
+from ui.state import PERTURBATION_METHODS, SideState, granularity_enum, method_enum
 
 Service = Literal["saliency", "inference"]
 
@@ -368,7 +368,7 @@ def generate(
 
 def methods_for(method: str) -> list[int]:
     """Methods to ask for: the two gradient methods share one backward pass, so ask for both."""
-    if method == "INTEGRATED_GRADIENTS":
+    if method in ("INTEGRATED_GRADIENTS", *PERTURBATION_METHODS):
         return [method_enum(method)]
     return [method_enum("GRAD_L2"), method_enum("GRAD_DOT_INPUT")]
 

@@ -47,13 +47,22 @@ TARGET_KIND_LABELS: dict[TargetKind, str] = {
 }
 
 #: Method enum names the UI offers, in display order.
-METHODS: tuple[str, ...] = ("GRAD_L2", "GRAD_DOT_INPUT", "INTEGRATED_GRADIENTS")
+METHODS: tuple[str, ...] = ("GRAD_L2", "GRAD_DOT_INPUT", "INTEGRATED_GRADIENTS", "OCCLUSION", "LIME")
 METHOD_LABELS: dict[str, str] = {
     "GRAD_L2": "Gradient L2 norm (sequential)",
     "GRAD_DOT_INPUT": "Gradient · input (signed)",
     "INTEGRATED_GRADIENTS": "Integrated gradients (signed)",
+    "OCCLUSION": "Occlusion: remove each segment (signed)",
+    "LIME": "LIME: random removals, linear fit (signed)",
 }
-_METHOD_ALIASES: dict[str, str] = {"ig": "INTEGRATED_GRADIENTS", "l2": "GRAD_L2", "gdi": "GRAD_DOT_INPUT"}
+#: Methods computed by re-scoring perturbed prompts (no gradients); one per request.
+PERTURBATION_METHODS: tuple[str, ...] = ("OCCLUSION", "LIME")
+_METHOD_ALIASES: dict[str, str] = {
+    "ig": "INTEGRATED_GRADIENTS",
+    "l2": "GRAD_L2",
+    "gdi": "GRAD_DOT_INPUT",
+    "occ": "OCCLUSION",
+}
 
 #: Granularity enum names the UI offers, in display order.
 GRANULARITIES: tuple[str, ...] = ("TOKENS", "WORDS", "SENTENCES", "LINES", "PARAGRAPHS", "CUSTOM_REGEX")

@@ -14,7 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from seqsal.scale import AGGREGATES
-from ui import explain, export, heatmap, outage, session
+from ui import explain, export, heatmap, outage, session, verify
 from ui.examples import Example, decode_upload, load_examples
 from ui.explain import SideResult
 from ui.services import PREFETCHER, Endpoints, ModelsReport
@@ -162,7 +162,9 @@ def sidebar(report: ModelsReport, endpoints: Endpoints) -> None:
             format_func=lambda m: METHOD_LABELS[m],
             key=session.W["method"],
             help="GRAD_L2 is never negative (white → purple). Gradient · input and integrated gradients "
-            "are signed (blue = lowers the target's probability, red = raises it).",
+            "are signed (blue = lowers the target's probability, red = raises it). Occlusion and LIME "
+            "re-score the prompt with segments removed (no gradients): a segment's score is the change "
+            "in log p(target) it causes.",
         )
         st.selectbox(
             "Granularity",
@@ -547,4 +549,5 @@ def run_and_draw(
     result = explain.run_side(name, side, endpoints, display, status_box=status_box)
     response_panel(result, editable=editable)
     heatmap_panel(result, display=display, title=title, query=query_of())
+    verify.panel(result, endpoints, editable=editable)
     return result
