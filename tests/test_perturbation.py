@@ -368,3 +368,75 @@ async def test_bad_batched_score_requests_name_the_field(inference) -> None:  # 
             with pytest.raises(InvalidArgumentError) as caught:
                 await client.score(targets=[" Paris"], **kwargs)
             assert caught.value.field == field, kwargs
+
+
+async def test_the_fallback_gives_way_to_clicks_and_stops_when_cancelled(
+    run_saliency_server, tiny_llama_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """In-process scoring is a scheduler ticket: a click preempts it, a cancelled call frees it."""
+    import asyncio
+
+    from saliency_server.scheduler import State
+
+    slow = settings(tiny_llama_dir, score_batch_tokens=128, max_perturbations=4096)
+    async with run_saliency_server(slow) as srv, AsyncSaliencyClient(srv.address) as client:
+        scheduler = srv.serving.schedulers["tiny"]
+
+        def lime(seed: int) -> Any:
+            return client.saliency(
+                prompt="word " * 40,
+                target=TARGET,
+                methods=[common_pb2.LIME],
+                granularity=common_pb2.WORDS,
+                perturbation=perturbation_options(samples=3000, seed=seed),
+                priority=saliency_pb2.PRIORITY_BACKGROUND,
+            )
+
+        async def running_job() -> Any:
+            for _ in range(400):
+                found = [t for t in scheduler.active() if "perturbed" in t.label and t.state is State.RUNNING]
+                if found:
+                    return found[0]
+                await asyncio.sleep(0.01)
+            raise AssertionError("the perturbation job never ran")
+
+        background = asyncio.create_task(lime(1))
+        ticket = await running_job()
+        click = await client.saliency(prompt=PROMPT, target=TARGET, methods=[common_pb2.GRAD_L2])
+        assert click.scores and not background.done()
+        assert ("preempt", ticket.id) in scheduler.events
+        background.cancel()
+        for _ in range(400):
+            if scheduler.depth == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert scheduler.depth == 0 and ("cancel", ticket.id) in scheduler.events
+
+
+async def test_secret_word_on_the_default_model(run_saliency_server, default_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """A known answer: the prompt tells the model a secret word and asks for it back. Each
+    perturbation method's top word is the secret, and removing it drops log p(target) more than
+    random removals do (slow: the real default model)."""
+    prompt = (
+        "The secret word is banana. Remember it well.\nQuestion: What is the secret word?\n"
+        "Answer: The secret word is"
+    )
+    async with (
+        run_saliency_server(settings(default_model_dir)) as srv,
+        AsyncSaliencyClient(srv.address) as client,
+    ):
+        for method in (common_pb2.OCCLUSION, common_pb2.LIME):
+            response = await client.saliency(
+                prompt=prompt,
+                target=" banana",
+                methods=[method],
+                granularity=common_pb2.WORDS,
+                perturbation=perturbation_options(samples=128, seed=0),
+            )
+            top = max(prompt_segments(response), key=lambda s: s.scores[0])
+            assert top.text.strip(" .") == "banana", (common_pb2.Method.Name(method), top.text)
+            check = await client.verify(
+                prompt=prompt, target=" banana", methods=[method], granularity=common_pb2.WORDS, k=[1]
+            )
+            (step,) = check.steps
+            assert step.topk_drop > step.random_drop_mean + 2 * step.random_drop_std
