@@ -676,7 +676,11 @@ def test_stack_passes_tokens_and_tls_to_its_children(pki: Pki, tmp_path: Path) -
     for name in ("inference", "saliency"):
         assert components[name].env["SEQSAL_AUTH_TOKENS"] == f"{TOKEN},{OTHER_TOKEN}"
         assert components[name].url.startswith("grpcs://")
-        assert "SEQSAL_AUTH_TOKEN" not in components[name].env
+    assert "SEQSAL_AUTH_TOKEN" not in components["inference"].env
+    # the saliency server calls the inference server's Score (OCCLUSION, LIME, Verify) as a client
+    saliency = components["saliency"].env
+    assert saliency["SEQSAL_AUTH_TOKEN"] == TOKEN and saliency["SEQSAL_TLS_CA_FILE"] == str(pki.server_cert)
+    assert saliency["SEQSAL_SCORE_ADDRESS"].endswith(str(settings.inference_port))
     if UI_APP.exists():
         ui = components["ui"].env
         assert ui["SEQSAL_AUTH_TOKEN"] == TOKEN and "SEQSAL_AUTH_TOKENS" not in ui

@@ -61,7 +61,7 @@ def run_verify(result: SideResult, endpoints: services.Endpoints) -> None:
         )
         st.session_state[RESULT_KEY.format(side=result.side)] = (key, response, None)
     except SeqsalError as exc:
-        message = services.explain_error(exc, "saliency", endpoints.saliency)
+        message = services.describe_error(exc, "saliency", endpoints.saliency)
         st.session_state[RESULT_KEY.format(side=result.side)] = (key, None, message)
     st.session_state.pop(ANSWER_KEY.format(side=result.side), None)
 
@@ -77,7 +77,7 @@ def _generate(side: str, endpoints: services.Endpoints, prompt: str, model: str,
         )
         st.session_state[ANSWER_KEY.format(side=side)] = (prompt, answer.candidates[0].text, None)
     except SeqsalError as exc:
-        message = services.explain_error(exc, "inference", endpoints.inference)
+        message = services.describe_error(exc, "inference", endpoints.inference)
         st.session_state[ANSWER_KEY.format(side=side)] = (prompt, None, message)
 
 
