@@ -238,7 +238,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scratch = Path(tempfile.mkdtemp(prefix="seqsal-long-"))
     machine = machine_info()
     rows: list[dict[str, Any]] = []
-    plan = [(model, size) for size in args.sizes] + [("tiny-long", size) for size in args.tiny_sizes]
+    plan = [(model, size) for size in args.sizes if size > 0] + [
+        ("tiny-long", size) for size in args.tiny_sizes
+    ]
     for model_name, size in plan:
         for dtype in args.dtypes:
             for kind in args.kinds:
@@ -353,7 +355,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--sizes", type=ints, default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--sizes", type=ints, default=[512, 1024, 2048, 4096, 8192], help="0 = none")
     parser.add_argument("--tiny-sizes", type=ints, default=[], help="sizes for the tiny 32k-context model")
     parser.add_argument("--kinds", type=lambda t: t.split(","), default=list(KINDS))
     parser.add_argument("--dtypes", type=lambda t: t.split(","), default=["float32"])
