@@ -113,3 +113,36 @@ def test_saliency_outage_is_named_once_and_the_page_recovers(
     assert not outage_errors(at) and not at.session_state[outage.DOWN_KEY]
     data = payloads(at)["main"]
     assert data["legend"]["method"] == "INTEGRATED_GRADIENTS"  # the request that failed, now answered
+
+
+def test_a_failed_selection_never_shows_the_previous_result_under_its_label(
+    servers: RestartableServers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole target's heatmap is on screen; the server stops; the user selects two sentences.
+
+    The selection cannot be explained: the page must not show the whole target's heatmap (its
+    legend maximum and log p) under the selection's label.
+    """
+    monkeypatch.setenv("SEQSAL_SALIENCY_ADDRESS", f"127.0.0.1:{servers.saliency_port}")
+    monkeypatch.setenv("SEQSAL_INFERENCE_ADDRESS", f"127.0.0.1:{servers.inference_port}")
+    at = run_ok(AppTest.from_file(APP, default_timeout=TIMEOUT))
+    whole = payloads(at)["main"]
+    assert whole["whole_target"] and whole["target_count"] >= 2
+    servers.stop_saliency()
+    try:
+        at.session_state["sel_main"] = (0, 1)  # a shift-click selection: never precomputed
+        at.session_state["clicks_main"] = 1
+        run_ok(at)
+        data = payloads(at)["main"]
+        explaining = " ".join(m for m in texts(at.markdown) if m.startswith("**Explaining**"))
+        # What is drawn is the whole target, and the label says so and why.
+        assert data["whole_target"] and data["selected"] == []
+        assert "the whole reference target" in explaining and "could not be explained" in explaining
+        assert "sentences 1, 2 of" not in explaining
+        assert at.session_state["sel_main"] == (0, 1)  # kept: Retry (or recovery) asks again
+        assert data["clicks"] == 1 and whole["clicks"] == 0  # a new payload: the component redraws
+    finally:
+        servers.start_saliency()
+    run_ok(at)
+    data = payloads(at)["main"]
+    assert data["selected"] == [0, 1] and not data["whole_target"]

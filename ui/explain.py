@@ -24,7 +24,7 @@ from seqsal.v1 import common_pb2, saliency_pb2
 from ui import services
 from ui.heatmap import build_payload
 from ui.services import Endpoints, Generation, TargetProblem, TargetSpec
-from ui.session import force_key, generation_key, selection_key
+from ui.session import clicks_key, force_key, generation_key, selection_key
 from ui.state import DisplayState, SideState
 
 SESSION_CACHE = "v_saliency_cache"
@@ -45,7 +45,11 @@ class SideResult:
     base: saliency_pb2.SaliencyResponse | None = None
     response: saliency_pb2.SaliencyResponse | None = None
     method_index: int = 0
+    #: The selection the heatmap explains (empty = the whole target).
     selection: tuple[int, ...] = ()
+    #: The selection the user asked for when it could not be explained (the heatmap then shows
+    #: the whole target, and says so): a result on screen is always the one its label names.
+    unexplained: tuple[int, ...] = ()
     target_segments: list[common_pb2.Segment] = field(default_factory=list)
     #: Plain words: why there is no heatmap (or why it is stale).
     problem: str | None = None
@@ -281,6 +285,7 @@ def run_side(
         )
         if selected is None:
             result.problem, result.retryable = problem, True
+            result.unexplained, result.selection = selection, ()
         else:
             response = selected
     result.response = response
@@ -289,11 +294,12 @@ def run_side(
         response,
         result.method_index,
         side=name,
-        selection=selection,
+        selection=result.selection,
         intensity=display.intensity,
         chips=display.chips,
         compact=display.compact,
         caption=caption(result) if caption else "",
         rules=display.rules,
+        clicks=int(ss.get(clicks_key(name), 0)),
     )
     return result

@@ -66,6 +66,11 @@ def selection_key(side: str) -> str:
     return f"sel_{side}"
 
 
+def clicks_key(side: str) -> str:
+    """Session key: how many heatmap clicks on ``side`` the page has handled."""
+    return f"clicks_{side}"
+
+
 def generation_key(side: str) -> str:
     return f"gen_{side}"
 
@@ -212,6 +217,7 @@ def on_select(side: str) -> None:
     if click is None:
         return
     index, additive = click
+    st.session_state[clicks_key(side)] = int(st.session_state.get(clicks_key(side), 0)) + 1
     key = selection_key(side)
     st.session_state[key] = apply_click(tuple(st.session_state.get(key, ())), index, additive)
 

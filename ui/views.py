@@ -386,6 +386,9 @@ def _explaining(result: SideResult) -> str:
         what = f"the whole {spec.label}"
     if spec.foil is not None:
         what += ", contrasted with the foil"
+    if result.unexplained:
+        which = ", ".join(str(i + 1) for i in result.unexplained)
+        what += f" (the selected {unit} {which} could not be explained: see the message above)"
     return what
 
 

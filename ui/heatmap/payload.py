@@ -33,6 +33,7 @@ def build_payload(
     compact: bool = False,
     caption: str = "",
     rules: ScaleRules | None = None,
+    clicks: int = 0,
 ) -> dict[str, Any]:
     """Everything the component draws for one response and one method.
 
@@ -42,6 +43,9 @@ def build_payload(
     ``fg`` (text colour with enough contrast), ``special`` and ``excluded`` (left out of the colour
     range by ``rules``: drawn hatched, value on hover). ``selected`` lists the selected target
     segments; with an empty selection the whole target is explained (``whole_target``).
+    ``clicks`` counts the clicks the page has handled on this side: every click then changes
+    the data, so the component redraws (and drops its optimistic marks) even when the answer is
+    the view it already shows (a failed call, a click that changed nothing).
     """
     hm = render.heatmap(response, method_index, intensity=intensity, rules=rules)
     counters: dict[str, int] = {}
@@ -97,6 +101,7 @@ def build_payload(
             "percentile": hm.rules.clip_percentile,
         },
         "caption": caption,
+        "clicks": clicks,
     }
 
 
