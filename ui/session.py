@@ -211,6 +211,31 @@ def load_example(example: Example) -> None:
     write_side(ss, side)
 
 
+def load_own_prompt() -> None:
+    """ "— your own prompt —": keep the prompt text to edit, drop everything the example brought.
+
+    The example's reference target, foil, stop strings, granularity regex and max new tokens
+    belonged to its prompt; a new prompt is explained against its own generated response.
+    """
+    ss = st.session_state
+    side = read_side(ss)
+    d = SideState()
+    write_side(
+        ss,
+        replace(
+            d,
+            prompt=side.prompt,
+            model=side.model,
+            chat_template=side.chat_template,
+            method=side.method,
+            granularity=side.granularity if side.granularity != "CUSTOM_REGEX" else d.granularity,
+            n=side.n,
+            temperature=side.temperature,
+            seed=side.seed,
+        ),
+    )
+
+
 def on_select(side: str) -> None:
     """Heatmap click on ``side``: update that side's selection."""
     click = heatmap.clicked(side)

@@ -88,6 +88,9 @@ def _on_upload() -> None:
 
 def _on_pick(examples: list[Example]) -> None:
     chosen = st.session_state.get(session.EXAMPLE_PICK)
+    if not chosen:
+        session.load_own_prompt()
+        return
     for example in examples:
         if example.id == chosen:
             session.load_example(example)
