@@ -29,6 +29,23 @@ def candidate_text(tokenizer: Any, token_ids: Sequence[int], stop: Sequence[str]
     return text if cut == -1 else text[:cut]
 
 
+def text_token_count(tokenizer: Any, token_ids: Sequence[int], stop: Sequence[str]) -> int:
+    """How many of ``token_ids`` the candidate's text comes from.
+
+    When a stop string cut the text, the ids after the last one the visible text needs only
+    completed the stop string: they are not counted (a token holding both visible text and the
+    start of the stop string is). Without a cut every id counts (an EOS included).
+    """
+    ids = list(token_ids)
+    text = candidate_text(tokenizer, ids, stop)
+    if text == candidate_text(tokenizer, ids, ()):
+        return len(ids)
+    count = len(ids)
+    while count > 0 and candidate_text(tokenizer, ids[: count - 1], ()).startswith(text):
+        count -= 1
+    return count
+
+
 def _pending_stop_prefix(text: str, stop: Sequence[str]) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
     longest = 0
@@ -69,3 +86,7 @@ class StreamedText:
             delta = text[len(os.path.commonprefix([text, self.emitted])) :]  # noqa: RUF071
         self.emitted += delta
         return delta
+
+    def text_token_count(self) -> int:
+        """:func:`text_token_count` of the ids pushed so far (call once the candidate finished)."""
+        return text_token_count(self.tokenizer, self.token_ids, self.stop)

@@ -12,7 +12,7 @@ from typing import Any
 
 from inference_server.backends.base import Backend
 from inference_server.chat import apply_chat_template
-from inference_server.detokenize import StreamedText, candidate_text
+from inference_server.detokenize import StreamedText, candidate_text, text_token_count
 from inference_server.params import sampling_params
 from seqsal.admission import Admission
 from seqsal.errors import InvalidArgumentError
@@ -131,6 +131,7 @@ class InferenceServing:
                     token_ids=c.token_ids,
                     logprobs=c.logprobs,
                     finish_reason=c.finish_reason,
+                    text_token_count=text_token_count(model.tokenizer, c.token_ids, params.stop),
                 )
                 for c in candidates
             ],
@@ -156,6 +157,8 @@ class InferenceServing:
                     logprobs=delta.logprobs,
                     finish_reason=delta.finish_reason,
                 )
+                if finished:
+                    message.text_token_count = texts[delta.index].text_token_count()
                 if first:
                     message.prompt = text
                     message.prompt_token_ids.extend(ids)

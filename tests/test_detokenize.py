@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inference_server.detokenize import StreamedText, candidate_text
+from inference_server.detokenize import StreamedText, candidate_text, text_token_count
 from seqsal.model_registry import load_tokenizer
 
 
@@ -42,6 +42,26 @@ def test_stream_never_sends_a_stop_prefix(tokenizers: dict, arch: str) -> None:
     ids = tokenizer("ab ab abc", add_special_tokens=False)["input_ids"]
     deltas = stream(tokenizer, ids, ["abc"])
     assert "".join(deltas) == candidate_text(tokenizer, ids, ["abc"]) == "ab ab "
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_text_token_count_leaves_out_the_ids_that_only_completed_a_stop_string(
+    tokenizers: dict, arch: str
+) -> None:
+    tokenizer = tokenizers[arch]
+    ids = tokenizer("The cat sat.\n\nQuestion: why?", add_special_tokens=False)["input_ids"]
+    stop = ["\n\nQuestion:"]
+    text = candidate_text(tokenizer, ids, stop)
+    assert text == "The cat sat."
+    count = text_token_count(tokenizer, ids, stop)
+    assert count < len(ids)
+    shown = candidate_text(tokenizer, ids[:count], ())
+    assert shown.startswith(text) and not candidate_text(tokenizer, ids[: count - 1], ()).startswith(text)
+    assert "Question" not in shown  # the stop string's tokens are left out
+    assert text_token_count(tokenizer, ids, []) == len(ids)  # no cut: every id counts
+    streamed = StreamedText(tokenizer, stop)
+    streamed.push(ids, finished=True)
+    assert streamed.text_token_count() == count
 
 
 @settings(max_examples=40, deadline=None)

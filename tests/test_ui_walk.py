@@ -35,3 +35,25 @@ def test_your_own_prompt_drops_what_the_example_brought(app: AppTest) -> None:
     assert not any(example.description[:20] in t for t in texts(at.caption))
     generated = at.session_state["gen_main"].candidates[0]
     assert target_text(payloads(at)["main"]) == generated.text
+
+
+def test_tokens_that_only_completed_a_stop_string_are_not_explained(app: AppTest) -> None:
+    at = run_ok(app)
+    at.radio(key="w_target_kind").set_value("candidate")
+    at.text_area(key="w_stop").set_value("")
+    run_ok(at)
+    full = at.session_state["gen_main"].candidates[0]
+    # A stop string from the middle of what the (greedy, so repeatable) model says.
+    middle = full.text[len(full.text) // 2 :]
+    pieces = (middle[i : i + 3] for i in range(len(middle) - 3))
+    stop = next(p for p in pieces if p.strip() == p and "\\" not in p)
+    at.text_area(key="w_stop").set_value(stop)
+    run_ok(at)
+    cut = at.session_state["gen_main"].candidates[0]
+    assert stop not in cut.text and full.text.startswith(cut.text + stop)
+    assert len(cut.shown_token_ids) < len(cut.token_ids)  # the ids that completed the stop string
+    explained = target_text(payloads(at)["main"])
+    # The explained target is what the response box shows (a token may hold its last visible char
+    # and the stop string's first ones), never the stop string itself.
+    assert explained.startswith(cut.text) and stop not in explained
+    assert any(c.value == cut.text for c in at.code)

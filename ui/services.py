@@ -237,6 +237,15 @@ class CandidateText:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str
+    #: How many of ``token_ids`` ``text`` comes from (the rest completed a stop string).
+    text_token_count: int = -1
+
+    @property
+    def shown_token_ids(self) -> tuple[int, ...]:
+        """The ids of what the response box shows: without those that only completed a stop string."""
+        if self.text_token_count < 0 or (self.text_token_count == 0 and self.text):
+            return self.token_ids  # not reported
+        return self.token_ids[: self.text_token_count]
 
 
 @dataclass(frozen=True)
@@ -321,6 +330,7 @@ def generate(
     texts: dict[int, list[str]] = {}
     ids: dict[int, list[int]] = {}
     finish: dict[int, int] = {}
+    counts: dict[int, int] = {}
     head: inference_pb2.GenerateStreamResponse | None = None
 
     def run() -> None:
@@ -333,6 +343,7 @@ def generate(
             ids.setdefault(piece.index, []).extend(piece.token_ids)
             if piece.finish_reason:
                 finish[piece.index] = piece.finish_reason
+                counts[piece.index] = piece.text_token_count
             now = time.monotonic()
             if on_update is not None and now - last_update > 0.15:
                 last_update = now
@@ -347,6 +358,7 @@ def generate(
             text="".join(texts[i]),
             token_ids=tuple(ids[i]),
             finish_reason=inference_pb2.FinishReason.Name(finish.get(i, 0)),  # type: ignore[arg-type]
+            text_token_count=counts.get(i, -1),
         )
         for i in sorted(texts)
     )
@@ -424,14 +436,14 @@ def target_spec(side: SideState, generation: Generation | None) -> TargetSpec:
         raise TargetProblem("The model returned no candidates; generate again.")
     index = min(side.candidate, len(generation.candidates) - 1)
     candidate = generation.candidates[index]
-    if not candidate.token_ids:
+    if not candidate.shown_token_ids:
         raise TargetProblem(
             "The model's response is empty (it stopped at once). Edit the prompt, raise the "
             "temperature, or type a reference target."
         )
     label = "generated response" + (f" {index + 1}" if len(generation.candidates) > 1 else "")
     return TargetSpec(
-        prompt=prompt, model=model, target_token_ids=candidate.token_ids, foil=foil, label=label
+        prompt=prompt, model=model, target_token_ids=candidate.shown_token_ids, foil=foil, label=label
     )
 
 

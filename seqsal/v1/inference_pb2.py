@@ -25,33 +25,33 @@ _sym_db = _symbol_database.Default()
 from seqsal.v1 import common_pb2 as seqsal_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19seqsal/v1/inference.proto\x12\tseqsal.v1\x1a\x16seqsal/v1/common.proto\"\xde\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\t\n\x01n\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x19\n\x11use_chat_template\x18\n \x01(\x08\x12\x15\n\rsystem_prompt\x18\x0b \x01(\tB\x07\n\x05_seed\"}\n\tCandidate\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.seqsal.v1.FinishReason\"\x8d\x01\n\x10GenerateResponse\x12(\n\ncandidates\x18\x01 \x03(\x0b\x32\x14.seqsal.v1.Candidate\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x16\n\x0eserver_time_ms\x18\x05 \x01(\x01\"\xc3\x01\n\x16GenerateStreamResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.seqsal.v1.FinishReason\x12\x0e\n\x06prompt\x18\x06 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\x05\x12\r\n\x05model\x18\x08 \x01(\t\".\n\x0bScoreTarget\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb7\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\'\n\x07targets\x18\x03 \x03(\x0b\x32\x16.seqsal.v1.ScoreTarget\x12\x19\n\x11use_chat_template\x18\x04 \x01(\x08\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12-\n\x10prompt_token_ids\x18\x06 \x03(\x0b\x32\x13.seqsal.v1.TokenIds\"_\n\x0bTargetScore\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x15\n\rtotal_logprob\x18\x03 \x01(\x01\x12\x14\n\x0cprompt_index\x18\x04 \x01(\x05\"p\n\rScoreResponse\x12&\n\x06scores\x18\x01 \x03(\x0b\x32\x16.seqsal.v1.TargetScore\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\r\n\x05model\x18\x04 \x01(\t*N\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x12\t\n\x05\x41\x42ORT\x10\x03\x32\xf6\x02\n\x10InferenceService\x12\x43\n\x08Generate\x12\x1a.seqsal.v1.GenerateRequest\x1a\x1b.seqsal.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.seqsal.v1.GenerateRequest\x1a!.seqsal.v1.GenerateStreamResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.seqsal.v1.TokenizeRequest\x1a\x1b.seqsal.v1.TokenizeResponse\x12:\n\x05Score\x12\x17.seqsal.v1.ScoreRequest\x1a\x18.seqsal.v1.ScoreResponse\x12I\n\nListModels\x12\x1c.seqsal.v1.ListModelsRequest\x1a\x1d.seqsal.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19seqsal/v1/inference.proto\x12\tseqsal.v1\x1a\x16seqsal/v1/common.proto\"\xde\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\t\n\x01n\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x19\n\x11use_chat_template\x18\n \x01(\x08\x12\x15\n\rsystem_prompt\x18\x0b \x01(\tB\x07\n\x05_seed\"\x97\x01\n\tCandidate\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.seqsal.v1.FinishReason\x12\x18\n\x10text_token_count\x18\x06 \x01(\x05\"\x8d\x01\n\x10GenerateResponse\x12(\n\ncandidates\x18\x01 \x03(\x0b\x32\x14.seqsal.v1.Candidate\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x16\n\x0eserver_time_ms\x18\x05 \x01(\x01\"\xdd\x01\n\x16GenerateStreamResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.seqsal.v1.FinishReason\x12\x0e\n\x06prompt\x18\x06 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\x05\x12\r\n\x05model\x18\x08 \x01(\t\x12\x18\n\x10text_token_count\x18\t \x01(\x05\".\n\x0bScoreTarget\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb7\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\'\n\x07targets\x18\x03 \x03(\x0b\x32\x16.seqsal.v1.ScoreTarget\x12\x19\n\x11use_chat_template\x18\x04 \x01(\x08\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12-\n\x10prompt_token_ids\x18\x06 \x03(\x0b\x32\x13.seqsal.v1.TokenIds\"_\n\x0bTargetScore\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x15\n\rtotal_logprob\x18\x03 \x01(\x01\x12\x14\n\x0cprompt_index\x18\x04 \x01(\x05\"p\n\rScoreResponse\x12&\n\x06scores\x18\x01 \x03(\x0b\x32\x16.seqsal.v1.TargetScore\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\r\n\x05model\x18\x04 \x01(\t*N\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x12\t\n\x05\x41\x42ORT\x10\x03\x32\xf6\x02\n\x10InferenceService\x12\x43\n\x08Generate\x12\x1a.seqsal.v1.GenerateRequest\x1a\x1b.seqsal.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.seqsal.v1.GenerateRequest\x1a!.seqsal.v1.GenerateStreamResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.seqsal.v1.TokenizeRequest\x1a\x1b.seqsal.v1.TokenizeResponse\x12:\n\x05Score\x12\x17.seqsal.v1.ScoreRequest\x1a\x18.seqsal.v1.ScoreResponse\x12I\n\nListModels\x12\x1c.seqsal.v1.ListModelsRequest\x1a\x1d.seqsal.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seqsal.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1228
-  _globals['_FINISHREASON']._serialized_end=1306
+  _globals['_FINISHREASON']._serialized_start=1281
+  _globals['_FINISHREASON']._serialized_end=1359
   _globals['_GENERATEREQUEST']._serialized_start=65
   _globals['_GENERATEREQUEST']._serialized_end=287
-  _globals['_CANDIDATE']._serialized_start=289
-  _globals['_CANDIDATE']._serialized_end=414
-  _globals['_GENERATERESPONSE']._serialized_start=417
-  _globals['_GENERATERESPONSE']._serialized_end=558
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=561
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=756
-  _globals['_SCORETARGET']._serialized_start=758
-  _globals['_SCORETARGET']._serialized_end=804
-  _globals['_TOKENIDS']._serialized_start=806
-  _globals['_TOKENIDS']._serialized_end=829
-  _globals['_SCOREREQUEST']._serialized_start=832
-  _globals['_SCOREREQUEST']._serialized_end=1015
-  _globals['_TARGETSCORE']._serialized_start=1017
-  _globals['_TARGETSCORE']._serialized_end=1112
-  _globals['_SCORERESPONSE']._serialized_start=1114
-  _globals['_SCORERESPONSE']._serialized_end=1226
-  _globals['_INFERENCESERVICE']._serialized_start=1309
-  _globals['_INFERENCESERVICE']._serialized_end=1683
+  _globals['_CANDIDATE']._serialized_start=290
+  _globals['_CANDIDATE']._serialized_end=441
+  _globals['_GENERATERESPONSE']._serialized_start=444
+  _globals['_GENERATERESPONSE']._serialized_end=585
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=588
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=809
+  _globals['_SCORETARGET']._serialized_start=811
+  _globals['_SCORETARGET']._serialized_end=857
+  _globals['_TOKENIDS']._serialized_start=859
+  _globals['_TOKENIDS']._serialized_end=882
+  _globals['_SCOREREQUEST']._serialized_start=885
+  _globals['_SCOREREQUEST']._serialized_end=1068
+  _globals['_TARGETSCORE']._serialized_start=1070
+  _globals['_TARGETSCORE']._serialized_end=1165
+  _globals['_SCORERESPONSE']._serialized_start=1167
+  _globals['_SCORERESPONSE']._serialized_end=1279
+  _globals['_INFERENCESERVICE']._serialized_start=1362
+  _globals['_INFERENCESERVICE']._serialized_end=1736
 # @@protoc_insertion_point(module_scope)
