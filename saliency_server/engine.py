@@ -5,7 +5,12 @@ Given token ids ``x = prompt + target`` the objective for a selection ``w``
 
     L = sum_t w_t * log p(x_t | x_<t)                     (one forward pass)
 
-and, with a foil, ``L - sum_f log p(foil_f | prompt, foil_<f)``. Gradients are
+and, with a foil, ``L - sum_f log p(foil_f | prompt, target_<a, foil_<f)``, where ``a`` is the
+first selected target token: the foil is the alternative to the target *from the selection on*,
+in the same context (the prompt and the target before the selection), so a selected sentence is
+contrasted with the foil written in its place. With the whole target selected (``a = 0``) that
+is ``log p(target | prompt) - log p(foil | prompt)``. The scores then cover the prompt and
+the target before the selection (the context both continuations share). Gradients are
 taken with respect to the input embeddings ``e_i`` (the output of the model's
 input embedding module, so Gemma's scaling is included and GPT-2's position
 embeddings are not):
@@ -144,6 +149,22 @@ def ig_schedule(steps: int, power: int, device: Any = None) -> tuple[torch.Tenso
     alphas = u**power
     weights = power * u ** (power - 1) / steps
     return alphas.to(device=device, dtype=torch.float32), weights.to(device=device, dtype=torch.float32)
+
+
+class _GroupSteps:
+    """The :class:`Steps` of a group of a computation's selections (indices local to the group)."""
+
+    def __init__(self, steps: Steps, group: Sequence[int]) -> None:
+        self.steps = steps
+        self.group = list(group)
+        self.local = {k: i for i, k in enumerate(group)}
+
+    def checkpoint(self, boundary: bool) -> None:
+        self.steps.checkpoint(boundary)
+
+    def next_chunk(self, remaining: Sequence[int], size: int) -> Sequence[int]:
+        chosen = self.steps.next_chunk([self.group[i] for i in remaining], size)
+        return [self.local[k] for k in chosen if k in self.local]
 
 
 def _checkpointer(cancelled: CancelCheck | None, steps: Steps | None) -> Callable[[], None]:
@@ -345,14 +366,57 @@ class GradientEngine:
 
         Yields one result per selection as soon as its chunk of the batched backward
         is done (IG, when asked, needs all its passes first): in order, unless
-        ``steps`` picks the chunks. Without ``steps`` one computation runs per
-        engine at a time; with them the scheduler decides what runs.
+        ``steps`` picks the chunks or a foil is set (selections with the same first selected
+        token then share a pass and come together; ``selection`` says which each is). Without
+        ``steps`` one computation runs per engine at a time; with them the scheduler decides.
         """
         masks = np.asarray(masks, dtype=bool)
         if masks.ndim != 2 or masks.shape[1] != len(inputs.target_ids) or not masks.any(axis=1).all():
             raise ValueError("masks must be (K, n_target) with at least one selected token per row")
         with self._driven(steps):
-            yield from self._saliency_batch(inputs, masks, methods, ig_steps, cancelled, steps)
+            if inputs.foil_ids is None:
+                yield from self._saliency_batch(inputs, masks, methods, ig_steps, cancelled, steps)
+            else:
+                yield from self._contrastive_batch(inputs, masks, methods, ig_steps, cancelled, steps)
+
+    def _contrastive_batch(
+        self,
+        inputs: SaliencyInputs,
+        masks: np.ndarray,
+        methods: Sequence[int],
+        ig_steps: int,
+        cancelled: CancelCheck | None,
+        steps: Steps | None,
+    ) -> Iterator[SaliencyResult]:
+        """Selections with a foil: those with the same first selected token ``a`` share one pass,
+        the target before ``a`` joining the prompt as the shared context (see the module docstring)."""
+        firsts = [int(np.flatnonzero(m)[0]) for m in masks]
+        target_lp: np.ndarray | None = None
+        pending = list(range(len(masks)))
+        while pending:
+            lead = steps.next_chunk(pending, 1)[0] if steps is not None else pending[0]
+            a = firsts[lead if lead in pending else pending[0]]
+            group = [k for k in pending if firsts[k] == a]
+            pending = [k for k in pending if firsts[k] != a]
+            framed = SaliencyInputs(
+                prompt_ids=[*inputs.prompt_ids, *inputs.target_ids[:a]],
+                target_ids=inputs.target_ids[a:],
+                foil_ids=inputs.foil_ids,
+            )
+            if a and target_lp is None:  # the log-probs of every target token, as without a frame
+                whole = SaliencyInputs(inputs.prompt_ids, inputs.target_ids)
+                with torch.no_grad():
+                    leaf = self.embed([*inputs.prompt_ids, *inputs.target_ids]).unsqueeze(0)
+                    target_lp = self._log_probs(leaf, whole)[0].cpu().numpy().astype(np.float32)
+            framed_steps = None if steps is None else _GroupSteps(steps, group)
+            for result in self._saliency_batch(
+                framed, masks[group][:, a:], methods, ig_steps, cancelled, framed_steps
+            ):
+                if a:
+                    assert target_lp is not None
+                    result.target_token_logprobs = target_lp.copy()
+                result.selection = group[result.selection]
+                yield result
 
     def saliency_many(
         self,

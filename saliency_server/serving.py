@@ -247,6 +247,10 @@ class SaliencyServing:
         if method in PERTURBATION_METHODS:  # the segments removed and how
             fields |= {"granularity": problem.granularity, "custom_regex": problem.custom_regex}
             fields |= problem.perturbation.key_fields(method)
+        if inputs.foil_ids is not None and method not in PERTURBATION_METHODS:
+            # the foil replaces the target from the first selected token on (engine docstring);
+            # entries made when it was contrasted with the selection alone are never served
+            fields["contrast"] = "foil-from-first-selected"
         return make_key(self.settings.cache_prefix, "saliency", fields)
 
     async def _cached(self, problem: Problem, mask: np.ndarray) -> dict[int, MethodEntry]:

@@ -9,7 +9,7 @@ padding and batched backward must not change the numbers.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,17 @@ def random_mask(n: int, seed: int) -> np.ndarray:
 # --- independent reference computations ------------------------------------------------------------
 
 
+def framed(inputs: SaliencyInputs, mask: np.ndarray) -> tuple[SaliencyInputs, np.ndarray]:
+    """The problem a selection poses: with a foil, the target before the first selected token is
+    the context the target and the foil share (it joins the prompt); without one, as given."""
+    mask = np.asarray(mask, dtype=bool)
+    if inputs.foil_ids is None:
+        return inputs, mask
+    a = int(np.flatnonzero(mask)[0])
+    prompt = [*inputs.prompt_ids, *inputs.target_ids[:a]]
+    return SaliencyInputs(prompt, inputs.target_ids[a:], inputs.foil_ids), mask[a:]
+
+
 def embed(model: Any, ids: Sequence[int]) -> torch.Tensor:
     with torch.no_grad():
         return model.get_input_embeddings()(torch.tensor([list(ids)])).squeeze(0)
@@ -117,6 +128,7 @@ class Reference:
 
 def reference(model: Any, inputs: SaliencyInputs, mask: np.ndarray, *, scale: float = 1.0) -> Reference:
     """Independent dL/de at ``scale * e`` (only the prompt is scaled and explained with a foil)."""
+    inputs, mask = framed(inputs, mask)
     n_prompt = len(inputs.prompt_ids)
     full = embed(model, list(inputs.prompt_ids) + list(inputs.target_ids))
     if inputs.foil_ids is None:
@@ -142,6 +154,7 @@ def padded(values: torch.Tensor, total: int) -> np.ndarray:
 
 def expected_scores(ref: Reference, inputs: SaliencyInputs, mask: np.ndarray) -> dict[int, np.ndarray]:
     """GRAD_L2 / GRAD_DOT_INPUT from a reference gradient, zeroed where the spec says."""
+    inputs, mask = framed(inputs, mask)
     total = inputs.total_tokens
     l2 = padded(ref.grad.norm(dim=-1), total)
     dot = padded((ref.grad * ref.embeds).sum(-1), total)
@@ -322,6 +335,7 @@ def test_scores_zero_from_the_last_selected_position(arch: str, loaded: dict[str
 
 def zero_baseline_objective(model: Any, inputs: SaliencyInputs, mask: np.ndarray) -> float:
     """L(baseline): every explained embedding set to 0 (the prompt only, with a foil)."""
+    inputs, mask = framed(inputs, mask)
     n_prompt = len(inputs.prompt_ids)
     full = embed(model, list(inputs.prompt_ids) + list(inputs.target_ids))
     zeros = torch.zeros_like(full)
@@ -381,6 +395,7 @@ def independent_ig(
     model: Any, inputs: SaliencyInputs, mask: np.ndarray, schedule: Sequence[tuple[float, float]]
 ) -> np.ndarray:
     """e . sum_k w_k dL/de(alpha_k e), zeroed from the last selected position (prompt only with a foil)."""
+    inputs, mask = framed(inputs, mask)
     embeds = reference(model, inputs, mask).embeds
     total = sum(weight * reference(model, inputs, mask, scale=alpha).grad for alpha, weight in schedule)
     assert isinstance(total, torch.Tensor)
@@ -474,6 +489,7 @@ def test_contrastive_matches_independent_autograd(arch: str, foil: str, loaded: 
     assert inputs.foil_ids is not None
     n_prompt = len(inputs.prompt_ids)
     mask = random_mask(len(inputs.target_ids), 17)
+    mask[0] = True  # the selection starts the target: the foil is the alternative to all of it
     result = GradientEngine(model).saliency(inputs, mask.tolist(), [L2, DOT])
 
     ref = reference(model, inputs, mask)  # dL/de_prompt of sum log p(target) - sum log p(foil)
@@ -493,6 +509,48 @@ def test_contrastive_matches_independent_autograd(arch: str, foil: str, loaded: 
         foil_lp = tail_logprobs(model, embed(model, prompt_ids + foil_ids), prompt_ids + foil_ids, n_prompt)
     assert result.foil_logprob == pytest.approx(float(foil_lp.sum()), rel=1e-5, abs=1e-4)
     assert ref.value == pytest.approx(result.target_logprob - result.foil_logprob, rel=1e-5, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_contrastive_selection_is_contrasted_with_the_foil_in_its_place(
+    arch: str, loaded: dict[str, Loaded]
+) -> None:
+    """A selection from target token a on: L = log p(selection | prompt, target_<a) - log p(foil |
+    prompt, target_<a); the prompt and the target before a get the scores."""
+    model, tokenizer = loaded[arch].model, loaded[arch].tokenizer
+    inputs = problem(tokenizer, FOIL_SHORT)
+    assert inputs.foil_ids is not None
+    n_prompt, n_target = len(inputs.prompt_ids), len(inputs.target_ids)
+    a = n_target // 2
+    later = np.zeros(n_target, dtype=bool)
+    later[a:] = True
+    first = np.zeros(n_target, dtype=bool)
+    first[0] = True
+    engine = GradientEngine(model)
+    results = list(engine.saliency_batch(inputs, np.stack([later, first]), [L2, DOT]))
+    assert [r.selection for r in results] == [0, 1]
+    result = results[0]
+    # independently: the frame's objective by plain autograd
+    context = [*inputs.prompt_ids, *inputs.target_ids[:a]]
+    ref = reference(model, inputs, later)
+    expected = expected_scores(ref, inputs, later)
+    for method in (L2, DOT):
+        assert_scores_close(result.scores[method], expected[method])
+        assert (result.scores[method][n_prompt + a :] == 0.0).all()
+        assert (result.scores[method][n_prompt : n_prompt + a] != 0.0).any()  # the shared context
+    foil_ids = list(inputs.foil_ids)
+    with torch.no_grad():
+        foil_lp = tail_logprobs(model, embed(model, context + foil_ids), context + foil_ids, len(context))
+        whole_lp = tail_logprobs(model, embed(model, [*inputs.prompt_ids, *inputs.target_ids]),
+                                 [*inputs.prompt_ids, *inputs.target_ids], n_prompt)  # fmt: skip
+    assert result.foil_logprob == pytest.approx(float(foil_lp.sum()), rel=1e-5, abs=1e-4)
+    np.testing.assert_allclose(result.target_token_logprobs, whole_lp.numpy(), rtol=1e-5, atol=1e-5)
+    assert result.target_logprob == pytest.approx(float(whole_lp[a:].sum()), abs=1e-4)
+    assert ref.value == pytest.approx(result.target_logprob - result.foil_logprob, rel=1e-5, abs=1e-4)
+    # the selection of the first token is contrasted with the foil after the prompt alone
+    single = engine.saliency(inputs, first.tolist(), [L2, DOT])
+    assert_same_result(results[1], single)
+    assert (results[1].scores[L2][n_prompt:] == 0.0).all()
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -536,6 +594,11 @@ def assert_same_result(actual: SaliencyResult, expected: SaliencyResult) -> None
     assert actual.ig_steps == expected.ig_steps
 
 
+def in_order(results: Iterable[SaliencyResult]) -> list[SaliencyResult]:
+    """Results by selection index (with a foil, selections sharing a first token come together)."""
+    return sorted(results, key=lambda r: r.selection)
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("foil", [None, FOIL_SHORT])
 def test_batch_equals_separate_calls(arch: str, foil: str | None, loaded: dict[str, Loaded]) -> None:
@@ -550,21 +613,21 @@ def test_batch_equals_separate_calls(arch: str, foil: str | None, loaded: dict[s
     engine = GradientEngine(model)
     stream = engine.saliency_batch(inputs, masks, ALL_METHODS, ig_steps=3)
     assert inspect.isgenerator(stream)
-    batched = list(stream)
+    batched = in_order(stream)
     assert len(batched) == len(masks)
     for got, want in zip(batched, singles, strict=True):
         assert_same_result(got, want)
 
     chunked = GradientEngine(model, segment_batch_size=3)  # chunks of 3 + 1 selections
     for got, want in zip(
-        chunked.saliency_batch(inputs, masks, ALL_METHODS, ig_steps=3), singles, strict=True
+        in_order(chunked.saliency_batch(inputs, masks, ALL_METHODS, ig_steps=3)), singles, strict=True
     ):
         assert_same_result(got, want)
 
     fallback = GradientEngine(model)
     fallback._batched_vjp_ok = False  # one backward per selection
     for got, want in zip(
-        fallback.saliency_batch(inputs, masks, ALL_METHODS, ig_steps=3), singles, strict=True
+        in_order(fallback.saliency_batch(inputs, masks, ALL_METHODS, ig_steps=3)), singles, strict=True
     ):
         assert_same_result(got, want)
 

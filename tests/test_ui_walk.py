@@ -57,3 +57,22 @@ def test_tokens_that_only_completed_a_stop_string_are_not_explained(app: AppTest
     # and the stop string's first ones), never the stop string itself.
     assert explained.startswith(cut.text) and stop not in explained
     assert any(c.value == cut.text for c in at.code)
+
+
+def test_contrastive_mode_is_signed_and_a_selection_is_contrasted_in_its_place(app: AppTest) -> None:
+    at = run_ok(app)
+    assert at.radio(key="w_method").value == "GRAD_L2"
+    at.radio(key="w_target_kind").set_value("foil")
+    run_ok(at)
+    assert at.radio(key="w_method").value == "GRAD_DOT_INPUT"  # a contrast has a direction
+    whole = payloads(at)["main"]
+    assert whole["legend"]["signed"] and whole["target_count"] >= 2
+    at.session_state["sel_main"] = (1,)  # the Recommendation sentence, against the foil in its place
+    run_ok(at)
+    data = payloads(at)["main"]
+    assert data["selected"] == [1]
+    rows = unit_rows(data)
+    first_sentence = [r for r in rows if r["part"] == "target" and r["index"] == 0]
+    assert any(r["score"] for r in first_sentence)  # the shared context before the selection is scored
+    assert not any(r["score"] for r in rows if r["part"] == "target" and r["index"] >= 1)
+    assert not any(r["score"] for r in rows if r["part"] == "foil")

@@ -236,6 +236,14 @@ def load_own_prompt() -> None:
     )
 
 
+def on_target_kind() -> None:
+    """Switching to the contrastive mode picks a signed method: a contrast has a direction, which
+    GRAD_L2 (a norm) cannot show."""
+    ss = st.session_state
+    if ss.get(W["target_kind"]) == "foil" and ss.get(W["method"], "GRAD_L2") == "GRAD_L2":
+        ss[W["method"]] = "GRAD_DOT_INPUT"
+
+
 def on_select(side: str) -> None:
     """Heatmap click on ``side``: update that side's selection."""
     click = heatmap.clicked(side)

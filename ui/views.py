@@ -266,6 +266,7 @@ def editor(examples: list[Example], *, pinned: bool, default_model: str = "") ->
         format_func=lambda k: TARGET_KIND_LABELS[k],
         key=session.W["target_kind"],
         horizontal=True,
+        on_change=session.on_target_kind,
     )
     kind = ss.get(session.W["target_kind"])
     if kind == "reference":
@@ -278,7 +279,9 @@ def editor(examples: list[Example], *, pinned: bool, default_model: str = "") ->
             "Foil: why the target rather than this?",
             key=session.W["foil"],
             height=70,
-            help="Contrastive explanation: L = log p(target) − log p(foil); only prompt tokens get scores.",
+            help="Contrastive explanation: L = log p(target) − log p(foil); only prompt tokens get scores. "
+            "A clicked target segment is contrasted with the foil in its place (the target before it is "
+            "the shared context and gets scores too).",
         )
     left, right = st.columns(2)
     with left:
