@@ -189,6 +189,14 @@ class Scheduler:
                 self._remove(ticket, "cancel")
             self._cond.notify_all()
 
+    def cancel_all(self) -> int:
+        """Cancel every ticket (the server is shutting down); returns how many there were."""
+        with self._cond:
+            tickets = list(self._tickets)
+        for ticket in tickets:
+            self.cancel(ticket)
+        return len(tickets)
+
     def boost(self, ticket: Ticket, selection: int | None = None) -> None:
         """Someone waits interactively for ``selection`` of ``ticket``: run it at interactive
         priority, that selection first, until :meth:`unboost`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
@@ -22,6 +23,8 @@ from seqsal.v1 import common_pb2, saliency_pb2, saliency_pb2_grpc
 logger = logging.getLogger("seqsal.saliency")
 
 SERVICE = saliency_pb2.DESCRIPTOR.services_by_name["SaliencyService"]
+#: After the drain: how long the worker threads get to stop at a checkpoint before the process exits.
+SHUTDOWN_WORKER_WAIT_S = 5.0
 
 
 class SaliencyServicer(saliency_pb2_grpc.SaliencyServiceServicer):
@@ -131,5 +134,11 @@ async def serve(settings: Settings) -> None:
     try:
         await server.serve_until_signalled()
     finally:
-        serving.close()
+        ended = await asyncio.to_thread(serving.close, SHUTDOWN_WORKER_WAIT_S)
         await serving.cache.close()
+    if not ended:
+        # a computation did not reach a checkpoint in time: do not let the interpreter's exit
+        # join its thread for minutes (the drain promised to end within its grace period)
+        logger.warning("a computation did not stop %.0f s after the drain: exiting", SHUTDOWN_WORKER_WAIT_S)
+        logging.shutdown()
+        os._exit(0)

@@ -178,8 +178,22 @@ class SaliencyServing:
         #: OCCLUSION, LIME and Verify: variants scored by the inference server, or here
         self.perturbation = PerturbationScoring(self)
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 0.0) -> bool:
+        """Stop every computation and wait up to ``wait_s`` for the worker threads; True if they ended.
+
+        The server calls this after its drain: whatever still computes then (a precompute whose
+        caller went away, a call past the grace period) is cancelled here, not left to run for
+        minutes. A running computation stops at its next checkpoint.
+        """
+        cancelled = sum(scheduler.cancel_all() for scheduler in self.schedulers.values())
+        if cancelled:
+            logger.info("cancelled %d computation(s) still scheduled at shutdown", cancelled)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + wait_s
+        threads = list(getattr(self.executor, "_threads", ()))
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in threads)
 
     @property
     def healthy(self) -> bool:

@@ -7,6 +7,7 @@ machine first, so the request is certainly still running when the signal arrives
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -59,12 +60,21 @@ def server_process(
     tiny_llama_dir: Path, tmp_path: Path
 ) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     """A running ``seqsal serve saliency`` subprocess, its address and its log file."""
+    with _server(tiny_llama_dir, tmp_path, GRACE_S) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def _server(
+    tiny_llama_dir: Path, tmp_path: Path, grace_s: float, metrics_port: int | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     port = _free_port()
     log_path = tmp_path / "server.log"
     env = dict(os.environ)
     env.update(
         {
-            "SEQSAL_SHUTDOWN_GRACE_S": str(GRACE_S),
+            "SEQSAL_SHUTDOWN_GRACE_S": str(grace_s),
+            **({"SEQSAL_METRICS_PORT": str(metrics_port)} if metrics_port else {}),
             "SEQSAL_MAX_QUEUE": "4",
             # one interpolation point per pass: IG steps get slow enough to outlast the signal
             "SEQSAL_IG_BATCH_SIZE": "1",
@@ -160,3 +170,39 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(
     assert returncode == 0, log
     assert elapsed < GRACE_S, f"took {elapsed:.1f} s to exit\n{log}"
     assert "signal received" in log and "draining" in log, log
+
+
+async def test_shutdown_cancels_a_computation_whose_caller_is_still_there(tiny_llama_dir: Path) -> None:
+    """After the drain the server closes its serving layer: a precompute still computing then (its
+    stream still open) is cancelled and its worker thread ends at the next checkpoint, instead of
+    running to the end while the process waits to exit."""
+    import asyncio
+
+    from saliency_server.server import SHUTDOWN_WORKER_WAIT_S, build_serving
+    from seqsal.settings import Settings
+    from seqsal.v1 import saliency_pb2
+
+    serving = build_serving(
+        Settings(_env_file=None, models=[f"tiny={tiny_llama_dir}"], ig_batch_size=1)  # type: ignore[call-arg]
+    )
+    request = saliency_pb2.SaliencyAllSegmentsRequest(
+        prompt=PROMPT,
+        target=" ".join(f"Part {i}." for i in range(12)),
+        methods=[common_pb2.INTEGRATED_GRADIENTS],
+        ig_steps=1024,  # minutes of work
+        granularity=common_pb2.SENTENCES,
+    )
+    stream = serving.saliency_all_segments(request)
+    consumer = asyncio.ensure_future(stream.__anext__())
+    (scheduler,) = serving.schedulers.values()
+    while not scheduler.running:  # wait for the state: the precompute computes
+        assert not consumer.done(), consumer.exception()
+        await asyncio.sleep(0.05)
+    started = time.monotonic()
+    ended = await asyncio.to_thread(serving.close, SHUTDOWN_WORKER_WAIT_S)
+    assert ended, "the computation was still running after close()"
+    assert time.monotonic() - started < SHUTDOWN_WORKER_WAIT_S
+    assert scheduler.depth == 0 and ("cancel", scheduler.order("start")[0]) in scheduler.events
+    consumer.cancel()
+    await stream.aclose()
+    await serving.cache.close()
