@@ -4,7 +4,9 @@ Cache (a private ``redis-server`` when the binary is there and no ``REDIS_URL``
 is given, else the embedded cache), inference server, saliency server and the
 UI (once it exists) each run as a child process; each is waited for through
 its health check before the next one starts, and Ctrl-C or SIGTERM stops them
-all (the servers drain their in-flight calls).
+all (the servers drain their in-flight calls). A component that exits once the
+stack is up is started again, after a backoff that doubles with each failure in
+a row (1 s, 2 s, 4 s ... up to 30 s); the others keep running meanwhile.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +47,33 @@ class Component:
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    #: failures in a row since it was last healthy for RESTART_RESET_S
+    failures: int = 0
+    #: when it was (re)started, and when its next restart is due (after a failure)
+    started_at: float = 0.0
+    restart_at: float | None = None
+    #: it was restarted and has not answered its health check since
+    recovering: bool = False
+
+    def spawn(self, env: dict[str, str]) -> None:
+        """Start the child process, appending to its log."""
+        assert self.log_path is not None
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env | self.env,
+                start_new_session=True,  # Ctrl-C reaches us; we stop the children in order
+            )
+        self.started_at = time.monotonic()
+
+
+#: Restart backoff after a component fails once the stack is up: doubles per failure in a row.
+RESTART_BACKOFF_S = 1.0
+RESTART_BACKOFF_MAX_S = 30.0
+#: A component healthy this long after a restart has its failure count reset.
+RESTART_RESET_S = 60.0
 
 
 def redis_ready(url: str) -> bool:
@@ -114,6 +144,11 @@ class Stack:
         self.log_dir = log_dir
         self.console = console or Console(stderr=True)
         self.components: list[Component] = []
+        #: set by SIGTERM/SIGINT (or a caller) to end :meth:`wait`
+        self.stopping = threading.Event()
+        self.backoff_s = RESTART_BACKOFF_S
+        self.backoff_max_s = RESTART_BACKOFF_MAX_S
+        self.reset_s = RESTART_RESET_S
 
     def plan(self, *, redis_port: int, ui_port: int, with_ui: bool = True) -> list[Component]:
         """The components to run for these settings."""
@@ -214,15 +249,9 @@ class Stack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for component in components:
             component.log_path = self.log_dir / f"{component.name.split()[0]}.log"
-            log = component.log_path.open("wb")
+            component.log_path.write_bytes(b"")
             self.console.print(f"starting [bold]{component.name}[/] (log: {component.log_path})")
-            component.process = subprocess.Popen(
-                component.command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=os.environ | component.env,
-                start_new_session=True,  # Ctrl-C reaches us; we stop the children in order
-            )
+            component.spawn(dict(os.environ))
             self.components.append(component)
             deadline = time.monotonic() + timeout_s
             while not component.ready():
@@ -254,31 +283,62 @@ class Stack:
                 process.wait()
         self.components.clear()
 
-    def wait(self) -> int:
-        """Block until a component dies or we are interrupted; returns the exit code to use."""
-        stop = False
+    def wait(self, poll_s: float = 0.5) -> int:
+        """Keep the stack running until we are interrupted (SIGTERM, SIGINT, :attr:`stopping`).
+
+        A component that exits is started again after a backoff (:meth:`watch`); the others keep
+        running, so a saliency server that crashed does not take the UI down with it.
+        """
 
         def on_signal(signum: int, frame: object) -> None:
-            nonlocal stop
-            stop = True
+            self.stopping.set()
 
         # both signals explicitly: a shell's background job inherits SIGINT ignored, and Ctrl-C or
         # `kill -INT` must still stop the stack
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            while not stop:
-                for component in self.components:
-                    if component.process is not None and component.process.poll() is not None:
-                        self.console.print(
-                            f"[red]{component.name} exited ({component.process.returncode}); stopping; "
-                            f"see {component.log_path}[/]"
-                        )
-                        return 1
-                time.sleep(0.5)
+            while not self.stopping.wait(poll_s):
+                self.watch()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return 0
+
+    def watch(self) -> None:
+        """One look at every component: schedule a restart of one that exited, make restarts that
+        are due, report recoveries."""
+        now = time.monotonic()
+        for component in self.components:
+            process = component.process
+            if process is None:
+                continue
+            if component.restart_at is not None:
+                if now >= component.restart_at:
+                    component.restart_at = None
+                    component.recovering = True
+                    self.console.print(f"restarting [bold]{component.name}[/] (log: {component.log_path})")
+                    component.spawn(dict(os.environ))
+                continue
+            if process.poll() is not None:
+                if now - component.started_at >= self.reset_s and not component.recovering:
+                    component.failures = 0
+                delay = min(self.backoff_max_s, self.backoff_s * 2**component.failures)
+                component.failures += 1
+                component.restart_at = now + delay
+                self.console.print(
+                    f"[red]{component.name} exited ({process.returncode}); restarting it in {delay:g} s; "
+                    f"see {component.log_path}[/]"
+                )
+                continue
+            if component.recovering and component.ready():
+                component.recovering = False
+                self.console.print(f"  [green]ready again[/] {component.name}: {component.url}")
+            elif (
+                not component.recovering and component.failures and now - component.started_at >= self.reset_s
+            ):
+                component.failures = 0
 
 
 def _tail(path: Path | None, lines: int = 20) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -90,3 +91,54 @@ def test_up_reports_a_component_that_fails(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "could not start the stack" in result.stderr and "inference" in result.stderr
     assert "config.json" in result.stderr  # the child's own error, from its log
+
+
+def test_a_component_that_fails_is_restarted_with_backoff_and_the_rest_keep_running(tmp_path: Path) -> None:
+    import threading
+
+    from rich.console import Console
+
+    from seqsal.settings import Settings
+    from seqsal.stack import Component, Stack
+
+    marker = tmp_path / "starts"
+    # fails at once the first two times it starts, then stays up
+    flaky = (
+        "import pathlib, sys, time; p = pathlib.Path(sys.argv[1]); "
+        "n = len(p.read_text()) if p.exists() else 0; "
+        "p.write_text('x' * (n + 1)); time.sleep(60 if n >= 2 else 0.1); sys.exit(3)"
+    )
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    components = [
+        Component("steady", sleep, ready=lambda: True, url="-"),
+        Component("flaky", [sys.executable, "-c", flaky, str(marker)], ready=lambda: True, url="-"),
+    ]
+    output: list[str] = []
+    console = Console(file=io.StringIO(), record=True, width=200)
+    stack = Stack(Settings(_env_file=None), log_dir=tmp_path / "logs", console=console)  # type: ignore[call-arg]
+    stack.backoff_s = 0.2
+    stack.start(components)
+    steady = components[0].process
+    waiter = threading.Thread(target=lambda: output.append(str(stack.wait(poll_s=0.05))), daemon=True)
+    waiter.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not (
+            marker.exists()
+            and len(marker.read_text()) >= 3
+            and "ready again" in console.export_text(clear=False)
+        ):
+            assert time.monotonic() < deadline, console.export_text()
+            time.sleep(0.05)
+        assert steady is not None and steady.poll() is None and components[0].process is steady  # untouched
+        assert components[1].process is not None and components[1].process.poll() is None  # up again
+        text = console.export_text()
+        # the backoff doubles with each failure in a row
+        assert "flaky exited (3); restarting it in 0.2 s" in text and "restarting it in 0.4 s" in text
+        assert components[1].failures == 2
+    finally:
+        stack.stopping.set()
+        waiter.join(10)
+        stack.stop(grace_s=5)
+    assert output == ["0"]
+    assert steady.poll() is not None
