@@ -105,6 +105,7 @@ def test_saliency_outage_is_named_once_and_the_page_recovers(
     assert f"saliency server at `{saliency}` is not answering" in banner
     assert f"inference server at `{inference}` is up" in banner
     assert "make up" not in banner  # the stack is running: do not tell the user to start it
+    assert "restarts a server that stops" in banner
     assert at.session_state[outage.DOWN_KEY] == {"saliency": saliency}
     assert not payloads(at) and not [b for b in at.button if b.label == "Retry"]
 

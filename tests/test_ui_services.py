@@ -28,7 +28,7 @@ GEN = Generation(
     [
         (
             errors.UnavailableError("connect failed"),
-            ["not reachable", "`h:1`", "make up", "SEQSAL_SALIENCY_ADDRESS"],
+            ["not reachable", "`h:1`", "restarts a server that stops", "SEQSAL_SALIENCY_ADDRESS"],
         ),
         (errors.DeadlineExceededError("late"), ["took too long", "shorter prompt"]),
         (errors.ResourceExhaustedError("full"), ["busy", "try again"]),

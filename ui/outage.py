@@ -48,8 +48,8 @@ def message(down: Mapping[str, str], endpoints: Endpoints) -> str:
     return (
         f"The {service} server at `{address}` is not answering; the {other} server at "
         f"`{endpoints.address(other)}` is up. The {service} server may be restarting: this page "
-        f"reconnects by itself as soon as it answers. If it stays down, start it again "
-        f"(`seqsal serve {service}`; with `seqsal up`, its log is `logs/{service}.log`)."
+        f"reconnects by itself as soon as it answers (`seqsal up` restarts a server that stops; its "
+        f"log is `logs/{service}.log`). Outside `seqsal up`, start it with `seqsal serve {service}`."
     )
 
 

@@ -76,9 +76,9 @@ def describe_error(exc: BaseException, service: Service, address: str) -> str:
     name = f"{service} server"
     if isinstance(exc, errors.UnavailableError):
         return (
-            f"The {name} at `{address}` is not reachable. If it is restarting, this page "
-            "reconnects by itself once it answers; if nothing runs there, start the stack with "
-            f"`make up` (or `seqsal up`), or point `{_ENV_NAME[service]}` at a running server."
+            f"The {name} at `{address}` is not reachable; it may be restarting (`seqsal up` "
+            "restarts a server that stops). Once it answers, this page reconnects by itself; if "
+            f"nothing should run there, point `{_ENV_NAME[service]}` at a running server."
         )
     if isinstance(exc, errors.DeadlineExceededError):
         return (
