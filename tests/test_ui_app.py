@@ -218,7 +218,8 @@ def test_settings_change_what_they_should(app: AppTest) -> None:
     # An invalid regex is shown as such and the view falls back to tokens.
     at.selectbox(key="w_granularity").set_value("CUSTOM_REGEX")
     run_ok(at)
-    assert any("custom_regex is required" in e for e in texts(at.error)), texts(at.error)
+    assert any("Type a regular expression" in i for i in texts(at.info)), texts(at.info)
+    assert not any("custom_regex" in e for e in texts(at.error) + texts(at.warning))  # no internal words
     at.text_input(key="w_regex").set_value("(Taste")
     run_ok(at)
     assert any("'(Taste' is not a valid RE2 pattern" in e for e in texts(at.error))

@@ -76,3 +76,15 @@ def test_contrastive_mode_is_signed_and_a_selection_is_contrasted_in_its_place(a
     assert any(r["score"] for r in first_sentence)  # the shared context before the selection is scored
     assert not any(r["score"] for r in rows if r["part"] == "target" and r["index"] >= 1)
     assert not any(r["score"] for r in rows if r["part"] == "foil")
+
+
+def test_the_regex_leaves_the_link_with_its_granularity(app: AppTest) -> None:
+    at = run_ok(app)
+    at.selectbox(key="w_granularity").set_value("CUSTOM_REGEX")
+    run_ok(at)
+    at.text_input(key="w_regex").set_value(r"(?m)^Taste")
+    run_ok(at)
+    assert at.query_params["re"] == "(?m)^Taste"
+    at.selectbox(key="w_granularity").set_value("WORDS")
+    run_ok(at)
+    assert "re" not in at.query_params and at.query_params["gran"] == "words"

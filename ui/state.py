@@ -12,7 +12,7 @@ an unedited example is just ``?ex=<id>``)::
     cand    candidate index       ref     reference target                  foil    foil text
     sel     selected target segments, e.g. 0,2
     method  grad_l2|grad_dot_input|integrated_gradients
-    gran    tokens|words|sentences|lines|paragraphs|custom_regex            re  custom regex
+    gran    tokens|words|sentences|lines|paragraphs|custom_regex            re  custom regex (only then)
     n       candidates            max_new  most new tokens   temp  temperature   seed  sampling seed
     stop    JSON list of stop strings
     int     colour intensity      chips   1 = token chips    dense  1 = compact density
@@ -266,6 +266,8 @@ def side_to_query(side: SideState, baselines: Baselines, prefix: str = "") -> di
             continue
         if name in ("reference", "foil") and len(value) > MAX_URL_TEXT_CHARS:
             continue
+        if name == "regex" and side.granularity != "CUSTOM_REGEX":
+            continue  # only the custom-regex granularity uses it
         q[key] = _encode(name, value)
     return {prefix + k: v for k, v in q.items()}
 

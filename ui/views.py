@@ -185,7 +185,13 @@ def sidebar(report: ModelsReport, endpoints: Endpoints) -> None:
             help="A regular expression in RE2 syntax (no backreferences or lookaround; `\\w`, `\\d`, `\\b` "
             "are ASCII): a new segment starts at every match. The servers use the same engine.",
         )
-        if custom:
+        if custom and not str(ss.get(session.W["regex"]) or ""):
+            st.info(
+                "Type a regular expression: a segment starts at every match. The view shows tokens "
+                "until then.",
+                icon=":material/regular_expression:",
+            )
+        elif custom:
             _, problem = explain.effective_granularity(session.read_side(ss))
             if problem:
                 st.error(md_escape(problem), icon=":material/error:")
@@ -465,7 +471,7 @@ def heatmap_panel(
     query: dict[str, str],
 ) -> None:
     """Heading, problems, the clickable heatmap, its progress and the export buttons."""
-    if result.regex_error:
+    if result.regex_error and result.state.regex:
         st.warning(
             "The custom regex is invalid (see the sidebar): showing tokens until it is fixed.",
             icon=":material/regular_expression:",
