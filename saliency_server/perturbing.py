@@ -28,7 +28,7 @@ import numpy as np
 
 from saliency_server import perturbation
 from saliency_server.scheduler import Priority, TicketSteps, priority_from_wire
-from saliency_server.validation import Problem, resolve_selection
+from saliency_server.validation import Problem, problem_message, resolve_selection
 from seqsal.errors import InvalidArgumentError, SeqsalError, UnavailableError
 from seqsal.threads import stream_from_thread
 from seqsal.v1 import common_pb2, inference_pb2, saliency_pb2
@@ -235,20 +235,20 @@ class PerturbationScoring:
     async def verify(self, request: saliency_pb2.VerifyRequest, client: str) -> saliency_pb2.VerifyResponse:
         started = time.perf_counter()
         problem_request = request.problem
-        if len(problem_request.methods) != 1:
+        wanted = problem_message(problem_request, prefix="problem.")
+        if len(wanted.methods) != 1:
             raise InvalidArgumentError(
-                f"problem.methods has {len(problem_request.methods)} entries; Verify checks exactly one "
-                "method",
+                f"problem.methods has {len(wanted.methods)} entries; Verify checks exactly one method",
                 field="problem.methods",
             )
-        if problem_request.granularity == common_pb2.GRANULARITY_UNSPECIFIED:
+        if wanted.granularity == common_pb2.GRANULARITY_UNSPECIFIED:
             raise InvalidArgumentError(
                 "problem.granularity is required: Verify removes the explanation's top segments at it "
                 "(e.g. SENTENCES)",
                 field="problem.granularity",
             )
         ks, draws = perturbation.validate_verify(list(request.k), request.random_draws)
-        problem = await self.serving._problem(problem_request, all_segments=False)
+        problem = await self.serving._problem(problem_request, all_segments=False, prefix="problem.")
         mask = resolve_selection(problem, problem_request)
         features = problem.features
         count = perturbation.verify_count(len(features), ks, draws)
@@ -259,7 +259,7 @@ class PerturbationScoring:
             field="random_draws",
         )
         explanation = await self.serving.saliency(problem_request, client=client)
-        method = problem_request.methods[0]
+        method = wanted.methods[0]
         token_scores = explanation.scores[0].scores
         plan = perturbation.plan_verify(
             problem.inputs.prompt_ids,

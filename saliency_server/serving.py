@@ -27,7 +27,7 @@ from saliency_server.model_host import ModelHost
 from saliency_server.perturbation import PERTURBATION_METHODS
 from saliency_server.perturbing import PerturbationScoring
 from saliency_server.scheduler import Priority, Scheduler, Ticket, TicketSteps, priority_from_wire
-from saliency_server.validation import Problem, build_problem, resolve_selection
+from saliency_server.validation import Problem, build_problem, problem_message, resolve_selection
 from seqsal import segmentation
 from seqsal.admission import Admission
 from seqsal.errors import CancelledError
@@ -224,22 +224,17 @@ class SaliencyServing:
         request: saliency_pb2.SaliencyRequest | saliency_pb2.SaliencyAllSegmentsRequest,
         *,
         all_segments: bool,
+        prefix: str = "",
     ) -> Problem:
-        hosted = self.host.get(request.model)
+        """The request's validated problem (its ``problem``, or the deprecated top-level fields)."""
+        message = problem_message(request, prefix=prefix)
+        hosted = self.host.get(message.model)
         return await asyncio.to_thread(
             build_problem,
             hosted,
-            prompt=request.prompt,
-            target=request.target,
-            target_token_ids=list(request.target_token_ids),
-            methods=list(request.methods),
-            foil=request.foil if request.HasField("foil") else None,
-            granularity=request.granularity,
-            custom_regex=request.custom_regex,
-            ig_steps=request.ig_steps,
+            message,
             default_ig_steps=self.settings.ig_steps,
             require_granularity=all_segments,
-            perturbation=request.perturbation if request.HasField("perturbation") else None,
             max_perturbations=self.settings.max_perturbations,
         )
 

@@ -1,8 +1,13 @@
 """Turn a wire request into a validated computation, or a clear error naming the field.
 
 Everything a client can get wrong is checked here, before any model work:
-empty texts, both or neither target forms, masks and spans that do not fit the
-target, unknown methods and granularities, invalid regexes, too many tokens.
+empty texts, both or neither prompt and target forms, token ids outside the
+vocabulary, masks and spans that do not fit the target, unknown methods and
+granularities, invalid regexes, too many tokens.
+
+A request carries its problem in ``problem`` (a ``TeacherForcedProblem``) or, as clients
+written before it did, in the same fields at the top level; :func:`problem_message` turns
+either form into the one message :func:`build_problem` validates.
 """
 
 from __future__ import annotations
@@ -116,6 +121,75 @@ def validate_granularity(granularity: int, custom_regex: str, *, required: bool)
     return ""
 
 
+#: The fields of a TeacherForcedProblem that requests also have at the top level (deprecated).
+FLAT_FIELDS = (
+    "model",
+    "prompt",
+    "target",
+    "target_token_ids",
+    "methods",
+    "foil",
+    "granularity",
+    "custom_regex",
+    "ig_steps",
+    "perturbation",
+)
+
+ProblemRequest = saliency_pb2.SaliencyRequest | saliency_pb2.SaliencyAllSegmentsRequest
+
+
+def problem_message(request: ProblemRequest, *, prefix: str = "") -> saliency_pb2.TeacherForcedProblem:
+    """The request's problem: its ``problem``, or the deprecated top-level fields copied into one.
+
+    Setting both is INVALID_ARGUMENT naming the top-level fields set (``prefix``: where the request
+    sits in its caller's message, e.g. ``"problem."`` for Verify's).
+    """
+    flat = [(f, value) for f, value in request.ListFields() if f.name in FLAT_FIELDS]
+    if request.HasField("problem"):
+        if flat:
+            names = ", ".join(prefix + f.name for f, _ in flat)
+            raise InvalidArgumentError(
+                f"both {prefix}problem and the deprecated top-level fields {names} are set; send the "
+                f"problem in {prefix}problem only",
+                field=prefix + flat[0][0].name,
+            )
+        return request.problem
+    problem = saliency_pb2.TeacherForcedProblem()
+    for descriptor, value in flat:
+        if descriptor.is_repeated:
+            getattr(problem, descriptor.name).extend(value)
+        elif descriptor.message_type is not None:
+            getattr(problem, descriptor.name).CopyFrom(value)
+        else:
+            setattr(problem, descriptor.name, value)
+    return problem
+
+
+def _prompt_tokens(hosted: HostedModel, prompt: str, prompt_ids: Sequence[int]) -> list[common_pb2.Token]:
+    if prompt and prompt_ids:
+        raise InvalidArgumentError(
+            "both prompt and prompt_token_ids are set; send exactly one of them", field="prompt"
+        )
+    if prompt_ids:
+        tokens = tokens_from_ids(
+            hosted.tokenizer, prompt_ids, part=common_pb2.PROMPT, field="prompt_token_ids"
+        )
+        if all(t.special for t in tokens):
+            raise InvalidArgumentError(
+                f"prompt_token_ids has only special tokens ({len(tokens)}); send the whole prompt's ids, "
+                "e.g. the prompt_token_ids Generate returned",
+                field="prompt_token_ids",
+            )
+        return tokens
+    if not prompt:
+        raise InvalidArgumentError(
+            "prompt is empty; send the text the model was given in `prompt`, or its ids in "
+            "`prompt_token_ids`",
+            field="prompt",
+        )
+    return tokenize(hosted.tokenizer, prompt, part=common_pb2.PROMPT, add_special_tokens=True)
+
+
 def _target_tokens(
     hosted: HostedModel, target: str, target_ids: Sequence[int], prompt_tokens: Sequence[common_pb2.Token]
 ) -> list[common_pb2.Token]:
@@ -145,25 +219,20 @@ def _target_tokens(
 
 def build_problem(
     hosted: HostedModel,
+    message: saliency_pb2.TeacherForcedProblem,
     *,
-    prompt: str,
-    target: str,
-    target_token_ids: Sequence[int],
-    methods: Sequence[int],
-    foil: str | None,
-    granularity: int,
-    custom_regex: str,
-    ig_steps: int,
     default_ig_steps: int,
     require_granularity: bool = False,
-    perturbation: saliency_pb2.PerturbationOptions | None = None,
     max_perturbations: int = 512,
 ) -> Problem:
     """Validate and tokenise; raises InvalidArgumentError naming the field at the first problem."""
-    if not prompt:
-        raise InvalidArgumentError("prompt is empty; send the text the model was given", field="prompt")
-    resolved_methods = validate_methods(methods)
-    regex = validate_granularity(granularity, custom_regex, required=require_granularity)
+    prompt, prompt_ids = message.prompt, list(message.prompt_token_ids)
+    target, foil = message.target, message.foil if message.HasField("foil") else None
+    if not prompt and not prompt_ids:
+        _prompt_tokens(hosted, prompt, prompt_ids)  # names the field before anything else
+    resolved_methods = validate_methods(message.methods)
+    regex = validate_granularity(message.granularity, message.custom_regex, required=require_granularity)
+    ig_steps = message.ig_steps
     if not 0 <= ig_steps <= MAX_IG_STEPS:
         raise InvalidArgumentError(
             f"ig_steps = {ig_steps} is out of range; use 1..{MAX_IG_STEPS}, or 0 for the default",
@@ -174,10 +243,11 @@ def build_problem(
     limit.check(
         f"prompt + target{' + foil' if foil else ''}",
         "prompt",
+        tokens=len(prompt_ids),
         chars=len(prompt) + len(target) + len(foil or ""),
     )
-    prompt_tokens = tokenize(hosted.tokenizer, prompt, part=common_pb2.PROMPT, add_special_tokens=True)
-    target_tokens = _target_tokens(hosted, target, target_token_ids, prompt_tokens)
+    prompt_tokens = _prompt_tokens(hosted, prompt, prompt_ids)
+    target_tokens = _target_tokens(hosted, target, message.target_token_ids, prompt_tokens)
     foil_tokens = None
     if foil is not None:
         if not foil:
@@ -196,13 +266,14 @@ def build_problem(
         target_tokens=target_tokens,
         foil_tokens=foil_tokens,
         methods=resolved_methods,
-        granularity=granularity,
+        granularity=message.granularity,
         custom_regex=regex,
         ig_steps=ig_steps or default_ig_steps,
     )
     _ = problem.segments  # segment here, in the caller's worker thread, never on the event loop
     if any(m in PERTURBATION_METHODS for m in resolved_methods):
-        problem.perturbation = _perturbation(hosted, perturbation, max_perturbations)
+        options = message.perturbation if message.HasField("perturbation") else None
+        problem.perturbation = _perturbation(hosted, options, max_perturbations)
         count = len(problem.features)
         if count == 0:
             raise InvalidArgumentError(

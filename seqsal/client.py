@@ -107,41 +107,67 @@ def error_from_rpc(exc: grpc.RpcError) -> SeqsalError:
     return error
 
 
-def saliency_request(
+def teacher_forced_problem(
     *,
-    prompt: str,
+    prompt: str = "",
+    prompt_token_ids: Sequence[int] = (),
     target: str = "",
     target_token_ids: Sequence[int] = (),
-    target_mask: Sequence[bool] = (),
-    target_spans: Sequence[tuple[int, int]] = (),
     methods: Sequence[int] = (),
     foil: str | None = None,
     granularity: int = common_pb2.GRANULARITY_UNSPECIFIED,
     custom_regex: str = "",
     ig_steps: int = 0,
     model: str = "",
-    priority: int = saliency_pb2.PRIORITY_UNSPECIFIED,
     perturbation: saliency_pb2.PerturbationOptions | None = None,
-) -> saliency_pb2.SaliencyRequest:
-    """Build a SaliencyRequest from keyword arguments (``perturbation``: OCCLUSION/LIME options)."""
-    request = saliency_pb2.SaliencyRequest(
+) -> saliency_pb2.TeacherForcedProblem:
+    """The problem every saliency request embeds: the prompt as text or as token ids (e.g. the
+    ``prompt_token_ids`` Generate returned: used as given), the target as text or ids, and how to
+    explain it (``perturbation``: OCCLUSION/LIME options, see :func:`perturbation_options`)."""
+    problem = saliency_pb2.TeacherForcedProblem(
         model=model,
         prompt=prompt,
+        prompt_token_ids=list(prompt_token_ids),
         target=target,
         target_token_ids=list(target_token_ids),
-        target_mask=list(target_mask),
-        target_spans=[common_pb2.CharSpan(start=s, end=e) for s, e in target_spans],
         methods=list(methods),
-        granularity=granularity,
+        granularity=granularity,  # type: ignore[arg-type]
         custom_regex=custom_regex,
         ig_steps=ig_steps,
-        priority=priority,  # type: ignore[arg-type]
     )
     if foil is not None:
-        request.foil = foil
+        problem.foil = foil
     if perturbation is not None:
-        request.perturbation.CopyFrom(perturbation)
-    return request
+        problem.perturbation.CopyFrom(perturbation)
+    return problem
+
+
+def _the_problem(
+    problem: saliency_pb2.TeacherForcedProblem | None, fields: dict[str, Any]
+) -> saliency_pb2.TeacherForcedProblem:
+    if problem is None:
+        return teacher_forced_problem(**fields)
+    if fields:
+        raise TypeError(f"give the problem or its fields ({', '.join(fields)}), not both")
+    return problem
+
+
+def saliency_request(
+    *,
+    problem: saliency_pb2.TeacherForcedProblem | None = None,
+    target_mask: Sequence[bool] = (),
+    target_spans: Sequence[tuple[int, int]] = (),
+    priority: int = saliency_pb2.PRIORITY_UNSPECIFIED,
+    **problem_fields: Any,
+) -> saliency_pb2.SaliencyRequest:
+    """Build a SaliencyRequest: the problem (or :func:`teacher_forced_problem`'s keyword arguments)
+    and which target tokens to explain (``target_mask`` or ``target_spans``; empty = all)."""
+    return saliency_pb2.SaliencyRequest(
+        problem=_the_problem(problem, problem_fields),
+        target_mask=list(target_mask),
+        target_spans=[common_pb2.CharSpan(start=s, end=e) for s, e in target_spans],
+        priority=priority,  # type: ignore[arg-type]
+    )
 
 
 def perturbation_options(
@@ -172,35 +198,16 @@ def verify_request(
 
 def all_segments_request(
     *,
-    prompt: str,
-    granularity: int,
-    target: str = "",
-    target_token_ids: Sequence[int] = (),
-    methods: Sequence[int] = (),
-    foil: str | None = None,
-    custom_regex: str = "",
-    ig_steps: int = 0,
-    model: str = "",
+    problem: saliency_pb2.TeacherForcedProblem | None = None,
     priority: int = saliency_pb2.PRIORITY_UNSPECIFIED,
-    perturbation: saliency_pb2.PerturbationOptions | None = None,
+    **problem_fields: Any,
 ) -> saliency_pb2.SaliencyAllSegmentsRequest:
-    """Build a SaliencyAllSegmentsRequest from keyword arguments."""
-    request = saliency_pb2.SaliencyAllSegmentsRequest(
-        model=model,
-        prompt=prompt,
-        target=target,
-        target_token_ids=list(target_token_ids),
-        methods=list(methods),
-        granularity=granularity,
-        custom_regex=custom_regex,
-        ig_steps=ig_steps,
+    """Build a SaliencyAllSegmentsRequest: the problem (or :func:`teacher_forced_problem`'s keyword
+    arguments; a granularity is required)."""
+    return saliency_pb2.SaliencyAllSegmentsRequest(
+        problem=_the_problem(problem, problem_fields),
         priority=priority,  # type: ignore[arg-type]
     )
-    if foil is not None:
-        request.foil = foil
-    if perturbation is not None:
-        request.perturbation.CopyFrom(perturbation)
-    return request
 
 
 Request = TypeVar("Request", bound=Message)

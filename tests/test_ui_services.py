@@ -87,18 +87,22 @@ def test_requests() -> None:
     side = SideState(method="GRAD_DOT_INPUT", granularity="CUSTOM_REGEX", regex="x")
     spec = target_spec(SideState(prompt="Hi", target_kind="foil", foil=" Bye"), GEN)
     request = services.saliency_request(spec, side, granularity="CUSTOM_REGEX", target_mask=[False, True])
-    assert list(request.methods) == [common_pb2.GRAD_L2, common_pb2.GRAD_DOT_INPUT]  # one backward pass
+    assert list(request.problem.methods) == [common_pb2.GRAD_L2, common_pb2.GRAD_DOT_INPUT]  # one backward
     assert (
-        request.custom_regex == "x" and request.foil == " Bye" and list(request.target_mask) == [False, True]
+        request.problem.custom_regex == "x"
+        and request.problem.foil == " Bye"
+        and list(request.target_mask) == [False, True]
     )
     tokens = services.saliency_request(spec, side, granularity="TOKENS")
-    assert tokens.custom_regex == "" and tokens.granularity == common_pb2.TOKENS
+    assert tokens.problem.custom_regex == "" and tokens.problem.granularity == common_pb2.TOKENS
     all_segments = services.all_segments_request(tokens)
-    assert all_segments.foil == " Bye" and list(all_segments.target_token_ids) == [7, 8]
+    assert all_segments.problem.foil == " Bye" and list(all_segments.problem.target_token_ids) == [7, 8]
+    # the prompt as the model saw it, by its ids from Generate (never tokenised again)
+    assert list(all_segments.problem.prompt_token_ids) == [1, 2] and all_segments.problem.prompt == ""
     assert services.request_key(tokens) != services.request_key(request)
     assert services.request_key(tokens) != services.request_key(all_segments)
     ig = services.saliency_request(spec, SideState(method="INTEGRATED_GRADIENTS"), granularity="WORDS")
-    assert list(ig.methods) == [common_pb2.INTEGRATED_GRADIENTS]
+    assert list(ig.problem.methods) == [common_pb2.INTEGRATED_GRADIENTS]
 
 
 def test_method_index_and_response_cache() -> None:

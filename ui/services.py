@@ -19,6 +19,7 @@ from typing import Literal, TypeVar
 
 import grpc
 
+from seqsal import client as client_requests
 from seqsal import errors
 from seqsal.client import InferenceClient, SaliencyClient, error_from_rpc
 from seqsal.request_ids import new_request_id
@@ -401,6 +402,9 @@ class TargetSpec:
     prompt: str
     model: str
     target_token_ids: tuple[int, ...] = ()
+    #: the prompt's ids as the model saw them (from Generate): sent instead of the text, so the
+    #: saliency server never tokenises a chat-templated prompt again
+    prompt_token_ids: tuple[int, ...] = ()
     target_text: str = ""
     foil: str | None = None
     #: Short words for the heading, e.g. "generated response 1".
@@ -410,6 +414,7 @@ class TargetSpec:
 def target_spec(side: SideState, generation: Generation | None) -> TargetSpec:
     """The target of a side; :class:`TargetProblem` when it cannot be explained yet."""
     prompt = generation.prompt if generation is not None else ""
+    prompt_ids = generation.prompt_token_ids if generation is not None else ()
     model = generation.model if generation is not None else side.model
     if generation is None:
         if side.chat_template:
@@ -429,7 +434,12 @@ def target_spec(side: SideState, generation: Generation | None) -> TargetSpec:
         if not side.reference:
             raise TargetProblem("Type a reference target: the text whose saliency you want to see.")
         return TargetSpec(
-            prompt=prompt, model=model, target_text=side.reference, foil=foil, label="reference target"
+            prompt=prompt,
+            model=model,
+            prompt_token_ids=prompt_ids,
+            target_text=side.reference,
+            foil=foil,
+            label="reference target",
         )
     assert generation is not None
     if not generation.candidates:
@@ -443,7 +453,12 @@ def target_spec(side: SideState, generation: Generation | None) -> TargetSpec:
         )
     label = "generated response" + (f" {index + 1}" if len(generation.candidates) > 1 else "")
     return TargetSpec(
-        prompt=prompt, model=model, target_token_ids=candidate.shown_token_ids, foil=foil, label=label
+        prompt=prompt,
+        model=model,
+        prompt_token_ids=prompt_ids,
+        target_token_ids=candidate.shown_token_ids,
+        foil=foil,
+        label=label,
     )
 
 
@@ -455,38 +470,27 @@ def saliency_request(
     target_mask: Sequence[bool] = (),
 ) -> saliency_pb2.SaliencyRequest:
     """The SaliencyRequest for a target, a granularity and a selection mask (empty = whole target)."""
-    request = saliency_pb2.SaliencyRequest(
+    return client_requests.saliency_request(
         model=spec.model,
-        prompt=spec.prompt,
+        prompt="" if spec.prompt_token_ids else spec.prompt,
+        prompt_token_ids=spec.prompt_token_ids,
         target=spec.target_text,
-        target_token_ids=list(spec.target_token_ids),
-        target_mask=list(target_mask),
+        target_token_ids=spec.target_token_ids,
+        foil=spec.foil,
         methods=methods_for(side.method),
-        granularity=granularity_enum(granularity),  # type: ignore[arg-type]
+        granularity=granularity_enum(granularity),
         custom_regex=side.regex if granularity == "CUSTOM_REGEX" else "",
+        target_mask=target_mask,
     )
-    if spec.foil is not None:
-        request.foil = spec.foil
-    return request
 
 
 def all_segments_request(request: saliency_pb2.SaliencyRequest) -> saliency_pb2.SaliencyAllSegmentsRequest:
     """The SaliencyAllSegments request matching a (whole-target) SaliencyRequest."""
-    out = saliency_pb2.SaliencyAllSegmentsRequest(
-        model=request.model,
-        prompt=request.prompt,
-        target=request.target,
-        target_token_ids=list(request.target_token_ids),
-        methods=list(request.methods),
-        granularity=request.granularity,
-        custom_regex=request.custom_regex,
-        ig_steps=request.ig_steps,
+    return client_requests.all_segments_request(
+        problem=request.problem,
         # a precompute: the server computes clicks (of every user) first and resumes it afterwards
         priority=saliency_pb2.PRIORITY_BACKGROUND,
     )
-    if request.HasField("foil"):
-        out.foil = request.foil
-    return out
 
 
 def request_key(request: saliency_pb2.SaliencyRequest | saliency_pb2.SaliencyAllSegmentsRequest) -> str:

@@ -44,8 +44,8 @@ def _problem(result: SideResult) -> saliency_pb2.SaliencyRequest:
     request = services.saliency_request(
         result.spec, result.state, granularity=result.granularity, target_mask=mask
     )
-    del request.methods[:]
-    request.methods.append(method_enum(result.state.method))
+    del request.problem.methods[:]
+    request.problem.methods.append(method_enum(result.state.method))
     return request
 
 

@@ -25,33 +25,75 @@ _sym_db = _symbol_database.Default()
 from seqsal.v1 import common_pb2 as seqsal_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18seqsal/v1/saliency.proto\x12\tseqsal.v1\x1a\x16seqsal/v1/common.proto\"\x8c\x03\n\x0fSaliencyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x18\n\x10target_token_ids\x18\x04 \x03(\x05\x12\x13\n\x0btarget_mask\x18\x05 \x03(\x08\x12)\n\x0ctarget_spans\x18\x06 \x03(\x0b\x32\x13.seqsal.v1.CharSpan\x12\"\n\x07methods\x18\x07 \x03(\x0e\x32\x11.seqsal.v1.Method\x12\x11\n\x04\x66oil\x18\x08 \x01(\tH\x00\x88\x01\x01\x12+\n\x0bgranularity\x18\t \x01(\x0e\x32\x16.seqsal.v1.Granularity\x12\x14\n\x0c\x63ustom_regex\x18\n \x01(\t\x12\x10\n\x08ig_steps\x18\x0b \x01(\x05\x12%\n\x08priority\x18\x0c \x01(\x0e\x32\x13.seqsal.v1.Priority\x12\x34\n\x0cperturbation\x18\r \x01(\x0b\x32\x1e.seqsal.v1.PerturbationOptionsB\x07\n\x05_foil\"Y\n\x13PerturbationOptions\x12\x0e\n\x06\x66iller\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\x05\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x13\n\x0bridge_alpha\x18\x04 \x01(\x02\"\xd3\x01\n\x0cMethodScores\x12!\n\x06method\x18\x01 \x01(\x0e\x32\x11.seqsal.v1.Method\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\"\n\x15\x63ompleteness_residual\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08ig_steps\x18\x04 \x01(\x05\x12\x0f\n\x02r2\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\rperturbations\x18\x06 \x01(\x05\x12\x11\n\tscored_by\x18\x07 \x01(\tB\x18\n\x16_completeness_residualB\x05\n\x03_r2\"\x93\x03\n\x10SaliencyResponse\x12 \n\x06tokens\x18\x01 \x03(\x0b\x32\x10.seqsal.v1.Token\x12\'\n\x06scores\x18\x02 \x03(\x0b\x32\x17.seqsal.v1.MethodScores\x12$\n\x08segments\x18\x03 \x03(\x0b\x32\x12.seqsal.v1.Segment\x12+\n\x0bgranularity\x18\x04 \x01(\x0e\x32\x16.seqsal.v1.Granularity\x12\x13\n\x0btarget_mask\x18\x05 \x03(\x08\x12\x16\n\x0etarget_logprob\x18\x06 \x01(\x01\x12\x1d\n\x15target_token_logprobs\x18\x07 \x03(\x02\x12\x19\n\x0c\x66oil_logprob\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05model\x18\t \x01(\t\x12\x10\n\x08revision\x18\n \x01(\t\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x11\n\tcache_hit\x18\r \x01(\x08\x12\x16\n\x0eserver_time_ms\x18\x0e \x01(\x01\x42\x0f\n\r_foil_logprob\"\xd7\x02\n\x1aSaliencyAllSegmentsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x18\n\x10target_token_ids\x18\x04 \x03(\x05\x12\"\n\x07methods\x18\x05 \x03(\x0e\x32\x11.seqsal.v1.Method\x12\x11\n\x04\x66oil\x18\x06 \x01(\tH\x00\x88\x01\x01\x12+\n\x0bgranularity\x18\x07 \x01(\x0e\x32\x16.seqsal.v1.Granularity\x12\x14\n\x0c\x63ustom_regex\x18\x08 \x01(\t\x12\x10\n\x08ig_steps\x18\t \x01(\x05\x12%\n\x08priority\x18\n \x01(\x0e\x32\x13.seqsal.v1.Priority\x12\x34\n\x0cperturbation\x18\x0b \x01(\x0b\x32\x1e.seqsal.v1.PerturbationOptionsB\x07\n\x05_foil\"\xa6\x01\n\x1bSaliencyAllSegmentsResponse\x12\x15\n\rsegment_index\x18\x01 \x01(\x05\x12\x15\n\rsegment_count\x18\x02 \x01(\x05\x12*\n\x0etarget_segment\x18\x03 \x01(\x0b\x32\x12.seqsal.v1.Segment\x12-\n\x08saliency\x18\x04 \x01(\x0b\x32\x1b.seqsal.v1.SaliencyResponse\"k\n\rVerifyRequest\x12+\n\x07problem\x18\x01 \x01(\x0b\x32\x1a.seqsal.v1.SaliencyRequest\x12\t\n\x01k\x18\x02 \x03(\x05\x12\x14\n\x0crandom_draws\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\xff\x01\n\nVerifyStep\x12\t\n\x01k\x18\x01 \x01(\x05\x12\x17\n\x0fsegment_indices\x18\x02 \x03(\x05\x12\x1c\n\x14topk_removed_logprob\x18\x03 \x01(\x01\x12\x11\n\ttopk_drop\x18\x04 \x01(\x01\x12\x14\n\x0crandom_drops\x18\x05 \x03(\x01\x12\x18\n\x10random_drop_mean\x18\x06 \x01(\x01\x12\x17\n\x0frandom_drop_std\x18\x07 \x01(\x01\x12\x19\n\x11topk_only_logprob\x18\x08 \x01(\x01\x12\x16\n\x0e\x61\x62lated_prompt\x18\t \x01(\t\x12 \n\x18\x61\x62lated_prompt_token_ids\x18\n \x03(\x05\"\xfc\x01\n\x0eVerifyResponse\x12-\n\x08saliency\x18\x01 \x01(\x0b\x32\x1b.seqsal.v1.SaliencyResponse\x12!\n\x06method\x18\x02 \x01(\x0e\x32\x11.seqsal.v1.Method\x12\x14\n\x0c\x66ull_logprob\x18\x03 \x01(\x01\x12$\n\x05steps\x18\x04 \x03(\x0b\x32\x15.seqsal.v1.VerifyStep\x12\x1a\n\x12removable_segments\x18\x05 \x01(\x05\x12\x11\n\tscored_by\x18\x06 \x01(\t\x12\x15\n\rperturbations\x18\x07 \x01(\x05\x12\x16\n\x0eserver_time_ms\x18\x08 \x01(\x01*W\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x17\n\x13PRIORITY_BACKGROUND\x10\x02\x32\x8d\x03\n\x0fSaliencyService\x12\x43\n\x08Tokenize\x12\x1a.seqsal.v1.TokenizeRequest\x1a\x1b.seqsal.v1.TokenizeResponse\x12\x43\n\x08Saliency\x12\x1a.seqsal.v1.SaliencyRequest\x1a\x1b.seqsal.v1.SaliencyResponse\x12\x66\n\x13SaliencyAllSegments\x12%.seqsal.v1.SaliencyAllSegmentsRequest\x1a&.seqsal.v1.SaliencyAllSegmentsResponse0\x01\x12I\n\nListModels\x12\x1c.seqsal.v1.ListModelsRequest\x1a\x1d.seqsal.v1.ListModelsResponse\x12=\n\x06Verify\x12\x18.seqsal.v1.VerifyRequest\x1a\x19.seqsal.v1.VerifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18seqsal/v1/saliency.proto\x12\tseqsal.v1\x1a\x16seqsal/v1/common.proto\"\xc4\x02\n\x14TeacherForcedProblem\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x18\n\x10target_token_ids\x18\x05 \x03(\x05\x12\x11\n\x04\x66oil\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\"\n\x07methods\x18\x07 \x03(\x0e\x32\x11.seqsal.v1.Method\x12+\n\x0bgranularity\x18\x08 \x01(\x0e\x32\x16.seqsal.v1.Granularity\x12\x14\n\x0c\x63ustom_regex\x18\t \x01(\t\x12\x10\n\x08ig_steps\x18\n \x01(\x05\x12\x34\n\x0cperturbation\x18\x0b \x01(\x0b\x32\x1e.seqsal.v1.PerturbationOptionsB\x07\n\x05_foil\"\xe6\x03\n\x0fSaliencyRequest\x12\x11\n\x05model\x18\x01 \x01(\tB\x02\x18\x01\x12\x12\n\x06prompt\x18\x02 \x01(\tB\x02\x18\x01\x12\x12\n\x06target\x18\x03 \x01(\tB\x02\x18\x01\x12\x1c\n\x10target_token_ids\x18\x04 \x03(\x05\x42\x02\x18\x01\x12\x13\n\x0btarget_mask\x18\x05 \x03(\x08\x12)\n\x0ctarget_spans\x18\x06 \x03(\x0b\x32\x13.seqsal.v1.CharSpan\x12&\n\x07methods\x18\x07 \x03(\x0e\x32\x11.seqsal.v1.MethodB\x02\x18\x01\x12\x15\n\x04\x66oil\x18\x08 \x01(\tB\x02\x18\x01H\x00\x88\x01\x01\x12/\n\x0bgranularity\x18\t \x01(\x0e\x32\x16.seqsal.v1.GranularityB\x02\x18\x01\x12\x18\n\x0c\x63ustom_regex\x18\n \x01(\tB\x02\x18\x01\x12\x14\n\x08ig_steps\x18\x0b \x01(\x05\x42\x02\x18\x01\x12%\n\x08priority\x18\x0c \x01(\x0e\x32\x13.seqsal.v1.Priority\x12\x38\n\x0cperturbation\x18\r \x01(\x0b\x32\x1e.seqsal.v1.PerturbationOptionsB\x02\x18\x01\x12\x30\n\x07problem\x18\x0e \x01(\x0b\x32\x1f.seqsal.v1.TeacherForcedProblemB\x07\n\x05_foil\"Y\n\x13PerturbationOptions\x12\x0e\n\x06\x66iller\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\x05\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x13\n\x0bridge_alpha\x18\x04 \x01(\x02\"\xd3\x01\n\x0cMethodScores\x12!\n\x06method\x18\x01 \x01(\x0e\x32\x11.seqsal.v1.Method\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\"\n\x15\x63ompleteness_residual\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08ig_steps\x18\x04 \x01(\x05\x12\x0f\n\x02r2\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\rperturbations\x18\x06 \x01(\x05\x12\x11\n\tscored_by\x18\x07 \x01(\tB\x18\n\x16_completeness_residualB\x05\n\x03_r2\"\x93\x03\n\x10SaliencyResponse\x12 \n\x06tokens\x18\x01 \x03(\x0b\x32\x10.seqsal.v1.Token\x12\'\n\x06scores\x18\x02 \x03(\x0b\x32\x17.seqsal.v1.MethodScores\x12$\n\x08segments\x18\x03 \x03(\x0b\x32\x12.seqsal.v1.Segment\x12+\n\x0bgranularity\x18\x04 \x01(\x0e\x32\x16.seqsal.v1.Granularity\x12\x13\n\x0btarget_mask\x18\x05 \x03(\x08\x12\x16\n\x0etarget_logprob\x18\x06 \x01(\x01\x12\x1d\n\x15target_token_logprobs\x18\x07 \x03(\x02\x12\x19\n\x0c\x66oil_logprob\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05model\x18\t \x01(\t\x12\x10\n\x08revision\x18\n \x01(\t\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x11\n\tcache_hit\x18\r \x01(\x08\x12\x16\n\x0eserver_time_ms\x18\x0e \x01(\x01\x42\x0f\n\r_foil_logprob\"\xb1\x03\n\x1aSaliencyAllSegmentsRequest\x12\x11\n\x05model\x18\x01 \x01(\tB\x02\x18\x01\x12\x12\n\x06prompt\x18\x02 \x01(\tB\x02\x18\x01\x12\x12\n\x06target\x18\x03 \x01(\tB\x02\x18\x01\x12\x1c\n\x10target_token_ids\x18\x04 \x03(\x05\x42\x02\x18\x01\x12&\n\x07methods\x18\x05 \x03(\x0e\x32\x11.seqsal.v1.MethodB\x02\x18\x01\x12\x15\n\x04\x66oil\x18\x06 \x01(\tB\x02\x18\x01H\x00\x88\x01\x01\x12/\n\x0bgranularity\x18\x07 \x01(\x0e\x32\x16.seqsal.v1.GranularityB\x02\x18\x01\x12\x18\n\x0c\x63ustom_regex\x18\x08 \x01(\tB\x02\x18\x01\x12\x14\n\x08ig_steps\x18\t \x01(\x05\x42\x02\x18\x01\x12%\n\x08priority\x18\n \x01(\x0e\x32\x13.seqsal.v1.Priority\x12\x38\n\x0cperturbation\x18\x0b \x01(\x0b\x32\x1e.seqsal.v1.PerturbationOptionsB\x02\x18\x01\x12\x30\n\x07problem\x18\x0c \x01(\x0b\x32\x1f.seqsal.v1.TeacherForcedProblemB\x07\n\x05_foil\"\xa6\x01\n\x1bSaliencyAllSegmentsResponse\x12\x15\n\rsegment_index\x18\x01 \x01(\x05\x12\x15\n\rsegment_count\x18\x02 \x01(\x05\x12*\n\x0etarget_segment\x18\x03 \x01(\x0b\x32\x12.seqsal.v1.Segment\x12-\n\x08saliency\x18\x04 \x01(\x0b\x32\x1b.seqsal.v1.SaliencyResponse\"k\n\rVerifyRequest\x12+\n\x07problem\x18\x01 \x01(\x0b\x32\x1a.seqsal.v1.SaliencyRequest\x12\t\n\x01k\x18\x02 \x03(\x05\x12\x14\n\x0crandom_draws\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\xff\x01\n\nVerifyStep\x12\t\n\x01k\x18\x01 \x01(\x05\x12\x17\n\x0fsegment_indices\x18\x02 \x03(\x05\x12\x1c\n\x14topk_removed_logprob\x18\x03 \x01(\x01\x12\x11\n\ttopk_drop\x18\x04 \x01(\x01\x12\x14\n\x0crandom_drops\x18\x05 \x03(\x01\x12\x18\n\x10random_drop_mean\x18\x06 \x01(\x01\x12\x17\n\x0frandom_drop_std\x18\x07 \x01(\x01\x12\x19\n\x11topk_only_logprob\x18\x08 \x01(\x01\x12\x16\n\x0e\x61\x62lated_prompt\x18\t \x01(\t\x12 \n\x18\x61\x62lated_prompt_token_ids\x18\n \x03(\x05\"\xfc\x01\n\x0eVerifyResponse\x12-\n\x08saliency\x18\x01 \x01(\x0b\x32\x1b.seqsal.v1.SaliencyResponse\x12!\n\x06method\x18\x02 \x01(\x0e\x32\x11.seqsal.v1.Method\x12\x14\n\x0c\x66ull_logprob\x18\x03 \x01(\x01\x12$\n\x05steps\x18\x04 \x03(\x0b\x32\x15.seqsal.v1.VerifyStep\x12\x1a\n\x12removable_segments\x18\x05 \x01(\x05\x12\x11\n\tscored_by\x18\x06 \x01(\t\x12\x15\n\rperturbations\x18\x07 \x01(\x05\x12\x16\n\x0eserver_time_ms\x18\x08 \x01(\x01*W\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x17\n\x13PRIORITY_BACKGROUND\x10\x02\x32\x8d\x03\n\x0fSaliencyService\x12\x43\n\x08Tokenize\x12\x1a.seqsal.v1.TokenizeRequest\x1a\x1b.seqsal.v1.TokenizeResponse\x12\x43\n\x08Saliency\x12\x1a.seqsal.v1.SaliencyRequest\x1a\x1b.seqsal.v1.SaliencyResponse\x12\x66\n\x13SaliencyAllSegments\x12%.seqsal.v1.SaliencyAllSegmentsRequest\x1a&.seqsal.v1.SaliencyAllSegmentsResponse0\x01\x12I\n\nListModels\x12\x1c.seqsal.v1.ListModelsRequest\x1a\x1d.seqsal.v1.ListModelsResponse\x12=\n\x06Verify\x12\x18.seqsal.v1.VerifyRequest\x1a\x19.seqsal.v1.VerifyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seqsal.v1.saliency_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=2310
-  _globals['_PRIORITY']._serialized_end=2397
-  _globals['_SALIENCYREQUEST']._serialized_start=64
-  _globals['_SALIENCYREQUEST']._serialized_end=460
-  _globals['_PERTURBATIONOPTIONS']._serialized_start=462
-  _globals['_PERTURBATIONOPTIONS']._serialized_end=551
-  _globals['_METHODSCORES']._serialized_start=554
-  _globals['_METHODSCORES']._serialized_end=765
-  _globals['_SALIENCYRESPONSE']._serialized_start=768
-  _globals['_SALIENCYRESPONSE']._serialized_end=1171
-  _globals['_SALIENCYALLSEGMENTSREQUEST']._serialized_start=1174
-  _globals['_SALIENCYALLSEGMENTSREQUEST']._serialized_end=1517
-  _globals['_SALIENCYALLSEGMENTSRESPONSE']._serialized_start=1520
-  _globals['_SALIENCYALLSEGMENTSRESPONSE']._serialized_end=1686
-  _globals['_VERIFYREQUEST']._serialized_start=1688
-  _globals['_VERIFYREQUEST']._serialized_end=1795
-  _globals['_VERIFYSTEP']._serialized_start=1798
-  _globals['_VERIFYSTEP']._serialized_end=2053
-  _globals['_VERIFYRESPONSE']._serialized_start=2056
-  _globals['_VERIFYRESPONSE']._serialized_end=2308
-  _globals['_SALIENCYSERVICE']._serialized_start=2400
-  _globals['_SALIENCYSERVICE']._serialized_end=2797
+  _globals['_SALIENCYREQUEST'].fields_by_name['model']._loaded_options = None
+  _globals['_SALIENCYREQUEST'].fields_by_name['model']._serialized_options = b'\030\001'
+  _globals['_SALIENCYREQUEST'].fields_by_name['prompt']._loaded_options = None
+  _globals['_SALIENCYREQUEST'].fields_by_name['prompt']._serialized_options = b'\030\001'
+  _globals['_SALIENCYREQUEST'].fields_by_name['target']._loaded_options = None
+  _globals['_SALIENCYREQUEST'].fields_by_name['target']._serialized_options = b'\030\001'
+  _globals['_SALIENCYREQUEST'].fields_by_name['target_token_ids']._loaded_options = None
+  _globals['_SALIENCYREQUEST'].fields_by_name['target_token_ids']._serialized_options = b'\030\001'
+  _globals['_SALIENCYREQUEST'].fields_by_name['methods']._loaded_options = None
+  _globals['_SALIENCYREQUEST'].fields_by_name['methods']._serialized_options = b'\030\001'
+  _globals['_SALIENCYREQUEST'].fields_by_name['foil']._loaded_options = None
+  _globals['_SALIENCYREQUEST'].fields_by_name['foil']._serialized_options = b'\030\001'
+  _globals['_SALIENCYREQUEST'].fields_by_name['granularity']._loaded_options = None
+  _globals['_SALIENCYREQUEST'].fields_by_name['granularity']._serialized_options = b'\030\001'
+  _globals['_SALIENCYREQUEST'].fields_by_name['custom_regex']._loaded_options = None
+  _globals['_SALIENCYREQUEST'].fields_by_name['custom_regex']._serialized_options = b'\030\001'
+  _globals['_SALIENCYREQUEST'].fields_by_name['ig_steps']._loaded_options = None
+  _globals['_SALIENCYREQUEST'].fields_by_name['ig_steps']._serialized_options = b'\030\001'
+  _globals['_SALIENCYREQUEST'].fields_by_name['perturbation']._loaded_options = None
+  _globals['_SALIENCYREQUEST'].fields_by_name['perturbation']._serialized_options = b'\030\001'
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['model']._loaded_options = None
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['model']._serialized_options = b'\030\001'
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['prompt']._loaded_options = None
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['prompt']._serialized_options = b'\030\001'
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['target']._loaded_options = None
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['target']._serialized_options = b'\030\001'
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['target_token_ids']._loaded_options = None
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['target_token_ids']._serialized_options = b'\030\001'
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['methods']._loaded_options = None
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['methods']._serialized_options = b'\030\001'
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['foil']._loaded_options = None
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['foil']._serialized_options = b'\030\001'
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['granularity']._loaded_options = None
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['granularity']._serialized_options = b'\030\001'
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['custom_regex']._loaded_options = None
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['custom_regex']._serialized_options = b'\030\001'
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['ig_steps']._loaded_options = None
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['ig_steps']._serialized_options = b'\030\001'
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['perturbation']._loaded_options = None
+  _globals['_SALIENCYALLSEGMENTSREQUEST'].fields_by_name['perturbation']._serialized_options = b'\030\001'
+  _globals['_PRIORITY']._serialized_start=2817
+  _globals['_PRIORITY']._serialized_end=2904
+  _globals['_TEACHERFORCEDPROBLEM']._serialized_start=64
+  _globals['_TEACHERFORCEDPROBLEM']._serialized_end=388
+  _globals['_SALIENCYREQUEST']._serialized_start=391
+  _globals['_SALIENCYREQUEST']._serialized_end=877
+  _globals['_PERTURBATIONOPTIONS']._serialized_start=879
+  _globals['_PERTURBATIONOPTIONS']._serialized_end=968
+  _globals['_METHODSCORES']._serialized_start=971
+  _globals['_METHODSCORES']._serialized_end=1182
+  _globals['_SALIENCYRESPONSE']._serialized_start=1185
+  _globals['_SALIENCYRESPONSE']._serialized_end=1588
+  _globals['_SALIENCYALLSEGMENTSREQUEST']._serialized_start=1591
+  _globals['_SALIENCYALLSEGMENTSREQUEST']._serialized_end=2024
+  _globals['_SALIENCYALLSEGMENTSRESPONSE']._serialized_start=2027
+  _globals['_SALIENCYALLSEGMENTSRESPONSE']._serialized_end=2193
+  _globals['_VERIFYREQUEST']._serialized_start=2195
+  _globals['_VERIFYREQUEST']._serialized_end=2302
+  _globals['_VERIFYSTEP']._serialized_start=2305
+  _globals['_VERIFYSTEP']._serialized_end=2560
+  _globals['_VERIFYRESPONSE']._serialized_start=2563
+  _globals['_VERIFYRESPONSE']._serialized_end=2815
+  _globals['_SALIENCYSERVICE']._serialized_start=2907
+  _globals['_SALIENCYSERVICE']._serialized_end=3304
 # @@protoc_insertion_point(module_scope)

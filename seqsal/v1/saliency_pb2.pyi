@@ -17,8 +17,34 @@ PRIORITY_UNSPECIFIED: Priority
 PRIORITY_INTERACTIVE: Priority
 PRIORITY_BACKGROUND: Priority
 
+class TeacherForcedProblem(_message.Message):
+    __slots__ = ("model", "prompt", "prompt_token_ids", "target", "target_token_ids", "foil", "methods", "granularity", "custom_regex", "ig_steps", "perturbation")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    TARGET_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FOIL_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    GRANULARITY_FIELD_NUMBER: _ClassVar[int]
+    CUSTOM_REGEX_FIELD_NUMBER: _ClassVar[int]
+    IG_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PERTURBATION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    prompt: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    target: str
+    target_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    foil: str
+    methods: _containers.RepeatedScalarFieldContainer[_common_pb2.Method]
+    granularity: _common_pb2.Granularity
+    custom_regex: str
+    ig_steps: int
+    perturbation: PerturbationOptions
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., target: _Optional[str] = ..., target_token_ids: _Optional[_Iterable[int]] = ..., foil: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[_common_pb2.Method, str]]] = ..., granularity: _Optional[_Union[_common_pb2.Granularity, str]] = ..., custom_regex: _Optional[str] = ..., ig_steps: _Optional[int] = ..., perturbation: _Optional[_Union[PerturbationOptions, _Mapping]] = ...) -> None: ...
+
 class SaliencyRequest(_message.Message):
-    __slots__ = ("model", "prompt", "target", "target_token_ids", "target_mask", "target_spans", "methods", "foil", "granularity", "custom_regex", "ig_steps", "priority", "perturbation")
+    __slots__ = ("model", "prompt", "target", "target_token_ids", "target_mask", "target_spans", "methods", "foil", "granularity", "custom_regex", "ig_steps", "priority", "perturbation", "problem")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +58,7 @@ class SaliencyRequest(_message.Message):
     IG_STEPS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     PERTURBATION_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     target: str
@@ -45,7 +72,8 @@ class SaliencyRequest(_message.Message):
     ig_steps: int
     priority: Priority
     perturbation: PerturbationOptions
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., target: _Optional[str] = ..., target_token_ids: _Optional[_Iterable[int]] = ..., target_mask: _Optional[_Iterable[bool]] = ..., target_spans: _Optional[_Iterable[_Union[_common_pb2.CharSpan, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[_common_pb2.Method, str]]] = ..., foil: _Optional[str] = ..., granularity: _Optional[_Union[_common_pb2.Granularity, str]] = ..., custom_regex: _Optional[str] = ..., ig_steps: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., perturbation: _Optional[_Union[PerturbationOptions, _Mapping]] = ...) -> None: ...
+    problem: TeacherForcedProblem
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., target: _Optional[str] = ..., target_token_ids: _Optional[_Iterable[int]] = ..., target_mask: _Optional[_Iterable[bool]] = ..., target_spans: _Optional[_Iterable[_Union[_common_pb2.CharSpan, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[_common_pb2.Method, str]]] = ..., foil: _Optional[str] = ..., granularity: _Optional[_Union[_common_pb2.Granularity, str]] = ..., custom_regex: _Optional[str] = ..., ig_steps: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., perturbation: _Optional[_Union[PerturbationOptions, _Mapping]] = ..., problem: _Optional[_Union[TeacherForcedProblem, _Mapping]] = ...) -> None: ...
 
 class PerturbationOptions(_message.Message):
     __slots__ = ("filler", "samples", "seed", "ridge_alpha")
@@ -110,7 +138,7 @@ class SaliencyResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[_Union[_common_pb2.Token, _Mapping]]] = ..., scores: _Optional[_Iterable[_Union[MethodScores, _Mapping]]] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.Segment, _Mapping]]] = ..., granularity: _Optional[_Union[_common_pb2.Granularity, str]] = ..., target_mask: _Optional[_Iterable[bool]] = ..., target_logprob: _Optional[float] = ..., target_token_logprobs: _Optional[_Iterable[float]] = ..., foil_logprob: _Optional[float] = ..., model: _Optional[str] = ..., revision: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., server_time_ms: _Optional[float] = ...) -> None: ...
 
 class SaliencyAllSegmentsRequest(_message.Message):
-    __slots__ = ("model", "prompt", "target", "target_token_ids", "methods", "foil", "granularity", "custom_regex", "ig_steps", "priority", "perturbation")
+    __slots__ = ("model", "prompt", "target", "target_token_ids", "methods", "foil", "granularity", "custom_regex", "ig_steps", "priority", "perturbation", "problem")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +150,7 @@ class SaliencyAllSegmentsRequest(_message.Message):
     IG_STEPS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     PERTURBATION_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     target: str
@@ -133,7 +162,8 @@ class SaliencyAllSegmentsRequest(_message.Message):
     ig_steps: int
     priority: Priority
     perturbation: PerturbationOptions
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., target: _Optional[str] = ..., target_token_ids: _Optional[_Iterable[int]] = ..., methods: _Optional[_Iterable[_Union[_common_pb2.Method, str]]] = ..., foil: _Optional[str] = ..., granularity: _Optional[_Union[_common_pb2.Granularity, str]] = ..., custom_regex: _Optional[str] = ..., ig_steps: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., perturbation: _Optional[_Union[PerturbationOptions, _Mapping]] = ...) -> None: ...
+    problem: TeacherForcedProblem
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., target: _Optional[str] = ..., target_token_ids: _Optional[_Iterable[int]] = ..., methods: _Optional[_Iterable[_Union[_common_pb2.Method, str]]] = ..., foil: _Optional[str] = ..., granularity: _Optional[_Union[_common_pb2.Granularity, str]] = ..., custom_regex: _Optional[str] = ..., ig_steps: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., perturbation: _Optional[_Union[PerturbationOptions, _Mapping]] = ..., problem: _Optional[_Union[TeacherForcedProblem, _Mapping]] = ...) -> None: ...
 
 class SaliencyAllSegmentsResponse(_message.Message):
     __slots__ = ("segment_index", "segment_count", "target_segment", "saliency")
