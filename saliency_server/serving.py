@@ -554,12 +554,13 @@ class SaliencyServing:
         *,
         cache_hit: bool,
         started: float,
+        with_tokens: bool = True,
     ) -> saliency_pb2.SaliencyResponse:
+        """The wire response (``with_tokens=False``: without the tokens and segments)."""
         info = problem.hosted.info
-        tokens = problem.tokens
         first = entries[problem.methods[0]]
         response = saliency_pb2.SaliencyResponse(
-            tokens=tokens,
+            tokens=problem.tokens if with_tokens else [],
             granularity=problem.granularity,
             target_mask=[bool(b) for b in mask],
             target_logprob=first.target_logprob,
@@ -585,7 +586,7 @@ class SaliencyServing:
                 if entry.r2 is not None:
                     scores.r2 = entry.r2
             response.scores.append(scores)
-        if problem.granularity != common_pb2.GRANULARITY_UNSPECIFIED:
+        if with_tokens and problem.granularity != common_pb2.GRANULARITY_UNSPECIFIED:
             segments = problem.segments
             response.segments.extend(
                 segmentation.with_scores(segments, [entries[m].scores for m in problem.methods])
@@ -646,14 +647,22 @@ class SaliencyServing:
         segments = problem.segments
         targets = segmentation.segment_target_masks(problem.tokens, segments)
         count = len(targets)
+        sent_tokens = False  # with tokens_once: the first message carries them, no other
 
         def message(
             index: int, entries: dict[int, MethodEntry], cache_hit: bool
         ) -> saliency_pb2.SaliencyAllSegmentsResponse:
+            nonlocal sent_tokens
             segment, mask = targets[index]
             saliency = self._response(
-                problem, np.asarray(mask), entries, cache_hit=cache_hit, started=started
+                problem,
+                np.asarray(mask),
+                entries,
+                cache_hit=cache_hit,
+                started=started,
+                with_tokens=not (request.tokens_once and sent_tokens),
             )
+            sent_tokens = True
             scored = segmentation.with_scores([segment], [entries[m].scores for m in problem.methods])[0]
             return saliency_pb2.SaliencyAllSegmentsResponse(
                 segment_index=index, segment_count=count, target_segment=scored, saliency=saliency

@@ -32,6 +32,7 @@ from seqsal.auth import bearer_metadata
 from seqsal.errors import ERRORS_BY_CODE, SeqsalError
 from seqsal.request_ids import REQUEST_ID_KEY, new_request_id
 from seqsal.retry import DEFAULT_RETRY, RetryPolicy
+from seqsal.segment_scores import with_scores
 from seqsal.settings import Settings
 from seqsal.tls import ClientTLS, aio_channel, sync_channel
 from seqsal.v1 import common_pb2, inference_pb2, inference_pb2_grpc, saliency_pb2, saliency_pb2_grpc
@@ -200,14 +201,44 @@ def all_segments_request(
     *,
     problem: saliency_pb2.TeacherForcedProblem | None = None,
     priority: int = saliency_pb2.PRIORITY_UNSPECIFIED,
+    tokens_once: bool = False,
     **problem_fields: Any,
 ) -> saliency_pb2.SaliencyAllSegmentsRequest:
     """Build a SaliencyAllSegmentsRequest: the problem (or :func:`teacher_forced_problem`'s keyword
-    arguments; a granularity is required)."""
+    arguments; a granularity is required). ``tokens_once``: tokens and segments in the first
+    message only (restore the others with :class:`WholeMessages`)."""
     return saliency_pb2.SaliencyAllSegmentsRequest(
         problem=_the_problem(problem, problem_fields),
         priority=priority,  # type: ignore[arg-type]
+        tokens_once=tokens_once,
     )
+
+
+class WholeMessages:
+    """Restores the messages of a ``tokens_once`` SaliencyAllSegments stream to whole ones.
+
+    Call it on every message in stream order: the first message's tokens and segments are kept,
+    and a later message without them gets them back, its segments' scores summed from its own
+    token scores exactly as the server sums them (so the result equals a stream without
+    ``tokens_once``). Messages that carry their tokens pass unchanged.
+    """
+
+    def __init__(self) -> None:
+        self.tokens: list[common_pb2.Token] = []
+        self.segments: list[common_pb2.Segment] = []
+
+    def __call__(
+        self, message: saliency_pb2.SaliencyAllSegmentsResponse
+    ) -> saliency_pb2.SaliencyAllSegmentsResponse:
+        if not message.HasField("saliency"):
+            return message
+        saliency = message.saliency
+        if saliency.tokens:
+            self.tokens, self.segments = list(saliency.tokens), list(saliency.segments)
+        elif self.tokens:
+            saliency.tokens.extend(self.tokens)
+            saliency.segments.extend(with_scores(self.segments, [m.scores for m in saliency.scores]))
+        return message
 
 
 Request = TypeVar("Request", bound=Message)
@@ -427,7 +458,8 @@ class _SaliencyRpcs(_CommonRpcs):
         "SaliencyAllSegments",
         saliency_pb2.SaliencyAllSegmentsRequest,
         all_segments_request,
-        "One response per target segment, as the server finishes them (see :func:`all_segments_request`).",
+        "One response per target segment, as the server finishes them (see :func:`all_segments_request`;"
+        " with ``tokens_once``, :class:`WholeMessages` restores them).",
     )
     verify = _Rpc(
         "Verify",

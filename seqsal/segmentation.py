@@ -69,7 +69,6 @@ request); a bad granularity or regex raises ``InvalidArgumentError``.
 from __future__ import annotations
 
 import itertools
-import math
 import re
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
@@ -78,6 +77,7 @@ from typing import Protocol
 import re2
 
 from seqsal.errors import InvalidArgumentError, quote
+from seqsal.segment_scores import with_scores  # noqa: F401  (segmentation.with_scores, as before)
 from seqsal.v1 import common_pb2
 
 SPACE_CHARS = "\u2581"
@@ -365,32 +365,6 @@ def segment_tokens(
         for a, b in itertools.pairwise(begins):
             segments.append(_make_segment(tokens, part, first + a, first + b, offsets[a]))
     return segments
-
-
-def with_scores(
-    segments: Sequence[common_pb2.Segment], token_scores: Sequence[Sequence[float]]
-) -> list[common_pb2.Segment]:
-    """Copies of ``segments`` whose ``scores`` hold, per method, the sum of their token scores.
-
-    ``token_scores`` has one score list per method, each indexed like the token list the
-    segments came from. Sums are taken in float64 (``math.fsum``) before the proto's float32.
-    """
-    n_tokens = len(token_scores[0]) if token_scores else 0
-    if any(len(scores) != n_tokens for scores in token_scores):
-        raise ValueError(f"token score lists differ in length: {[len(s) for s in token_scores]}")
-    rows = [[float(x) for x in scores] for scores in token_scores]
-    out: list[common_pb2.Segment] = []
-    for segment in segments:
-        if token_scores and not 0 <= segment.token_start < segment.token_end <= n_tokens:
-            raise ValueError(
-                f"segment [{segment.token_start}, {segment.token_end}) is out of range for {n_tokens} tokens"
-            )
-        copy = common_pb2.Segment()
-        copy.CopyFrom(segment)
-        del copy.scores[:]
-        copy.scores.extend(math.fsum(row[segment.token_start : segment.token_end]) for row in rows)
-        out.append(copy)
-    return out
 
 
 def segment_target_masks(

@@ -15,6 +15,7 @@ from saliency_server.cache import InMemoryCache
 from seqsal.client import (
     AsyncInferenceClient,
     AsyncSaliencyClient,
+    WholeMessages,
     all_segments_request,
     error_from_rpc,
     saliency_request,
@@ -191,3 +192,22 @@ async def test_bad_prompt_ids_name_the_field(
     with pytest.raises(InvalidArgumentError) as info:
         [m async for m in client.saliency_all_segments(**fields)]
     assert info.value.field == field
+
+
+async def test_a_tokens_once_stream_equals_the_whole_one_restored(
+    client: AsyncSaliencyClient, saliency: Any
+) -> None:
+    fields = FLAT | {"methods": [common_pb2.GRAD_L2, common_pb2.GRAD_DOT_INPUT], "foil": None}
+    clear(saliency)
+    compact = [m async for m in client.saliency_all_segments(tokens_once=True, **fields)]
+    whole = [m async for m in client.saliency_all_segments(**fields)]  # from the cache
+    assert len(compact) == len(whole) == compact[0].segment_count >= 3
+    assert compact[0].saliency.tokens and compact[0].saliency.segments
+    assert not any(m.saliency.tokens or m.saliency.segments for m in compact[1:])
+    assert sum(m.ByteSize() for m in compact) < sum(m.ByteSize() for m in whole)
+    restore = WholeMessages()
+    restored = {m.segment_index: restore(m) for m in compact}
+    for message in whole:
+        other = restored[message.segment_index]
+        assert message.target_segment == other.target_segment
+        assert answer(message.saliency) == answer(other.saliency)  # segment sums to the last bit

@@ -150,6 +150,7 @@ def test_prefetch_requests_are_background_and_keep_what_the_stream_returns() -> 
     assert whole.priority == saliency_pb2.PRIORITY_UNSPECIFIED  # a click: interactive
     prefetch = services.all_segments_request(whole)
     assert prefetch.priority == saliency_pb2.PRIORITY_BACKGROUND
+    assert prefetch.tokens_once  # tokens and segments once; the prefetcher restores the rest
     prefetcher = services.Prefetcher(max_responses=2)
     for index in range(3):
         message = saliency_pb2.SaliencyAllSegmentsResponse(

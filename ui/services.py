@@ -21,7 +21,7 @@ import grpc
 
 from seqsal import client as client_requests
 from seqsal import errors
-from seqsal.client import InferenceClient, SaliencyClient, error_from_rpc
+from seqsal.client import InferenceClient, SaliencyClient, WholeMessages, error_from_rpc
 from seqsal.request_ids import new_request_id
 from seqsal.retry import RetryPolicy
 from seqsal.settings import Settings
@@ -490,6 +490,7 @@ def all_segments_request(request: saliency_pb2.SaliencyRequest) -> saliency_pb2.
         problem=request.problem,
         # a precompute: the server computes clicks (of every user) first and resumes it afterwards
         priority=saliency_pb2.PRIORITY_BACKGROUND,
+        tokens_once=True,  # the Prefetcher keeps them from the first message (WholeMessages)
     )
 
 
@@ -646,8 +647,9 @@ class Prefetcher:
                 job.call = call
                 if job.cancel_requested:
                     call.cancel()
+            whole = WholeMessages()
             for message in call:
-                self._keep(job.progress.key, message)
+                self._keep(job.progress.key, whole(message))
                 with self._lock:
                     job.progress.total = message.segment_count
                     job.progress.done += 1

@@ -138,7 +138,7 @@ class SaliencyResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[_Union[_common_pb2.Token, _Mapping]]] = ..., scores: _Optional[_Iterable[_Union[MethodScores, _Mapping]]] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.Segment, _Mapping]]] = ..., granularity: _Optional[_Union[_common_pb2.Granularity, str]] = ..., target_mask: _Optional[_Iterable[bool]] = ..., target_logprob: _Optional[float] = ..., target_token_logprobs: _Optional[_Iterable[float]] = ..., foil_logprob: _Optional[float] = ..., model: _Optional[str] = ..., revision: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., server_time_ms: _Optional[float] = ...) -> None: ...
 
 class SaliencyAllSegmentsRequest(_message.Message):
-    __slots__ = ("model", "prompt", "target", "target_token_ids", "methods", "foil", "granularity", "custom_regex", "ig_steps", "priority", "perturbation", "problem")
+    __slots__ = ("model", "prompt", "target", "target_token_ids", "methods", "foil", "granularity", "custom_regex", "ig_steps", "priority", "perturbation", "problem", "tokens_once")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class SaliencyAllSegmentsRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     PERTURBATION_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_ONCE_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     target: str
@@ -163,7 +164,8 @@ class SaliencyAllSegmentsRequest(_message.Message):
     priority: Priority
     perturbation: PerturbationOptions
     problem: TeacherForcedProblem
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., target: _Optional[str] = ..., target_token_ids: _Optional[_Iterable[int]] = ..., methods: _Optional[_Iterable[_Union[_common_pb2.Method, str]]] = ..., foil: _Optional[str] = ..., granularity: _Optional[_Union[_common_pb2.Granularity, str]] = ..., custom_regex: _Optional[str] = ..., ig_steps: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., perturbation: _Optional[_Union[PerturbationOptions, _Mapping]] = ..., problem: _Optional[_Union[TeacherForcedProblem, _Mapping]] = ...) -> None: ...
+    tokens_once: bool
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., target: _Optional[str] = ..., target_token_ids: _Optional[_Iterable[int]] = ..., methods: _Optional[_Iterable[_Union[_common_pb2.Method, str]]] = ..., foil: _Optional[str] = ..., granularity: _Optional[_Union[_common_pb2.Granularity, str]] = ..., custom_regex: _Optional[str] = ..., ig_steps: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., perturbation: _Optional[_Union[PerturbationOptions, _Mapping]] = ..., problem: _Optional[_Union[TeacherForcedProblem, _Mapping]] = ..., tokens_once: _Optional[bool] = ...) -> None: ...
 
 class SaliencyAllSegmentsResponse(_message.Message):
     __slots__ = ("segment_index", "segment_count", "target_segment", "saliency")
