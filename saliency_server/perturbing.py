@@ -28,13 +28,14 @@ import numpy as np
 
 from saliency_server import perturbation
 from saliency_server.scheduler import Priority, TicketSteps, priority_from_wire
+from saliency_server.scores import MethodEntry
 from saliency_server.validation import Problem, problem_message, resolve_selection
 from seqsal.errors import InvalidArgumentError, SeqsalError, UnavailableError
 from seqsal.threads import stream_from_thread
 from seqsal.v1 import common_pb2, inference_pb2, saliency_pb2
 
 if TYPE_CHECKING:
-    from saliency_server.serving import MethodEntry, SaliencyServing
+    from saliency_server.serving import SaliencyServing
     from seqsal.client import AsyncInferenceClient
 
 logger = logging.getLogger("seqsal.saliency")
@@ -198,8 +199,6 @@ class PerturbationScoring:
         client: str,
     ) -> list[dict[int, MethodEntry]]:
         """The perturbation methods' entries for each selection (one scoring job for all), cached."""
-        from saliency_server.serving import MethodEntry
-
         spec = problem.perturbation
         features = problem.features
         plan = perturbation.plan_methods(

@@ -27,6 +27,7 @@ from saliency_server.model_host import ModelHost
 from saliency_server.perturbation import PERTURBATION_METHODS
 from saliency_server.perturbing import PerturbationScoring
 from saliency_server.scheduler import Priority, Scheduler, Ticket, TicketSteps, priority_from_wire
+from saliency_server.scores import MethodEntry, from_cache, from_result, to_cache, to_wire
 from saliency_server.validation import Problem, build_problem, problem_message, resolve_selection
 from seqsal import segmentation
 from seqsal.admission import Admission
@@ -39,36 +40,6 @@ from seqsal.v1 import common_pb2, saliency_pb2
 logger = logging.getLogger("seqsal.saliency")
 
 T = TypeVar("T")
-
-
-@dataclass
-class MethodEntry:
-    """One method's cached or computed scores for one selection."""
-
-    scores: np.ndarray
-    target_token_logprobs: np.ndarray
-    target_logprob: float
-    foil_logprob: float | None
-    ig_residual: float | None
-    ig_steps: int
-    #: the perturbation methods: LIME's R^2, perturbed prompts scored, and where
-    r2: float | None = None
-    perturbations: int = 0
-    scored_by: str = ""
-
-
-def _entries_from_result(result: SaliencyResult) -> dict[int, MethodEntry]:
-    return {
-        method: MethodEntry(
-            scores=scores,
-            target_token_logprobs=result.target_token_logprobs,
-            target_logprob=result.target_logprob,
-            foil_logprob=result.foil_logprob,
-            ig_residual=result.ig_residual if method == common_pb2.INTEGRATED_GRADIENTS else None,
-            ig_steps=result.ig_steps if method == common_pb2.INTEGRATED_GRADIENTS else 0,
-        )
-        for method, scores in result.scores.items()
-    }
 
 
 class _LeaderGone(Exception):
@@ -264,36 +235,17 @@ class SaliencyServing:
 
     async def _cached(self, problem: Problem, mask: np.ndarray) -> dict[int, MethodEntry]:
         found: dict[int, MethodEntry] = {}
+        sizes = {"n_tokens": len(problem.tokens), "n_target": len(problem.target_tokens)}
         for method in problem.methods:
-            entry = await get_entry(self.cache, self.cache_key(problem, method, mask))
-            if entry is None:
-                continue
-            meta, arrays = entry
-            found[method] = MethodEntry(
-                scores=arrays["scores"],
-                target_token_logprobs=arrays["target_token_logprobs"],
-                target_logprob=float(meta["target_logprob"]),
-                foil_logprob=meta.get("foil_logprob"),
-                ig_residual=meta.get("ig_residual"),
-                ig_steps=int(meta.get("ig_steps", 0)),
-                r2=meta.get("r2"),
-                perturbations=int(meta.get("perturbations", 0)),
-                scored_by=str(meta.get("scored_by", "")),
-            )
+            stored = await get_entry(self.cache, self.cache_key(problem, method, mask))
+            entry = None if stored is None else from_cache(*stored, **sizes)
+            if entry is not None:
+                found[method] = entry
         return found
 
     async def _store(self, problem: Problem, mask: np.ndarray, entries: dict[int, MethodEntry]) -> None:
         for method, entry in entries.items():
-            meta = {
-                "target_logprob": entry.target_logprob,
-                "foil_logprob": entry.foil_logprob,
-                "ig_residual": entry.ig_residual,
-                "ig_steps": entry.ig_steps,
-            }
-            if method in PERTURBATION_METHODS:
-                meta |= {"r2": entry.r2, "perturbations": entry.perturbations, "scored_by": entry.scored_by}
-            arrays = {"scores": entry.scores, "target_token_logprobs": entry.target_token_logprobs}
-            await put_entry(self.cache, self.cache_key(problem, method, mask), meta, arrays)
+            await put_entry(self.cache, self.cache_key(problem, method, mask), *to_cache(method, entry))
 
     def _memory_cost(self, problem: Problem, selections: int, methods: Sequence[int]) -> int:
         """The estimated peak bytes of a computation (saliency_server.memory); RESOURCE_EXHAUSTED
@@ -386,7 +338,7 @@ class SaliencyServing:
             async with aclosing(stream_from_thread(produce, self.executor)) as stream:
                 async for result in stream:
                     index = result.selection
-                    entries = _entries_from_result(result)
+                    entries = from_result(result)
                     owner = flight.problems[index] if flight.problems else problem
                     await self._store(owner, flight.masks[index], entries)
                     for key, (i, method) in flight.slots.items():
@@ -573,19 +525,7 @@ class SaliencyServing:
         )
         if first.foil_logprob is not None:
             response.foil_logprob = first.foil_logprob
-        for method in problem.methods:
-            entry = entries[method]
-            scores = saliency_pb2.MethodScores(method=method, scores=entry.scores.tolist())
-            if method == common_pb2.INTEGRATED_GRADIENTS:
-                scores.ig_steps = entry.ig_steps
-                if entry.ig_residual is not None:
-                    scores.completeness_residual = entry.ig_residual
-            if method in PERTURBATION_METHODS:
-                scores.perturbations = entry.perturbations
-                scores.scored_by = entry.scored_by
-                if entry.r2 is not None:
-                    scores.r2 = entry.r2
-            response.scores.append(scores)
+        response.scores.extend(to_wire(m, entries[m]) for m in problem.methods)
         if with_tokens and problem.granularity != common_pb2.GRANULARITY_UNSPECIFIED:
             segments = problem.segments
             response.segments.extend(
