@@ -31,7 +31,7 @@ from saliency_server.perturbation import (
 )
 from seqsal import segmentation
 from seqsal.errors import InvalidArgumentError
-from seqsal.tokenization import ContextLimit, part_text, tokenize, tokens_from_ids
+from seqsal.tokenization import ContextLimit, part_text, prompt_tokens_from_ids, tokenize, tokens_from_ids
 from seqsal.v1 import common_pb2, saliency_pb2
 
 DEFAULT_METHODS = (common_pb2.GRAD_L2, common_pb2.GRAD_DOT_INPUT)
@@ -171,9 +171,7 @@ def _prompt_tokens(hosted: HostedModel, prompt: str, prompt_ids: Sequence[int]) 
             "both prompt and prompt_token_ids are set; send exactly one of them", field="prompt"
         )
     if prompt_ids:
-        tokens = tokens_from_ids(
-            hosted.tokenizer, prompt_ids, part=common_pb2.PROMPT, field="prompt_token_ids"
-        )
+        tokens = prompt_tokens_from_ids(hosted.tokenizer, prompt_ids, field="prompt_token_ids")
         if all(t.special for t in tokens):
             raise InvalidArgumentError(
                 f"prompt_token_ids has only special tokens ({len(tokens)}); send the whole prompt's ids, "

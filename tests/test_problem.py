@@ -211,3 +211,18 @@ async def test_a_tokens_once_stream_equals_the_whole_one_restored(
         other = restored[message.segment_index]
         assert message.target_segment == other.target_segment
         assert answer(message.saliency) == answer(other.saliency)  # segment sums to the last bit
+
+
+def test_long_prompt_ids_take_the_tokenizers_offsets(saliency: Any) -> None:
+    from seqsal.tokenization import prompt_tokens_from_ids, tokenize, tokens_from_ids
+
+    tokenizer = saliency.serving.host.get("").tokenizer
+    text = "The quick brown fox jumps over the lazy dog.\n" * 120
+    by_text = tokenize(tokenizer, text, part=common_pb2.PROMPT, add_special_tokens=True)
+    ids = [t.id for t in by_text]
+    assert len(ids) > 1000
+    assert prompt_tokens_from_ids(tokenizer, ids, field="prompt_token_ids") == by_text  # linear time
+    head = ids[:30]  # the same tokens token by token (the slow, general way)
+    assert prompt_tokens_from_ids(tokenizer, head, field="f") == tokens_from_ids(
+        tokenizer, head, part=common_pb2.PROMPT, field="f"
+    )
