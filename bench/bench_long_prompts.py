@@ -349,6 +349,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def joined(paths: Sequence[Path]) -> dict[str, Any]:
+    """The rows of several runs in one result (the first run's machine, every run's date)."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    machine = {**runs[0]["machine"], "runs": [r["machine"] for r in runs]}
+    rows = derive([row for r in runs for row in r["rows"]])  # ratios across the runs too
+    return {"machine": machine, "model": runs[0]["model"], "rows": rows}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x]
@@ -365,6 +373,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="a local HF model directory (default: the default model)")
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / ".data")
     parser.add_argument("--json", type=Path, help="write the results here (and the plot beside it)")
+    parser.add_argument(
+        "--plot-from",
+        type=lambda t: [Path(x) for x in t.split(",")],
+        help="measure nothing: join the rows of these result files into --json and plot them",
+    )
     return parser.parse_args(argv)
 
 
@@ -373,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    results = run(args)
+    results = joined(args.plot_from) if args.plot_from else run(args)
     report(results)
     if args.json:
         save(args.json, results)
