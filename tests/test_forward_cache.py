@@ -101,7 +101,9 @@ def models(tiny_model_dirs: dict[str, Path]) -> dict[str, tuple[Any, Any]]:
 def engines(model: Any, mode: str) -> tuple[GradientEngine, GradientEngine]:
     """An engine that keeps forward passes and one that does not, both checkpointing as ``mode``."""
     policy = CheckpointPolicy(mode=mode)  # type: ignore[arg-type]
-    keeping = GradientEngine(model, checkpoint_policy=policy, forward_cache=ForwardCache(max_bytes=256 * MIB))
+    keeping = GradientEngine(
+        model, checkpoint_policy=policy, forward_cache=ForwardCache(max_bytes=256 * MIB, max_entries=4)
+    )
     return keeping, GradientEngine(model, checkpoint_policy=policy)
 
 
@@ -115,6 +117,8 @@ def test_a_second_granularity_reuses_the_forward_with_the_same_scores(
     n = len(inputs.target_ids)
     first = np.stack([random_mask(n, seed) for seed in range(3)])  # e.g. the sentences
     second = np.stack([random_mask(n, seed) for seed in range(10, 14)])  # then the words
+    if foil is not None:  # selections starting at the same token share one contrastive pass
+        first[:, 0] = second[:, 0] = True
     keeping, plain = engines(model, mode)
     with counting_forwards(model) as calls:
         list(keeping.saliency_batch(inputs, first, METHODS))
@@ -123,9 +127,10 @@ def test_a_second_granularity_reuses_the_forward_with_the_same_scores(
         assert len(calls) == 1  # no forward pass for the second call
     assert keeping.last_checkpointing == mode
     expected = list(plain.saliency_batch(inputs, second, METHODS))
-    for actual, reference in zip(reused, expected, strict=True):
-        assert actual.selection == reference.selection
-        assert_same_result(actual, reference)
+    assert sorted(r.selection for r in reused) == list(range(len(second)))
+    by_selection = {r.selection: r for r in expected}
+    for actual in reused:
+        assert_same_result(actual, by_selection[actual.selection])
 
 
 def test_other_ids_and_keep_attention_passes_run_their_own_forward(
@@ -181,7 +186,9 @@ def test_segment_passes_are_checkpointed_so_that_they_can_be_kept(models: dict[s
     inputs = problem(tokenizer)
     n = len(inputs.target_ids)
     policy = CheckpointPolicy(mode="auto", min_tokens=1)  # every pass is long enough to checkpoint
-    keeping = GradientEngine(model, checkpoint_policy=policy, forward_cache=ForwardCache(max_bytes=256 * MIB))
+    keeping = GradientEngine(
+        model, checkpoint_policy=policy, forward_cache=ForwardCache(max_bytes=256 * MIB, max_entries=4)
+    )
     list(keeping.saliency_batch(inputs, np.ones((1, n), dtype=bool), METHODS))
     assert keeping.last_checkpointing == "keep_attention" and len(keeping.forward_cache) == 0  # one click
     segments = np.stack([random_mask(n, seed) for seed in range(3)])
@@ -206,3 +213,23 @@ def test_kept_bytes_and_lookups_are_exported_per_model() -> None:
     assert 'seqsal_forward_cache_bytes{model="m"} 42.0' in text
     assert 'seqsal_forward_cache_lookups_total{model="m",result="hit"} 1.0' in text
     assert 'seqsal_forward_cache_lookups_total{model="m",result="miss"} 1.0' in text
+
+
+def test_contrastive_selections_keep_one_forward_per_frame(models: dict[str, tuple[Any, Any]]) -> None:
+    """With a foil a selection from target token ``a`` on is contrasted in the frame prompt + target[:a]:
+    each frame is its own forward pass and its own entry, never another frame's."""
+    model, tokenizer = models["llama"]
+    inputs = problem(tokenizer, foil=FOIL_SHORT)
+    n = len(inputs.target_ids)
+    masks = np.zeros((2, n), dtype=bool)
+    masks[0, :2] = True  # frame a = 0
+    masks[1, 2:4] = True  # frame a = 2
+    keeping, plain = engines(model, "off")
+    list(keeping.saliency_batch(inputs, masks, METHODS))
+    assert len(keeping.forward_cache) == 2
+    with counting_forwards(model) as calls:
+        again = {r.selection: r for r in keeping.saliency_batch(inputs, masks[::-1].copy(), METHODS)}
+        assert len(calls) == 1  # only the no-grad pass for the whole target's log-probs
+    for k, reference in enumerate(plain.saliency_batch(inputs, masks[::-1].copy(), METHODS)):
+        assert_same_result(again[reference.selection], reference)
+        assert k < 2
