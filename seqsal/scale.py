@@ -22,6 +22,10 @@ wash out the rest; units beyond it are clipped to the end colour. ``aggregate="m
 segment's score by its number of (counted) tokens, so that long segments do not look important
 only because they are long (the paper's section 3 notes the effect of summing, its choice and
 our default).
+
+``fixed_scale`` ends the range at a given ``|score|`` instead (used for a colour range shared by
+the two sides of a side-by-side comparison: :func:`shared_scale` of each side's own range), so
+two heatmaps drawn with it are comparable colour for colour.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ __all__ = [
     "aggregate",
     "excluded_tokens",
     "reference_scale",
+    "shared_scale",
 ]
 
 Aggregate = Literal["sum", "mean"]
@@ -60,11 +65,16 @@ class ScaleRules:
     clip_percentile: float | None = None
     #: A segment's score: the sum of its counted tokens' scores (the paper's choice) or their mean.
     aggregate: Aggregate = "sum"
+    #: The range ends at this ``|score|`` (a range shared with another heatmap); None = its own.
+    fixed_scale: float | None = None
 
     def __post_init__(self) -> None:
         p = self.clip_percentile
         if p is not None and not (math.isfinite(p) and 0.0 < p <= 100.0):
             raise ValueError(f"clip_percentile must be in (0, 100], got {p!r}")
+        f = self.fixed_scale
+        if f is not None and not (math.isfinite(f) and f > 0.0):
+            raise ValueError(f"fixed_scale must be a finite number > 0, got {f!r}")
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {self.aggregate!r}")
 
@@ -86,6 +96,8 @@ class ScaleRules:
             parts.append(f"the range is the {self.clip_percentile:g}th percentile of |score|")
         if self.aggregate == "mean":
             parts.append("segment scores are means over their tokens")
+        if self.fixed_scale is not None:
+            parts.append("the range is shared by both sides (the larger of their ranges)")
         if not parts:
             return ""
         text = "; ".join(parts) + "."
@@ -113,9 +125,17 @@ def reference_scale(scores: Sequence[float], rules: ScaleRules) -> float:
 
     Non-finite scores are ignored; 0.0 when there is none or all are 0.
     """
+    if rules.fixed_scale is not None:
+        return rules.fixed_scale
     finite = [abs(float(s)) for s in scores if math.isfinite(float(s))]
     if not finite:
         return 0.0
     if rules.clip_percentile is None:
         return max(finite)
     return float(np.percentile(np.asarray(finite, dtype=np.float64), rules.clip_percentile))
+
+
+def shared_scale(scales: Sequence[float]) -> float | None:
+    """One range for several heatmaps: the largest of their own ranges (None when all are 0)."""
+    finite = [float(s) for s in scales if math.isfinite(float(s)) and s > 0]
+    return max(finite) if finite else None

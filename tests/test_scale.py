@@ -8,7 +8,7 @@ import pytest
 from rich.text import Text
 
 from seqsal import colors, render
-from seqsal.scale import ScaleRules, aggregate, excluded_tokens, reference_scale
+from seqsal.scale import ScaleRules, aggregate, excluded_tokens, reference_scale, shared_scale
 from seqsal.v1 import common_pb2, saliency_pb2
 from ui.heatmap import build_payload
 from ui.heatmap.payload import unit_rows
@@ -153,3 +153,24 @@ def test_ui_html_and_cli_agree_on_every_colour(rules: ScaleRules, segments: bool
     if rules.is_default:
         assert "first token" in payload["legend"]["rules"]
         assert "hatched" in render.render_html(response, rules=rules)
+
+
+def test_a_shared_range_is_the_larger_of_the_sides_ranges() -> None:
+    """Side-by-side: with ``fixed_scale`` both heatmaps end their range at the same |score|."""
+    small, large = _restaurant_like(), _restaurant_like()
+    for ms in large.scores:
+        ms.scores[:] = [10 * s for s in ms.scores]
+    for segment in large.segments:
+        segment.scores[:] = [10 * s for s in segment.scores]
+    own = [render.heatmap(r, rules=ScaleRules()).scale for r in (small, large)]
+    assert own[1] == pytest.approx(10 * own[0])
+    scale = shared_scale(own)
+    assert scale == pytest.approx(own[1]) and shared_scale([0.0, float("nan")]) is None
+    rules = ScaleRules(fixed_scale=scale)
+    drawn = [render.heatmap(r, rules=rules) for r in (small, large)]
+    assert [hm.scale for hm in drawn] == [scale, scale]
+    # the small side is drawn ten times paler than on its own range: its top unit is at 0.1
+    assert max(drawn[0].values) == pytest.approx(0.1, rel=1e-6) and max(drawn[1].values) == pytest.approx(1.0)
+    assert "shared by both sides" in rules.describe()
+    with pytest.raises(ValueError, match="fixed_scale"):
+        ScaleRules(fixed_scale=0.0)

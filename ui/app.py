@@ -15,7 +15,7 @@ if _ROOT not in sys.path:  # `streamlit run ui/app.py` puts ui/ first, not the r
 
 import streamlit as st  # noqa: E402
 
-from ui import login, outage, services, session, views  # noqa: E402
+from ui import login, outage, services, session, sxs, views  # noqa: E402
 from ui.examples import baselines  # noqa: E402
 from ui.state import to_query  # noqa: E402
 
@@ -67,22 +67,27 @@ def main() -> None:
         left, right = st.columns(2, gap="medium")
         with left:
             views.side_header("Pinned", view.pinned, examples, report)
-            views.run_and_draw(
-                "pin",
-                view.pinned,
+            sxs.pinned_target_picker(view.pinned)
+            pinned = views.run("pin", view.pinned, endpoints, view.display)
+        with right:
+            views.side_header("Current", view.current, examples, report)
+            sxs.shared_scale_toggle()
+            current = views.run("main", view.current, endpoints, view.display)
+        sxs.share_scale([pinned, current], view.display)
+        with left:
+            views.draw(
+                pinned,
                 endpoints,
-                view.display,
+                display=view.display,
                 title="pinned " + views.side_title(view.pinned, examples),
                 query_of=query,
                 editable=False,
             )
         with right:
-            views.side_header("Current", view.current, examples, report)
-            views.run_and_draw(
-                "main",
-                view.current,
+            views.draw(
+                current,
                 endpoints,
-                view.display,
+                display=view.display,
                 title=views.side_title(view.current, examples),
                 query_of=query,
                 editable=True,

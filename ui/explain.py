@@ -19,6 +19,7 @@ from streamlit.delta_generator import DeltaGenerator
 from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
 
 from seqsal.errors import InvalidArgumentError, SeqsalError
+from seqsal.scale import ScaleRules
 from seqsal.segmentation import segment_target_masks, validate_regex
 from seqsal.v1 import common_pb2, saliency_pb2
 from ui import services
@@ -57,6 +58,9 @@ class SideResult:
     retryable: bool = False
     prefetch_key: str | None = None
     payload: dict[str, Any] | None = None
+    #: The scale rules the payload was built on (the display's, or a range shared by both sides).
+    rules: ScaleRules | None = None
+    caption: str = ""
 
 
 def effective_granularity(side: SideState) -> tuple[str, str | None]:
@@ -290,16 +294,25 @@ def run_side(
             response = selected
     result.response = response
     result.method_index = services.method_index(response, side.method)
+    result.caption = caption(result) if caption else ""
+    set_payload(result, display, display.rules)
+    return result
+
+
+def set_payload(result: SideResult, display: DisplayState, rules: ScaleRules) -> None:
+    """(Re)build a side's heatmap data on ``rules`` (e.g. a colour range shared by both sides)."""
+    if result.response is None:
+        return
+    result.rules = rules
     result.payload = build_payload(
-        response,
+        result.response,
         result.method_index,
-        side=name,
+        side=result.side,
         selection=result.selection,
         intensity=display.intensity,
         chips=display.chips,
         compact=display.compact,
-        caption=caption(result) if caption else "",
-        rules=display.rules,
-        clicks=int(ss.get(clicks_key(name), 0)),
+        caption=result.caption,
+        rules=rules,
+        clicks=int(st.session_state.get(clicks_key(result.side), 0)),
     )
-    return result

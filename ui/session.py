@@ -21,6 +21,7 @@ from ui.state import (
     DisplayState,
     SideState,
     ViewState,
+    align_target_kind,
     apply_click,
     from_query,
     to_query,
@@ -52,6 +53,7 @@ D: dict[str, str] = {
     "scale_all": "w_scale_all",
     "clip": "w_clip",
     "aggregate": "w_aggregate",
+    "shared_scale": "w_shared_scale",
 }
 
 EXAMPLE_ID = "v_example_id"
@@ -148,6 +150,7 @@ def read_display(ss: Mapping[str, Any]) -> DisplayState:
         scale_all=bool(ss.get(D["scale_all"], d.scale_all)),
         clip=None if ss.get(D["clip"], d.clip) is None else float(ss[D["clip"]]),
         aggregate=str(ss.get(D["aggregate"], d.aggregate)),
+        shared_scale=bool(ss.get(D["shared_scale"], d.shared_scale)),
     )
 
 
@@ -207,7 +210,7 @@ def sync_query_params(view: ViewState, examples: list[Example]) -> dict[str, str
 def load_example(example: Example) -> None:
     """Load an example into the current side (a callback: runs before the widgets draw)."""
     ss = st.session_state
-    side = side_for_example(example, read_side(ss))
+    side = align_target_kind(side_for_example(example, read_side(ss)), pinned_side(ss))
     write_side(ss, side)
 
 

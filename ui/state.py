@@ -18,6 +18,7 @@ an unedited example is just ``?ex=<id>``)::
     int     colour intensity      chips   1 = token chips    dense  1 = compact density
     all     1 = the first token and special tokens count in the colour range
     clip    the colour range is this percentile of |score|      agg  sum|mean (segment scores)
+    shared  1 = both sides of a side-by-side share one colour range
     pin=1 and the same side keys prefixed with ``pin.`` for the pinned side.
 
 A prompt longer than :data:`MAX_URL_PROMPT_CHARS` is not put in the URL: the link carries the
@@ -178,6 +179,8 @@ class DisplayState:
     clip: float | None = None
     #: Segment scores: "sum" (the paper's) or "mean" over their tokens.
     aggregate: str = "sum"
+    #: Side-by-side: both heatmaps share one colour range (the larger of their own ranges).
+    shared_scale: bool = False
 
     @property
     def rules(self) -> ScaleRules:
@@ -288,6 +291,8 @@ def to_query(view: ViewState, baselines: Baselines) -> dict[str, str]:
         q["clip"] = _fmt_float(disp.clip)
     if disp.aggregate != d.aggregate:
         q["agg"] = disp.aggregate
+    if disp.shared_scale:
+        q["shared"] = "1"
     if view.pinned is not None:
         q["pin"] = "1"
         q.update(side_to_query(view.pinned, baselines, prefix="pin."))
@@ -428,6 +433,8 @@ def from_query(params: Mapping[str, Any], baselines: Baselines) -> tuple[ViewSta
         changes["scale_all"] = _bool(get["all"])
     if "clip" in get and (x := _float(get["clip"], "clip", CLIP_MIN, 100.0, notes)) is not None:
         changes["clip"] = x
+    if "shared" in get:
+        changes["shared_scale"] = _bool(get["shared"])
     if "agg" in get:
         if get["agg"] in AGGREGATES:
             changes["aggregate"] = get["agg"]
@@ -444,6 +451,21 @@ def from_query(params: Mapping[str, Any], baselines: Baselines) -> tuple[ViewSta
 def side_field_names() -> tuple[str, ...]:
     """Names of the :class:`SideState` fields (for tests and for wiring widgets)."""
     return tuple(f.name for f in fields(SideState))
+
+
+def align_target_kind(side: SideState, pinned: SideState | None) -> SideState:
+    """``side`` explaining the same kind of target as the ``pinned`` side, where it can.
+
+    Side-by-side compares like with like: an example loaded next to a pinned side that explains
+    its generated response explains its generated response too (not the example's reference),
+    and the other way round when the example has a reference (or a foil) to explain.
+    """
+    if pinned is None or side.target_kind == pinned.target_kind:
+        return side
+    kind = pinned.target_kind
+    if (kind == "reference" and not side.reference) or (kind == "foil" and not side.foil):
+        return side
+    return replace(side, target_kind=kind)
 
 
 # --------------------------------------------------------------------------- selection

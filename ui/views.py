@@ -519,7 +519,7 @@ def heatmap_panel(
         view=query,
         link=share_link(query),
         generation=generation,
-        rules=display.rules,
+        rules=result.rules or display.rules,
     )
 
 
@@ -560,9 +560,26 @@ def run_and_draw(
     editable: bool,
 ) -> SideResult:
     """Run one side's loop and draw its response and heatmap."""
-    status_box = st.container()
-    result = explain.run_side(name, side, endpoints, display, status_box=status_box)
+    result = run(name, side, endpoints, display)
+    draw(result, endpoints, display=display, title=title, query_of=query_of, editable=editable)
+    return result
+
+
+def run(name: str, side: SideState, endpoints: Endpoints, display: DisplayState) -> SideResult:
+    """Run one side's loop (its progress shows where this is called)."""
+    return explain.run_side(name, side, endpoints, display, status_box=st.container())
+
+
+def draw(
+    result: SideResult,
+    endpoints: Endpoints,
+    *,
+    display: DisplayState,
+    title: str,
+    query_of: Callable[[], dict[str, str]],
+    editable: bool,
+) -> None:
+    """Draw a side's response, heatmap and verification panel."""
     response_panel(result, editable=editable)
     heatmap_panel(result, display=display, title=title, query=query_of())
     verify.panel(result, endpoints, editable=editable)
-    return result
