@@ -101,6 +101,8 @@ class Ticket:
     #: Selections someone waits for interactively, in the order they asked (see :meth:`boost`).
     urgent: list[int] = field(default_factory=list)
     boosts: int = 0
+    #: Times it was paused so far (preempted, or yielded to another client).
+    pauses: int = 0
 
     @property
     def effective(self) -> Priority:
@@ -231,6 +233,7 @@ class Scheduler:
                         self._served[ticket.client] = next(self._tick)
                     return
                 ticket.state = State.PAUSED
+                ticket.pauses += 1
                 if reason == "preempt":
                     self.preemptions[ticket.effective] += 1
                 self.events.append((reason, ticket.id))
@@ -288,6 +291,22 @@ class Scheduler:
         """The tickets not done, in submission order."""
         with self._cond:
             return list(self._tickets)
+
+    def position(self, ticket: Ticket) -> tuple[int, int]:
+        """(tickets that run before ``ticket``, how many of them are interactive) for a waiting or
+        paused ticket: the running ones and the ready ones of better rank; (0, 0) otherwise."""
+        with self._cond:
+            if ticket.state not in (State.WAITING, State.PAUSED):
+                return 0, 0
+            rank = self._rank(ticket)
+            ahead = [
+                t
+                for t in self._tickets
+                if t is not ticket
+                and not t.cancelled
+                and (t.state is State.RUNNING or (t.state is not State.DONE and self._rank(t) < rank))
+            ]
+            return len(ahead), sum(1 for t in ahead if t.effective is Priority.INTERACTIVE)
 
     @property
     def running(self) -> int:

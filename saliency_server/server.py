@@ -90,6 +90,11 @@ class SaliencyServicer(saliency_pb2_grpc.SaliencyServiceServicer):
     ) -> common_pb2.ListModelsResponse:
         return await self.serving.list_models(request)
 
+    async def GetRequestStatus(
+        self, request: saliency_pb2.GetRequestStatusRequest, context: grpc.aio.ServicerContext
+    ) -> saliency_pb2.GetRequestStatusResponse:
+        return await self.serving.request_status(request)
+
 
 def build_serving(settings: Settings) -> SaliencyServing:
     """Load the configured models and cache (slow: loads weights)."""

@@ -26,12 +26,14 @@ from saliency_server.memory import check_fits, memory_budget_bytes
 from saliency_server.model_host import ModelHost
 from saliency_server.perturbation import PERTURBATION_METHODS
 from saliency_server.perturbing import PerturbationScoring
+from saliency_server.request_status import StatusBoard, TrackedCall
 from saliency_server.scheduler import Priority, Scheduler, Ticket, TicketSteps, priority_from_wire
 from saliency_server.scores import MethodEntry, from_cache, from_result, to_cache, to_wire
 from saliency_server.validation import Problem, build_problem, problem_message, resolve_selection
 from seqsal import segmentation
 from seqsal.admission import Admission
 from seqsal.errors import CancelledError
+from seqsal.logging_setup import request_id_var
 from seqsal.settings import Settings
 from seqsal.threads import stream_from_thread
 from seqsal.tokenization import tokenize
@@ -135,6 +137,8 @@ class SaliencyServing:
         )
         self.job_cost: JobCost = job_cost or self._memory_cost
         self._inflight: dict[str, tuple[Flight, asyncio.Future[MethodEntry]]] = {}
+        #: the calls in flight by request id (GetRequestStatus)
+        self.board = StatusBoard()
         #: cross-request batching: seconds a click waits for others (0 = off), and the open batches
         self.batch_wait_s = settings.batch_wait_ms / 1000.0
         self._batches: dict[tuple[str, tuple[int, ...]], _Batch] = {}
@@ -179,6 +183,12 @@ class SaliencyServing:
 
     async def list_models(self, request: common_pb2.ListModelsRequest) -> common_pb2.ListModelsResponse:
         return common_pb2.ListModelsResponse(models=self.host.infos())
+
+    async def request_status(
+        self, request: saliency_pb2.GetRequestStatusRequest
+    ) -> saliency_pb2.GetRequestStatusResponse:
+        """Where the calls with a request id stand (queued behind N, running, paused)."""
+        return self.board.status(request, self.schedulers)
 
     async def tokenize(self, request: common_pb2.TokenizeRequest) -> common_pb2.TokenizeResponse:
         hosted = self.host.get(request.model)
@@ -269,6 +279,7 @@ class SaliencyServing:
         client: str,
         *,
         problems: Sequence[Problem] | None = None,
+        tracked: TrackedCall | None = None,
     ) -> Flight:
         """Take a place and a ticket and register what the run will compute (``problems``: the
         problem of each selection, for a cross-request batch; else ``problem`` for all).
@@ -286,6 +297,8 @@ class SaliencyServing:
             label=f"{len(masks)} selection(s), {len(problem.inputs.prompt_ids)} prompt tokens",
         )
         flight = Flight(model=model, ticket=ticket, masks=masks, problems=problems)
+        if tracked is not None:
+            tracked.own.append(flight)
         for index, mask in enumerate(masks):
             for method in methods:
                 key = self.cache_key(problems[index] if problems else problem, method, mask)
@@ -476,10 +489,13 @@ class SaliencyServing:
         problem: Problem,
         mask: np.ndarray,
         priority: Priority,
+        tracked: TrackedCall | None = None,
     ) -> dict[int, MethodEntry]:
         """Wait for results in flight; an interactive caller boosts the runs it waits for (their
         selection goes first, at interactive priority). Methods whose run stopped are left out."""
         boosted: list[tuple[Flight, int]] = []
+        if tracked is not None:
+            tracked.joined.extend(flight for flight, _ in joined.values())
         if priority is Priority.INTERACTIVE:
             for method, (flight, _) in joined.items():
                 index = flight.slots[self.cache_key(problem, method, mask)][0]
@@ -538,10 +554,22 @@ class SaliencyServing:
         self, request: saliency_pb2.SaliencyRequest, *, client: str = LOCAL_CLIENT
     ) -> saliency_pb2.SaliencyResponse:
         """Saliency for one selection: from the cache, a run in flight, or one forward and one backward."""
+        priority = priority_from_wire(request.priority, Priority.INTERACTIVE)
+        with self.board.track(request_id_var.get(), "Saliency", request.model, priority) as tracked:
+            return await self._saliency(request, client, priority, tracked)
+
+    async def _saliency(
+        self,
+        request: saliency_pb2.SaliencyRequest,
+        client: str,
+        priority: Priority,
+        tracked: TrackedCall | None,
+    ) -> saliency_pb2.SaliencyResponse:
         started = time.perf_counter()
         problem = await self._problem(request, all_segments=False)
         mask = resolve_selection(problem, request)
-        priority = priority_from_wire(request.priority, Priority.INTERACTIVE)
+        if tracked is not None:
+            tracked.model, tracked.segments_total = problem.hosted.id, 1
         entries = await self._cached(problem, mask)
         cache_hit = len(entries) == len(problem.methods)
         while missing := [m for m in problem.methods if m not in entries]:
@@ -553,10 +581,10 @@ class SaliencyServing:
             if own and self._batchable(problem, own, priority):
                 tasks.append(asyncio.create_task(self._batched(problem, mask, own, client)))
             elif own:
-                flight = self._begin(problem, [mask], own, priority, client)
+                flight = self._begin(problem, [mask], own, priority, client, tracked=tracked)
                 tasks.append(self._task(flight, self._collect(flight, problem, own)))
             if joined:
-                tasks.append(asyncio.create_task(self._join(joined, problem, mask, priority)))
+                tasks.append(asyncio.create_task(self._join(joined, problem, mask, priority, tracked)))
             try:
                 for found in await asyncio.gather(*tasks):
                     entries.update(found)
@@ -581,13 +609,30 @@ class SaliencyServing:
     ) -> AsyncIterator[saliency_pb2.SaliencyAllSegmentsResponse]:
         """Saliency for every target segment: cached ones first, then the rest from one batched
         computation (joining segments that another request is computing already)."""
+        priority = priority_from_wire(request.priority, Priority.BACKGROUND)
+        rid = request_id_var.get()
+        with self.board.track(rid, "SaliencyAllSegments", request.model, priority) as tracked:
+            async with aclosing(self._all_segments(request, client, priority, tracked)) as stream:
+                async for message in stream:
+                    if tracked is not None:
+                        tracked.segments_done += 1
+                    yield message
+
+    async def _all_segments(
+        self,
+        request: saliency_pb2.SaliencyAllSegmentsRequest,
+        client: str,
+        priority: Priority,
+        tracked: TrackedCall | None,
+    ) -> AsyncIterator[saliency_pb2.SaliencyAllSegmentsResponse]:
         started = time.perf_counter()
         problem = await self._problem(request, all_segments=True)
-        priority = priority_from_wire(request.priority, Priority.BACKGROUND)
         segments = problem.segments
         targets = segmentation.segment_target_masks(problem.tokens, segments)
         count = len(targets)
         sent_tokens = False  # with tokens_once: the first message carries them, no other
+        if tracked is not None:
+            tracked.model, tracked.segments_total = problem.hosted.id, count
 
         def message(
             index: int, entries: dict[int, MethodEntry], cache_hit: bool
@@ -643,7 +688,7 @@ class SaliencyServing:
             if own:
                 methods = [m for m in problem.methods if any(m not in known[i] for i in own)]
                 masks = np.asarray([targets[i][1] for i in own], dtype=bool)
-                flight = self._begin(problem, masks, methods, priority, client)
+                flight = self._begin(problem, masks, methods, priority, client, tracked=tracked)
                 try:
                     async with aclosing(self._run(flight, problem, methods)) as run:
                         async for position, entries in run:
@@ -654,7 +699,8 @@ class SaliencyServing:
                     if not flight.started:
                         self._close_flight(flight)
             for index, found in joined.items():
-                known[index].update(await self._join(found, problem, np.asarray(targets[index][1]), priority))
+                mask = np.asarray(targets[index][1])
+                known[index].update(await self._join(found, problem, mask, priority, tracked))
                 if missing(index):  # the run it joined stopped: compute it here
                     pending.append(index)
                 else:

@@ -50,6 +50,8 @@ from seqsal.tracing import end_span, start_span
 #: Who makes the current call, for the saliency scheduler's fairness: ``token:<fingerprint>``
 #: with authentication, else ``peer:<address:port>`` (one connection); ``local`` in-process.
 client_var: ContextVar[str] = ContextVar("seqsal_client", default="local")
+#: RPCs the rate limit does not count: cheap reads that clients poll while a call is in flight.
+UNMETERED_RPCS = frozenset({"GetRequestStatus"})
 
 access_logger = logging.getLogger("seqsal.access")
 error_logger = logging.getLogger("seqsal.grpc")
@@ -221,7 +223,7 @@ class CallLifecycle(grpc.aio.ServerInterceptor):
                 raise  # abort raises; this is never reached
             call.client = f"token:{fingerprint(token)}"
             client_var.set(call.client)
-        if self.limiter is not None:
+        if self.limiter is not None and call.rpc not in UNMETERED_RPCS:
             try:
                 self.limiter.acquire(call.client or f"peer:{peer_host(call.peer)}")
             except RateLimited as limited:

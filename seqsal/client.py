@@ -434,6 +434,11 @@ def list_models_request() -> common_pb2.ListModelsRequest:
     return common_pb2.ListModelsRequest()
 
 
+def request_status_request(request_id: str) -> saliency_pb2.GetRequestStatusRequest:
+    """Build a GetRequestStatusRequest for the calls sent with ``request_id``."""
+    return saliency_pb2.GetRequestStatusRequest(request_id=request_id)
+
+
 class _CommonRpcs:
     """The RPCs both services answer."""
 
@@ -466,6 +471,12 @@ class _SaliencyRpcs(_CommonRpcs):
         saliency_pb2.VerifyRequest,
         verify_request,
         "The ablation test of one method's explanation (see :func:`verify_request`).",
+    )
+    get_request_status = _Rpc(
+        "GetRequestStatus",
+        saliency_pb2.GetRequestStatusRequest,
+        request_status_request,
+        "Where the calls sent with ``request_id`` stand in the server's queue (queued, running, paused).",
     )
 
 

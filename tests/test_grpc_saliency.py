@@ -241,7 +241,14 @@ async def test_reflection_lists_service_and_serves_its_descriptor(srv: RunningSa
     assert "seqsal/v1/common.proto" in saliency_file.dependency
     (service,) = [s for s in saliency_file.service if s.name == "SaliencyService"]
     methods = {m.name: m for m in service.method}
-    assert set(methods) == {"Tokenize", "Saliency", "SaliencyAllSegments", "Verify", "ListModels"}
+    assert set(methods) == {
+        "Tokenize",
+        "Saliency",
+        "SaliencyAllSegments",
+        "Verify",
+        "ListModels",
+        "GetRequestStatus",
+    }
     assert methods["SaliencyAllSegments"].server_streaming
     assert methods["Saliency"].input_type == ".seqsal.v1.SaliencyRequest"
     assert responses[2].error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]

@@ -13,9 +13,22 @@ class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PRIORITY_UNSPECIFIED: _ClassVar[Priority]
     PRIORITY_INTERACTIVE: _ClassVar[Priority]
     PRIORITY_BACKGROUND: _ClassVar[Priority]
+
+class RequestState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REQUEST_STATE_UNSPECIFIED: _ClassVar[RequestState]
+    REQUEST_STATE_PREPARING: _ClassVar[RequestState]
+    REQUEST_STATE_QUEUED: _ClassVar[RequestState]
+    REQUEST_STATE_RUNNING: _ClassVar[RequestState]
+    REQUEST_STATE_PAUSED: _ClassVar[RequestState]
 PRIORITY_UNSPECIFIED: Priority
 PRIORITY_INTERACTIVE: Priority
 PRIORITY_BACKGROUND: Priority
+REQUEST_STATE_UNSPECIFIED: RequestState
+REQUEST_STATE_PREPARING: RequestState
+REQUEST_STATE_QUEUED: RequestState
+REQUEST_STATE_RUNNING: RequestState
+REQUEST_STATE_PAUSED: RequestState
 
 class TeacherForcedProblem(_message.Message):
     __slots__ = ("model", "prompt", "prompt_token_ids", "target", "target_token_ids", "foil", "methods", "granularity", "custom_regex", "ig_steps", "perturbation")
@@ -234,3 +247,41 @@ class VerifyResponse(_message.Message):
     perturbations: int
     server_time_ms: float
     def __init__(self, saliency: _Optional[_Union[SaliencyResponse, _Mapping]] = ..., method: _Optional[_Union[_common_pb2.Method, str]] = ..., full_logprob: _Optional[float] = ..., steps: _Optional[_Iterable[_Union[VerifyStep, _Mapping]]] = ..., removable_segments: _Optional[int] = ..., scored_by: _Optional[str] = ..., perturbations: _Optional[int] = ..., server_time_ms: _Optional[float] = ...) -> None: ...
+
+class GetRequestStatusRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class RequestStatus(_message.Message):
+    __slots__ = ("rpc", "model", "state", "priority", "ahead", "interactive_ahead", "joined", "segments_total", "segments_done", "preemptions", "elapsed_ms")
+    RPC_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    AHEAD_FIELD_NUMBER: _ClassVar[int]
+    INTERACTIVE_AHEAD_FIELD_NUMBER: _ClassVar[int]
+    JOINED_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_DONE_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
+    rpc: str
+    model: str
+    state: RequestState
+    priority: Priority
+    ahead: int
+    interactive_ahead: int
+    joined: bool
+    segments_total: int
+    segments_done: int
+    preemptions: int
+    elapsed_ms: float
+    def __init__(self, rpc: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., priority: _Optional[_Union[Priority, str]] = ..., ahead: _Optional[int] = ..., interactive_ahead: _Optional[int] = ..., joined: _Optional[bool] = ..., segments_total: _Optional[int] = ..., segments_done: _Optional[int] = ..., preemptions: _Optional[int] = ..., elapsed_ms: _Optional[float] = ...) -> None: ...
+
+class GetRequestStatusResponse(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[RequestStatus]
+    def __init__(self, calls: _Optional[_Iterable[_Union[RequestStatus, _Mapping]]] = ...) -> None: ...

@@ -61,6 +61,11 @@ class SaliencyServiceStub:
                 request_serializer=seqsal_dot_v1_dot_saliency__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=seqsal_dot_v1_dot_saliency__pb2.VerifyResponse.FromString,
                 _registered_method=True)
+        self.GetRequestStatus = channel.unary_unary(
+                '/seqsal.v1.SaliencyService/GetRequestStatus',
+                request_serializer=seqsal_dot_v1_dot_saliency__pb2.GetRequestStatusRequest.SerializeToString,
+                response_deserializer=seqsal_dot_v1_dot_saliency__pb2.GetRequestStatusResponse.FromString,
+                _registered_method=True)
 
 
 class SaliencyServiceServicer:
@@ -106,6 +111,21 @@ class SaliencyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRequestStatus(self, request, context):
+        """Where the calls carrying a request id stand in the server's queue: waiting
+        behind N computations, computing, or paused by interactive work, and how
+        many segments a SaliencyAllSegments stream has sent. Poll it (a few times a
+        second) while a Saliency call or a SaliencyAllSegments stream is in flight;
+        the id is the `x-request-id` metadata the call was sent with (clients send
+        one with every call). Cheap: it reads the scheduler, computes nothing, and
+        is not counted by the rate limit. Added in seqsal.v1 without changing any
+        other message, so older clients and servers are unaffected (an older server
+        answers UNIMPLEMENTED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SaliencyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +153,11 @@ def add_SaliencyServiceServicer_to_server(servicer, server):
                     servicer.Verify,
                     request_deserializer=seqsal_dot_v1_dot_saliency__pb2.VerifyRequest.FromString,
                     response_serializer=seqsal_dot_v1_dot_saliency__pb2.VerifyResponse.SerializeToString,
+            ),
+            'GetRequestStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRequestStatus,
+                    request_deserializer=seqsal_dot_v1_dot_saliency__pb2.GetRequestStatusRequest.FromString,
+                    response_serializer=seqsal_dot_v1_dot_saliency__pb2.GetRequestStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +296,33 @@ class SaliencyService:
             '/seqsal.v1.SaliencyService/Verify',
             seqsal_dot_v1_dot_saliency__pb2.VerifyRequest.SerializeToString,
             seqsal_dot_v1_dot_saliency__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRequestStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seqsal.v1.SaliencyService/GetRequestStatus',
+            seqsal_dot_v1_dot_saliency__pb2.GetRequestStatusRequest.SerializeToString,
+            seqsal_dot_v1_dot_saliency__pb2.GetRequestStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
