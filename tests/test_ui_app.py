@@ -32,6 +32,8 @@ TIMEOUT = 120
 class Servers:
     saliency: str
     inference: str
+    #: the saliency server's serving layer (to hold its engine in a test)
+    saliency_serving: Any = None
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,9 @@ def servers(tiny_chat_llama_dir: Path, tiny_model_dirs: dict[str, Path]) -> Iter
     if "error" in holder:
         raise holder["error"]
     yield Servers(
-        saliency=f"127.0.0.1:{holder['saliency'][1]}", inference=f"127.0.0.1:{holder['inference'][1]}"
+        saliency=f"127.0.0.1:{holder['saliency'][1]}",
+        inference=f"127.0.0.1:{holder['inference'][1]}",
+        saliency_serving=holder["saliency"][2],
     )
 
     async def stop() -> None:

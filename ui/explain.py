@@ -22,7 +22,7 @@ from seqsal.errors import InvalidArgumentError, SeqsalError
 from seqsal.scale import ScaleRules
 from seqsal.segmentation import segment_target_masks, validate_regex
 from seqsal.v1 import common_pb2, saliency_pb2
-from ui import services
+from ui import queue_status, services
 from ui.heatmap import build_payload
 from ui.services import Endpoints, Generation, TargetProblem, TargetSpec
 from ui.session import clicks_key, force_key, generation_key, selection_key
@@ -138,8 +138,7 @@ def _saliency(
     if isinstance(failed, tuple) and failed[0] == key:
         return None, failed[1]
     try:
-        with st.spinner(f"Computing saliency for {what}…", show_time=True):
-            response = services.call_saliency(endpoints, request, request_id)
+        response = queue_status.saliency(endpoints, request, request_id, what)  # where it stands, shown
     except SeqsalError as exc:
         message = services.describe_error(exc, "saliency", endpoints.saliency)
         st.session_state[failed_key] = (key, message)

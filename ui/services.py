@@ -22,7 +22,7 @@ import grpc
 from seqsal import client as client_requests
 from seqsal import errors
 from seqsal.client import InferenceClient, SaliencyClient, WholeMessages, error_from_rpc
-from seqsal.request_ids import new_request_id
+from seqsal.request_ids import REQUEST_ID_KEY, new_request_id
 from seqsal.retry import RetryPolicy
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, inference_pb2, saliency_pb2
@@ -548,6 +548,8 @@ class Progress:
     error: str | None = None
     finished: bool = False
     cancelled: bool = False
+    #: the stream's x-request-id (ask the server where it stands: ui/queue_status.py)
+    request_id: str = ""
     started_at: float = field(default_factory=time.monotonic)
     finished_at: float | None = None
 
@@ -557,8 +559,9 @@ class Progress:
 
 
 class _Job:
-    def __init__(self, key: str) -> None:
-        self.progress = Progress(key=key)
+    def __init__(self, key: str, endpoints: Endpoints) -> None:
+        self.progress = Progress(key=key, request_id=new_request_id())
+        self.endpoints = endpoints
         self.call: grpc.Future | None = None
         self.cancel_requested = False
         self.thread: threading.Thread | None = None
@@ -621,7 +624,7 @@ class Prefetcher:
                 assert job is not None
                 self._jobs.move_to_end(key)
                 return key
-            job = _Job(key)
+            job = _Job(key, endpoints)
             self._jobs[key] = job
             self._trim()
         job.thread = threading.Thread(
@@ -642,7 +645,8 @@ class Prefetcher:
     def _run(self, job: _Job, endpoints: Endpoints, request: saliency_pb2.SaliencyAllSegmentsRequest) -> None:
         client = POOL.saliency(endpoints)
         try:
-            call = client.stub.SaliencyAllSegments(request, timeout=CALL_TIMEOUT_S, metadata=client.metadata)
+            metadata = (*client.metadata, (REQUEST_ID_KEY, job.progress.request_id))
+            call = client.stub.SaliencyAllSegments(request, timeout=CALL_TIMEOUT_S, metadata=metadata)
             with self._lock:
                 job.call = call
                 if job.cancel_requested:
@@ -688,9 +692,16 @@ class Prefetcher:
                 error=p.error,
                 finished=p.finished,
                 cancelled=p.cancelled,
+                request_id=p.request_id,
                 started_at=p.started_at,
                 finished_at=p.finished_at,
             )
+
+    def endpoints(self, key: str) -> Endpoints | None:
+        """Where job ``key`` runs."""
+        with self._lock:
+            job = self._jobs.get(key)
+            return None if job is None else job.endpoints
 
     def cancel(self, key: str) -> bool:
         """Cancel a running job (e.g. to let a click through first); True if it was running."""

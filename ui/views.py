@@ -14,7 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from seqsal.scale import AGGREGATES
-from ui import explain, export, heatmap, outage, session, verify
+from ui import explain, export, heatmap, outage, queue_status, session, verify
 from ui.examples import Example, decode_upload, load_examples
 from ui.explain import SideResult
 from ui.services import PREFETCHER, Endpoints, ModelsReport
@@ -447,11 +447,14 @@ def prefetch_panel(result: SideResult) -> None:
         elif p.cancelled:
             st.caption("Background precompute cancelled (the view changed).")
         elif not p.finished:
+            endpoints = PREFETCHER.endpoints(key)
+            where = queue_status.precompute_words(endpoints, p.request_id) if endpoints else ""
+            where = f" · {where}" if where else ""
             if p.total:
-                text = f"Precomputing every segment in the background: {p.done} of {p.total} ready"
+                text = f"Precomputing every segment in the background: {p.done} of {p.total} ready{where}"
                 st.progress(min(1.0, p.done / p.total), text=text)
             else:
-                st.progress(0.0, text="Precomputing every segment in the background…")
+                st.progress(0.0, text=f"Precomputing every segment in the background…{where}")
         else:
             st.caption(
                 f":material/bolt: All {p.total} segments precomputed in {p.elapsed_s:.1f} s: "
