@@ -101,15 +101,21 @@ def app(servers: Servers, monkeypatch: pytest.MonkeyPatch) -> AppTest:
     return AppTest.from_file(APP, default_timeout=TIMEOUT)
 
 
-def payloads(at: AppTest) -> dict[str, dict[str, Any]]:
-    """The data each mounted heatmap component received, by side ("main", "pin")."""
-    out: dict[str, dict[str, Any]] = {}
+def _components(at: AppTest) -> Iterator[dict[str, Any]]:
+    """The data of every mounted bidirectional component (heatmaps and matrix views)."""
     for element in at.get("bidi_component"):
         proto = element.proto
-        raw = proto.json if proto.WhichOneof("data") == "json" else proto.mixed.json
-        data = json.loads(raw)
-        out[data["side"]] = data
-    return out
+        yield json.loads(proto.json if proto.WhichOneof("data") == "json" else proto.mixed.json)
+
+
+def payloads(at: AppTest) -> dict[str, dict[str, Any]]:
+    """The data each mounted heatmap component received, by side ("main", "pin")."""
+    return {data["side"]: data for data in _components(at) if "units" in data}
+
+
+def matrices(at: AppTest) -> dict[str, dict[str, Any]]:
+    """The data each mounted matrix view received, by side."""
+    return {data["for_side"]: data for data in _components(at) if "rows" in data}
 
 
 def texts(elements: Any) -> list[str]:
@@ -423,3 +429,24 @@ def test_scale_controls(app: AppTest) -> None:
     assert mean["units"]["text"] == clipped["units"]["text"]
     assert mean["units"]["score"] != clipped["units"]["score"]
     assert at.query_params["agg"] == "mean"
+
+
+def test_matrix_view_rows_are_the_precomputed_segments(app: AppTest) -> None:
+    """Rows = target segments, columns = prompt units, each row the heatmap of that segment alone."""
+    at = run_ok(app)
+    wait_prefetch(at)
+    run_ok(at)
+    heat = payloads(at)["main"]
+    grid = matrices(at)["main"]
+    count = heat["target_count"]
+    assert len(grid["rows"]) == count and grid["ready"] == count and grid["selected"] == []
+    prompt_units = [r for r in unit_rows(heat) if r["part"] == "prompt"]
+    assert [c["title"] for c in grid["columns"]] == [r["text"] for r in prompt_units]
+    assert grid["columns"][0]["excluded"]  # the attention sink, as in the heatmap
+    assert grid["rows"][0]["scores"] != grid["rows"][1]["scores"]
+    for index in range(count):  # a row holds what the heatmap of that segment shows
+        at.session_state["sel_main"] = (index,)
+        run_ok(at)
+        selected = [r["score"] for r in unit_rows(payloads(at)["main"]) if r["part"] == "prompt"]
+        assert grid["rows"][index]["scores"] == pytest.approx(selected, rel=1e-5)
+        assert matrices(at)["main"]["selected"] == [index]

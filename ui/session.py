@@ -249,7 +249,11 @@ def on_target_kind() -> None:
 
 def on_select(side: str) -> None:
     """Heatmap click on ``side``: update that side's selection."""
-    click = heatmap.clicked(side)
+    select_segment(side, heatmap.clicked(side))
+
+
+def select_segment(side: str, click: tuple[int, bool] | None) -> None:
+    """A click (target segment index, additive) on ``side``'s heatmap or matrix: its new selection."""
     if click is None:
         return
     index, additive = click

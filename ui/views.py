@@ -14,7 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from seqsal.scale import AGGREGATES
-from ui import explain, export, heatmap, outage, queue_status, session, verify
+from ui import explain, export, heatmap, matrix, outage, queue_status, services, session, verify
 from ui.examples import Example, decode_upload, load_examples
 from ui.explain import SideResult
 from ui.services import PREFETCHER, Endpoints, ModelsReport
@@ -502,6 +502,7 @@ def heatmap_panel(
     prefetch_panel(result)
     heatmap.mount(result.payload, side=result.side, on_select=lambda: session.on_select(result.side))
     st.caption(_meta(result))
+    matrix_panel(result, display)
     generation = None
     if result.generation is not None:
         g = result.generation
@@ -524,6 +525,32 @@ def heatmap_panel(
         generation=generation,
         rules=result.rules or display.rules,
     )
+
+
+def matrix_panel(result: SideResult, display: DisplayState) -> None:
+    """Every response segment's saliency at once, from the precompute; a row click selects it."""
+    key, count = result.prefetch_key, len(result.target_segments)
+    if key is None or count < 2:
+        return
+    found = {i: r for i in range(count) if (r := PREFETCHER.response(key, i)) is not None}
+    data = matrix.build_matrix(
+        found,
+        result.target_segments,
+        lambda response: services.method_index(response, result.state.method),
+        side=result.side,
+        selection=result.selection,
+        intensity=display.intensity,
+        rules=display.rules,
+    )
+    if data is None:
+        return
+    label = f"Matrix: {count} response segments × {len(data['columns'])} prompt segments"
+    with st.expander(label + ("" if data["ready"] == count else f" ({data['ready']} ready)")):
+        matrix.mount(
+            data,
+            side=result.side,
+            on_select=lambda: session.select_segment(result.side, matrix.clicked(result.side)),
+        )
 
 
 def share_link(query: dict[str, str]) -> str:

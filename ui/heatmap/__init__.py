@@ -17,16 +17,22 @@ import streamlit as st
 
 from ui.heatmap.payload import build_payload, unit_rows
 
-__all__ = ["build_payload", "clicked", "component_key", "mount", "unit_rows"]
+__all__ = ["build_payload", "clicked", "component_key", "mount", "parse_click", "unit_rows"]
 
 _HERE = Path(__file__).resolve().parent
 COMPONENT_NAME = "seqsal_heatmap"
 
-_render = st.components.v2.component(
-    COMPONENT_NAME,
-    js=(_HERE / "heatmap.js").read_text(encoding="utf-8"),
-    css=(_HERE / "heatmap.css").read_text(encoding="utf-8"),
-)
+
+def declare(name: str, folder: Path, stem: str) -> Any:
+    """A bidirectional component from ``folder/stem.js`` and ``folder/stem.css``."""
+    return st.components.v2.component(
+        name,
+        js=(folder / f"{stem}.js").read_text(encoding="utf-8"),
+        css=(folder / f"{stem}.css").read_text(encoding="utf-8"),
+    )
+
+
+_render = declare(COMPONENT_NAME, _HERE, "heatmap")
 
 
 def component_key(side: str) -> str:
@@ -41,7 +47,11 @@ def mount(payload: dict[str, Any], *, side: str, on_select: Callable[[], None]) 
 
 def clicked(side: str) -> tuple[int, bool] | None:
     """The click that triggered ``on_select``: (target segment index, additive) or ``None``."""
-    state = st.session_state.get(component_key(side))
+    return parse_click(st.session_state.get(component_key(side)))
+
+
+def parse_click(state: object) -> tuple[int, bool] | None:
+    """(segment index, additive) from a component's state after its ``select`` trigger, or None."""
     value = state.get("select") if isinstance(state, dict) else None
     if not isinstance(value, dict):
         return None
