@@ -15,7 +15,7 @@ if _ROOT not in sys.path:  # `streamlit run ui/app.py` puts ui/ first, not the r
 
 import streamlit as st  # noqa: E402
 
-from ui import login, outage, services, session, sxs, views  # noqa: E402
+from ui import login, outage, saved_sessions, services, session, sxs, views  # noqa: E402
 from ui.examples import baselines  # noqa: E402
 from ui.state import to_query  # noqa: E402
 
@@ -37,6 +37,8 @@ def main() -> None:
     report = services.list_models(endpoints)
 
     views.sidebar(report, endpoints)
+    with st.sidebar:
+        saved_sessions.panel(report.default)
     views.header(report, notes, example_problems)
     outage.banner(report, endpoints)  # before the sides: after an outage they call again
     links = baselines(examples)
