@@ -145,7 +145,8 @@ def test_save_in_one_session_open_in_another(
     shown = payloads(theirs)
     assert set(shown) == {"main", "pin"}
     for side in ("main", "pin"):  # exactly what the author saw: text, selection, scores, colours
-        assert shown[side]["units"] == seen[side]["units"] and shown[side]["selected"] == seen[side]["selected"]
+        assert shown[side]["units"] == seen[side]["units"]
+        assert shown[side]["selected"] == seen[side]["selected"]
     assert shown["pin"]["selected"] == [1]
     assert theirs.session_state["gen_pin"] == mine.session_state["gen_pin"]
     assert dict(theirs.query_params) == dict(mine.query_params)
