@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ HEATMAP = '[data-testid="seqsal-heatmap"]'
 UNIT = f"{HEATMAP} span.seqsal-unit"
 PROMPT_UNITS = f'{UNIT}[data-part="prompt"]'
 TARGET_UNITS = f'{UNIT}[data-part="target"]'
+MATRIX_ROWS = '[data-testid="seqsal-matrix"] tr.seqsal-matrix-row'
 #: The response panel's text (the generation status above it lists the candidates as "[1] ...").
 RESPONSE_CODE = (
     'xpath=//*[@data-testid="stCaptionContainer"][starts-with(normalize-space(.), "Model response")]'
@@ -399,6 +401,19 @@ def test_click_recommendation_colours_prompt_by_score(
     assert data["units"] == before and data["selected"] == expected  # the view changed, not the data
     wait_query(page, "chips", "1")
     shot(page, tmp_path, "04-token-chips")
+
+    # The matrix view (rows = response segments): a click on a row selects that segment alone.
+    page.get_by_text(re.compile(r"^Matrix: \d+ response segments")).click()
+    row = page.locator(f'{MATRIX_ROWS}[data-index="{recommendation}"]')
+    expect(page.locator(MATRIX_ROWS)).to_have_count(len(texts))
+    t0 = time.monotonic()
+    row.click()
+    data = settled(page, lambda d: d["selected"] == [recommendation], "the heatmap of the row clicked")
+    timings["matrix row click -> heatmap"] = time.monotonic() - t0
+    expect(row).to_have_class(re.compile(r"\bseqsal-selected\b"))
+    expect(page.locator(f"{UNIT}.seqsal-selected")).to_have_count(1)
+    wait_query(page, "sel", str(recommendation))
+    shot(page, tmp_path, "04b-matrix-row-selected")
     print("\n[ui-browser] timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
 
 
@@ -498,3 +513,43 @@ def test_first_token_is_left_out_of_the_scale_until_toggled(stack: RunningStack,
     ) and whole_first.text_content() != first_text
     wait_until(page, lambda: query(page).get("all") == "1", "all=1 in the URL")
     assert data["max"] >= before["max"] and data["prompt"] == before["prompt"]
+
+
+def test_a_saved_session_opens_in_another_browser(
+    stack: RunningStack, page: Page, browser: Browser, tmp_path: Path
+) -> None:
+    """Save a named session in one browser context, open it in another: the same view comes back."""
+    open_app(page, stack)
+    page.locator(f'{TARGET_UNITS}[data-index="1"]').click()
+    settled(page, lambda d: d["selected"] == [1], "the heatmap of the second sentence")
+    page.get_by_text("Token chips", exact=True).click()
+    mine = settled(page, lambda d: d["chips"] and d["selected"] == [1], "the token-chip heatmap")
+    wait_query(page, "chips", "1")
+    name = f"browser test {uuid.uuid4().hex[:8]}"
+    box = page.get_by_label("Session name", exact=True)
+    box.fill(name)
+    box.press("Enter")
+    page.get_by_role("button", name="Save this view").click()
+    expect(page.get_by_text(f"Saved session “{name}”.")).to_be_visible()
+    link = query(page)
+
+    other = browser.new_context(viewport={"width": 1600, "height": 1200})
+    other.set_default_timeout(WAIT_MS)
+    try:
+        teammate = other.new_page()
+        teammate.goto(stack.url + "/")
+        settled(teammate, lambda d: d["units"] > 0, "the teammate's first heatmap")
+        picker = teammate.get_by_role("combobox", name="Open a saved session")
+        expect(picker).to_have_value(name)  # the newest session comes first
+        teammate.get_by_role("button", name="Open", exact=True).click()
+        theirs = settled(
+            teammate, lambda d: d["selected"] == [1] and d["chips"], "the saved view in the other browser"
+        )
+        for key in ("prompt", "target", "max", "units"):
+            assert theirs[key] == mine[key], key
+        wait_until(teammate, lambda: query(teammate) == link, f"the saved view's link {link}")
+        shot(teammate, tmp_path, "08-saved-session-opened")
+        teammate.get_by_role("button", name="Delete", exact=True).click()
+        expect(teammate.get_by_text(f"Deleted session “{name}”.")).to_be_visible()
+    finally:
+        other.close()
