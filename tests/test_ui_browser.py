@@ -541,7 +541,7 @@ def test_a_saved_session_opens_in_another_browser(
         settled(teammate, lambda d: d["units"] > 0, "the teammate's first heatmap")
         picker = teammate.get_by_role("combobox", name="Open a saved session")
         expect(picker).to_have_value(name)  # the newest session comes first
-        teammate.get_by_role("button", name="Open", exact=True).click()
+        teammate.locator(".st-key-session_open button").click()  # (the selectboxes' arrows are "Open" too)
         theirs = settled(
             teammate, lambda d: d["selected"] == [1] and d["chips"], "the saved view in the other browser"
         )
@@ -549,7 +549,7 @@ def test_a_saved_session_opens_in_another_browser(
             assert theirs[key] == mine[key], key
         wait_until(teammate, lambda: query(teammate) == link, f"the saved view's link {link}")
         shot(teammate, tmp_path, "08-saved-session-opened")
-        teammate.get_by_role("button", name="Delete", exact=True).click()
+        teammate.locator(".st-key-session_delete button").click()
         expect(teammate.get_by_text(f"Deleted session “{name}”.")).to_be_visible()
     finally:
         other.close()
