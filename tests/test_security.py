@@ -595,6 +595,8 @@ async def test_rate_limit_without_auth_is_per_client_address(
         async with AsyncSaliencyClient(srv.address, token="", tls=False) as client:
             with pytest.raises(ResourceExhaustedError):
                 await client.list_models()
+            for _ in range(3):  # what clients poll while they wait is not counted
+                assert list((await client.get_request_status("some-call")).calls) == []
 
 
 def test_in_flight_limit() -> None:

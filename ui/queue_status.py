@@ -33,7 +33,7 @@ T = TypeVar("T")
 POLL_S = 0.25
 #: Deadline of one status question (it reads the scheduler: answered in milliseconds).
 STATUS_TIMEOUT_S = 2.0
-#: A call that waited at least this long in line (or was paused) leaves a note.
+#: A call seen waiting in line or paused leaves a note (and one that waited this long without either).
 NOTE_AFTER_S = 0.2
 
 
@@ -93,10 +93,11 @@ class Waited:
     paused: int = 0
 
     def note(self) -> str:
-        """One sentence, or "" when the call hardly waited."""
-        if self.queued_s < NOTE_AFTER_S and not self.paused:
+        """One sentence, or "" when the call never waited in line."""
+        if not self.most_ahead and not self.paused and self.queued_s < NOTE_AFTER_S:
             return ""
-        text = f"Waited {self.queued_s:.1f} s for the model"
+        took = f"{self.queued_s:.1f} s" if self.queued_s >= 0.1 else "briefly"
+        text = f"Waited {took} for the model"
         if self.most_ahead:
             text += f", behind {_plural(self.most_ahead, 'computation')} of other requests"
         if self.paused:
@@ -126,16 +127,19 @@ def call_with_feedback(
 
     threading.Thread(target=run, name="seqsal-ui-call", daemon=True).start()
     waited = Waited()
-    last = time.monotonic()
+    queued_since: float | None = None  # when a poll first said "queued" (until one says otherwise)
     while not done.done():
         status = poll()
         now = time.monotonic()
+        queued = status is not None and status.state == saliency_pb2.REQUEST_STATE_QUEUED
+        if queued_since is not None and not queued:
+            waited.queued_s += now - queued_since
+            queued_since = None
         if status is not None:
-            if status.state == saliency_pb2.REQUEST_STATE_QUEUED:
-                waited.queued_s += now - last
+            if queued:
+                queued_since = now if queued_since is None else queued_since
                 waited.most_ahead = max(waited.most_ahead, status.ahead)
             waited.paused = max(waited.paused, status.preemptions)
-        last = now
         show(status)
         try:
             done.result(timeout=interval_s)
@@ -143,6 +147,8 @@ def call_with_feedback(
             continue
         except BaseException:
             break
+    if queued_since is not None:  # answered while the last poll said queued
+        waited.queued_s += time.monotonic() - queued_since
     return done.result(), waited
 
 
@@ -152,11 +158,15 @@ def saliency(
     """One Saliency call with its place in the server's queue shown meanwhile (typed errors)."""
     rid = request_id or new_request_id()
     box = st.empty()
-    response, waited = call_with_feedback(
-        lambda: services.call_saliency(endpoints, request, rid),
-        lambda: latest(endpoints, rid, "Saliency"),
-        lambda status: box.info(describe(status, what), icon=":material/hourglass_top:"),
-    )
+    try:
+        response, waited = call_with_feedback(
+            lambda: services.call_saliency(endpoints, request, rid),
+            lambda: latest(endpoints, rid, "Saliency"),
+            lambda status: box.info(describe(status, what), icon=":material/hourglass_top:"),
+        )
+    except SeqsalError:
+        box.empty()  # the caller says what went wrong
+        raise
     note = waited.note()
     if note:
         box.caption(f":material/schedule: {note}")
