@@ -109,15 +109,17 @@ def panel(default_model: str) -> None:
             "No Redis is configured: sessions are kept in this UI process only (gone on restart). "
             "Set `REDIS_URL` to share them with everyone on the instance."
         )
-    st.text_input("Session name", key=NAME_KEY, max_chars=80, placeholder="e.g. quiche: principles vs. none")
-    st.button(
-        "Save this view",
-        key="session_save",
-        icon=":material/bookmark_add:",
-        on_click=_save,
-        args=(default_model,),
-        width="stretch",
-    )
+    # a form: the name typed and the click arrive together (no click before the name is committed)
+    with st.form("session_save_form", border=False, enter_to_submit=True):
+        st.text_input("Session name", key=NAME_KEY, max_chars=80, placeholder="e.g. quiche: with principles")
+        st.form_submit_button(
+            "Save this view",
+            key="session_save",
+            icon=":material/bookmark_add:",
+            on_click=_save,
+            args=(default_model,),
+            width="stretch",
+        )
     try:
         names = [name for name, _ in store.names()]
     except StoreError as exc:
