@@ -85,6 +85,33 @@ def validate_options(
 
 
 @dataclass(frozen=True)
+class Scorer:
+    """What computes the variants' log-probs; what changes the numbers is part of the cache key.
+
+    ``kind``: ``"inference"`` (an inference server's ``Score``) or ``"local"`` (this process),
+    with the model revision, dtype and device it scores in: results scored in bfloat16 by an
+    inference server and in float32 here never share an entry. The address is not in the key (two
+    servers with the same model, revision, dtype and device give the same numbers), nor the
+    backend (``ModelInfo`` does not name it; vLLM and transformers agree to ~1e-6 nats in float32).
+    """
+
+    kind: str
+    revision: str
+    dtype: str
+    device: str
+    #: where, in words (``MethodScores.scored_by``)
+    described: str = field(default="", compare=False)
+
+    def key_fields(self) -> dict[str, str]:
+        return {
+            "scorer": self.kind,
+            "scorer_revision": self.revision,
+            "scorer_dtype": self.dtype,
+            "scorer_device": self.device,
+        }
+
+
+@dataclass(frozen=True)
 class Feature:
     """One removable prompt segment: its index among the segments and its non-special token indices."""
 

@@ -21,12 +21,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from saliency_server import perturbation
+from saliency_server.perturbation import Scorer
 from saliency_server.scheduler import Priority, TicketSteps, priority_from_wire
 from saliency_server.scores import MethodEntry
 from saliency_server.validation import Problem, problem_message, resolve_selection
@@ -52,7 +53,7 @@ class Scored:
 
     target: list[np.ndarray]
     foil: list[np.ndarray] | None
-    scored_by: str
+    scorer: Scorer
 
 
 class PerturbationScoring:
@@ -100,6 +101,24 @@ class PerturbationScoring:
             )
         return remote, ""
 
+    async def scorer(self, problem: Problem) -> Scorer:
+        """Where the variants of ``problem`` are scored now: the inference server when it hosts
+        the model at the same revision, else this process (and why)."""
+        remote, why = await self._remote_info(problem)
+        if remote is not None:
+            return self._remote_scorer(remote)
+        return self._local_scorer(problem, why)
+
+    def _remote_scorer(self, remote: common_pb2.ModelInfo) -> Scorer:
+        described = f"inference server {self.address} ({remote.device}, {remote.dtype})"
+        return Scorer("inference", remote.revision, remote.dtype, remote.device, described)
+
+    @staticmethod
+    def _local_scorer(problem: Problem, why: str) -> Scorer:
+        info = problem.hosted.info
+        described = f"saliency server (transformers, {info.device}, {info.dtype}; {why})"
+        return Scorer("local", info.revision, info.dtype, info.device, described)
+
     async def score(
         self, problem: Problem, rows: Sequence[Sequence[int]], priority: Priority, client: str
     ) -> Scored:
@@ -111,7 +130,7 @@ class PerturbationScoring:
         if remote is not None:
             try:
                 flat = await self._score_remote(problem, rows, targets)
-                scored_by = f"inference server {self.address} ({remote.device}, {remote.dtype})"
+                scorer = self._remote_scorer(remote)
             except UnavailableError as error:
                 why = f"inference server at {self.address} unavailable: {error.message}"
                 self._remote_models = (time.monotonic(), None, why)
@@ -120,11 +139,10 @@ class PerturbationScoring:
             flat = await self._score_locally(
                 problem, [(r, t) for r in rows for t in targets], priority, client
             )
-            info = problem.hosted.info
-            scored_by = f"saliency server (transformers, {info.device}, {info.dtype}; {why})"
+            scorer = self._local_scorer(problem, why)
         n = len(targets)
         return Scored(
-            target=flat[0::n], foil=flat[1::n] if inputs.foil_ids is not None else None, scored_by=scored_by
+            target=flat[0::n], foil=flat[1::n] if inputs.foil_ids is not None else None, scorer=scorer
         )
 
     async def _score_remote(
@@ -198,35 +216,43 @@ class PerturbationScoring:
         priority: Priority,
         client: str,
     ) -> list[dict[int, MethodEntry]]:
-        """The perturbation methods' entries for each selection (one scoring job for all), cached."""
+        """The perturbation methods' entries for each selection (one scoring job for all), cached.
+
+        The job is registered as a flight while it runs (:meth:`SaliencyServing.registered`):
+        an identical request arriving meanwhile waits for it instead of scoring again.
+        """
         spec = problem.perturbation
         features = problem.features
-        plan = perturbation.plan_methods(
-            problem.inputs.prompt_ids, features, methods, spec, self._empty(problem)
-        )
-        scored = await self.score(problem, plan.rows, priority, client)
-        n_tokens = len(problem.tokens)
-        out: list[dict[int, MethodEntry]] = []
-        for mask in masks:
-            objective = perturbation.objectives(scored.target, scored.foil, mask)
-            found: dict[int, MethodEntry] = {}
-            for method in methods:
-                effects, r2 = perturbation.method_effects(plan, method, objective, spec)
-                found[method] = MethodEntry(
-                    scores=perturbation.token_scores(n_tokens, features, effects.tolist()),
-                    target_token_logprobs=scored.target[0].copy(),
-                    target_logprob=float(scored.target[0][mask].astype(np.float64).sum()),
-                    foil_logprob=None
-                    if scored.foil is None
-                    else float(scored.foil[0].astype(np.float64).sum()),
-                    ig_residual=None,
-                    ig_steps=0,
-                    r2=r2,
-                    perturbations=len(plan.occlusion if method == common_pb2.OCCLUSION else plan.lime),
-                    scored_by=scored.scored_by,
-                )
-            await self.serving._store(problem, mask, found)
-            out.append(found)
+        with self.serving.registered(problem, masks, methods) as flight:
+            plan = perturbation.plan_methods(
+                problem.inputs.prompt_ids, features, methods, spec, self._empty(problem)
+            )
+            scored = await self.score(problem, plan.rows, priority, client)
+            # stored under the scorer that scored them (it changes if the inference server went away)
+            owner = problem if scored.scorer == problem.scorer else replace(problem, scorer=scored.scorer)
+            n_tokens = len(problem.tokens)
+            out: list[dict[int, MethodEntry]] = []
+            for index, mask in enumerate(masks):
+                objective = perturbation.objectives(scored.target, scored.foil, mask)
+                found: dict[int, MethodEntry] = {}
+                for method in methods:
+                    effects, r2 = perturbation.method_effects(plan, method, objective, spec)
+                    found[method] = MethodEntry(
+                        scores=perturbation.token_scores(n_tokens, features, effects.tolist()),
+                        target_token_logprobs=scored.target[0].copy(),
+                        target_logprob=float(scored.target[0][mask].astype(np.float64).sum()),
+                        foil_logprob=None
+                        if scored.foil is None
+                        else float(scored.foil[0].astype(np.float64).sum()),
+                        ig_residual=None,
+                        ig_steps=0,
+                        r2=r2,
+                        perturbations=len(plan.occlusion if method == common_pb2.OCCLUSION else plan.lime),
+                        scored_by=scored.scorer.described,
+                    )
+                await self.serving._store(owner, mask, found)
+                self.serving.settle(flight, index, found)
+                out.append(found)
         return out
 
     # --- Verify ------------------------------------------------------------------------------------
@@ -278,7 +304,7 @@ class PerturbationScoring:
             method=method,
             full_logprob=full,
             removable_segments=len(features),
-            scored_by=scored.scored_by,
+            scored_by=scored.scorer.described,
             perturbations=len(plan.plan.rows) - 1,
         )
         for k in plan.ks:

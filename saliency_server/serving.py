@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -48,6 +48,22 @@ class _LeaderGone(Exception):
     """The computation a caller joined stopped (its own client went away): compute it yourself."""
 
 
+@contextlib.contextmanager
+def _ending(close: Callable[[Exception], None]) -> Iterator[None]:
+    """Call ``close`` with the block's error when it ends: ``_LeaderGone`` when it finished or
+    stopped (its client went away, it was cancelled), so whoever joined computes what is missing."""
+    failure: Exception = _LeaderGone()
+    try:
+        yield
+    except CancelledError:
+        raise
+    except Exception as exc:
+        failure = exc
+        raise
+    finally:
+        close(failure)
+
+
 #: A job's memory cost in bytes, from its problem and number of selections (for the scheduler's budget).
 #: The bytes a computation reserves: (problem, number of selections, methods) -> bytes.
 JobCost = Callable[[Problem, int, Sequence[int]], int]
@@ -66,7 +82,9 @@ class Flight:
     """
 
     model: str
-    ticket: Ticket
+    #: its scheduler ticket; None for a perturbation job (it takes its own ticket when it scores
+    #: in this process, none when the inference server scores)
+    ticket: Ticket | None
     #: the selections, one bool per target token of their problem
     masks: Sequence[np.ndarray]
     #: the problem of each selection when they differ (a cross-request batch), else None
@@ -210,7 +228,7 @@ class SaliencyServing:
         """The request's validated problem (its ``problem``, or the deprecated top-level fields)."""
         message = problem_message(request, prefix=prefix)
         hosted = self.host.get(message.model)
-        return await asyncio.to_thread(
+        problem = await asyncio.to_thread(
             build_problem,
             hosted,
             message,
@@ -218,6 +236,9 @@ class SaliencyServing:
             require_granularity=all_segments,
             max_perturbations=self.settings.max_perturbations,
         )
+        if any(m in PERTURBATION_METHODS for m in problem.methods):  # their cache keys name it
+            problem.scorer = await self.perturbation.scorer(problem)
+        return problem
 
     def cache_key(self, problem: Problem, method: int, mask: np.ndarray) -> str:
         """The cache key of one method's scores for one selection."""
@@ -234,9 +255,10 @@ class SaliencyServing:
             "selection": "".join("1" if b else "0" for b in mask),
             "foil_ids": None if inputs.foil_ids is None else list(inputs.foil_ids),
         }
-        if method in PERTURBATION_METHODS:  # the segments removed and how
+        if method in PERTURBATION_METHODS:  # the segments removed and how, and what scored them
+            assert problem.scorer is not None, "the serving layer sets the scorer of such a problem"
             fields |= {"granularity": problem.granularity, "custom_regex": problem.custom_regex}
-            fields |= problem.perturbation.key_fields(method)
+            fields |= problem.perturbation.key_fields(method) | problem.scorer.key_fields()
         if inputs.foil_ids is not None and method not in PERTURBATION_METHODS:
             # the foil replaces the target from the first selected token on (engine docstring);
             # entries made when it was contrasted with the selection alone are never served
@@ -299,14 +321,48 @@ class SaliencyServing:
         flight = Flight(model=model, ticket=ticket, masks=masks, problems=problems)
         if tracked is not None:
             tracked.own.append(flight)
-        for index, mask in enumerate(masks):
+        self._register(flight, problem, methods)
+        return flight
+
+    def _register(self, flight: Flight, problem: Problem, methods: Sequence[int]) -> None:
+        """A future per (selection, method) of ``flight``, findable by its cache key."""
+        loop = asyncio.get_running_loop()
+        for index, mask in enumerate(flight.masks):
             for method in methods:
-                key = self.cache_key(problems[index] if problems else problem, method, mask)
-                future: asyncio.Future[MethodEntry] = self._loop.create_future()
+                key = self.cache_key(flight.problems[index] if flight.problems else problem, method, mask)
+                future: asyncio.Future[MethodEntry] = loop.create_future()
                 flight.futures[key] = future
                 flight.slots[key] = (index, method)
                 self._inflight.setdefault(key, (flight, future))
-        return flight
+
+    def settle(self, flight: Flight, index: int, entries: dict[int, MethodEntry]) -> None:
+        """Hand selection ``index``'s entries to whoever joined it."""
+        for key, (i, method) in flight.slots.items():
+            future = flight.futures[key]
+            if i == index and method in entries and not future.done():
+                future.set_result(entries[method])
+
+    def _unregister(self, flight: Flight, failure: Exception | None) -> None:
+        """Fail what ``flight`` did not give (``_LeaderGone``: joiners compute it) and forget it."""
+        for key, future in flight.futures.items():
+            if not future.done():
+                future.set_exception(failure or _LeaderGone())
+                future.exception()  # retrieved: no log when nobody joined
+            if self._inflight.get(key, (None, None))[0] is flight:
+                del self._inflight[key]
+
+    @contextlib.contextmanager
+    def registered(
+        self, problem: Problem, masks: Sequence[np.ndarray], methods: Sequence[int]
+    ) -> Iterator[Flight]:
+        """A flight without a ticket of its own for the results computed in the ``with`` block
+        (the perturbation methods'; :meth:`settle` hands them out): identical requests arriving
+        meanwhile join it. If the block stops (its client went away), they compute themselves;
+        if it fails, they get its error."""
+        flight = Flight(model=problem.hosted.id, ticket=None, masks=masks)
+        self._register(flight, problem, methods)
+        with _ending(lambda failure: self._unregister(flight, failure)):
+            yield flight
 
     async def _run(
         self, flight: Flight, problem: Problem, methods: Sequence[int]
@@ -321,6 +377,7 @@ class SaliencyServing:
         scheduler = self.schedulers[flight.model]
         engine = self.engines[flight.model]
         ticket = flight.ticket
+        assert ticket is not None
         steps = TicketSteps(scheduler, ticket)
 
         def produce(emit: Callable[[SaliencyResult], None], stopped: Callable[[], bool]) -> None:
@@ -346,39 +403,24 @@ class SaliencyServing:
                 scheduler.finish(ticket)
 
         flight.started = True
-        failure: Exception = _LeaderGone()
-        try:
+        with _ending(lambda failure: self._close_flight(flight, failure)):
             async with aclosing(stream_from_thread(produce, self.executor)) as stream:
                 async for result in stream:
                     index = result.selection
                     entries = from_result(result)
                     owner = flight.problems[index] if flight.problems else problem
                     await self._store(owner, flight.masks[index], entries)
-                    for key, (i, method) in flight.slots.items():
-                        future = flight.futures[key]
-                        if i == index and not future.done():
-                            future.set_result(entries[method])
+                    self.settle(flight, index, entries)
                     yield index, entries
-        except CancelledError:
-            raise
-        except Exception as exc:
-            failure = exc
-            raise
-        finally:
-            self._close_flight(flight, failure)
 
     def _close_flight(self, flight: Flight, failure: Exception | None = None) -> None:
         """Give back a flight's ticket, place and registrations (once; after its worker is done)."""
         if flight.closed:
             return
         flight.closed = True
-        self.schedulers[flight.model].cancel(flight.ticket)  # nothing once finished
-        for key, future in flight.futures.items():
-            if not future.done():
-                future.set_exception(failure or _LeaderGone())
-                future.exception()  # retrieved: no log when nobody joined
-            if self._inflight.get(key, (None, None))[0] is flight:
-                del self._inflight[key]
+        if flight.ticket is not None:
+            self.schedulers[flight.model].cancel(flight.ticket)  # nothing once finished
+        self._unregister(flight, failure)
         self.admission.release()
 
     def _task(self, flight: Flight, coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
@@ -495,11 +537,11 @@ class SaliencyServing:
         selection goes first, at interactive priority). Methods whose run stopped are left out."""
         boosted: list[tuple[Flight, int]] = []
         if tracked is not None:
-            tracked.joined.extend(flight for flight, _ in joined.values())
+            tracked.joined.extend(f for f, _ in joined.values() if f.ticket is not None)  # a ticket to report
         if priority is Priority.INTERACTIVE:
             for method, (flight, _) in joined.items():
                 index = flight.slots[self.cache_key(problem, method, mask)][0]
-                if (flight, index) not in boosted:
+                if flight.ticket is not None and (flight, index) not in boosted:
                     self.schedulers[flight.model].boost(flight.ticket, index)
                     boosted.append((flight, index))
         try:
@@ -512,6 +554,7 @@ class SaliencyServing:
             return out
         finally:
             for flight, index in boosted:
+                assert flight.ticket is not None
                 self.schedulers[flight.model].unboost(flight.ticket, index)
 
     def _response(
@@ -576,7 +619,7 @@ class SaliencyServing:
             joined = self._joinable(problem, mask, missing)
             own = [m for m in missing if m not in joined and m not in PERTURBATION_METHODS]
             tasks: list[asyncio.Task[dict[int, MethodEntry]]] = []
-            if perturbed := [m for m in missing if m in PERTURBATION_METHODS]:
+            if perturbed := [m for m in missing if m in PERTURBATION_METHODS and m not in joined]:
                 tasks.append(asyncio.create_task(self._perturbed(problem, mask, perturbed, priority, client)))
             if own and self._batchable(problem, own, priority):
                 tasks.append(asyncio.create_task(self._batched(problem, mask, own, client)))

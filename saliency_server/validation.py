@@ -24,6 +24,7 @@ from saliency_server.perturbation import (
     PERTURBATION_METHODS,
     Feature,
     PerturbationSpec,
+    Scorer,
     check_count,
     perturbation_segments,
     prompt_features,
@@ -53,6 +54,9 @@ class Problem:
     custom_regex: str
     ig_steps: int
     perturbation: PerturbationSpec = field(default_factory=PerturbationSpec)
+    #: where the perturbation methods' variants are scored (set by the serving layer before it
+    #: looks up the cache; part of their cache keys); None for a problem without them
+    scorer: Scorer | None = None
 
     @cached_property
     def features(self) -> list[Feature]:

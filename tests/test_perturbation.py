@@ -102,6 +102,18 @@ def prompt_segments(response: saliency_pb2.SaliencyResponse) -> list[common_pb2.
     ]
 
 
+async def wait_for(condition: Any, what: str, timeout_s: float = 120.0) -> None:
+    """Poll ``condition()`` until true (the bound only catches a hang)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 async def test_occlusion_equals_the_log_prob_differences_of_the_removed_segments(
     client: AsyncSaliencyClient, model: Any
 ) -> None:
@@ -392,25 +404,18 @@ async def test_the_fallback_gives_way_to_clicks_and_stops_when_cancelled(
                 priority=saliency_pb2.PRIORITY_BACKGROUND,
             )
 
-        async def running_job() -> Any:
-            for _ in range(400):
-                found = [t for t in scheduler.active() if "perturbed" in t.label and t.state is State.RUNNING]
-                if found:
-                    return found[0]
-                await asyncio.sleep(0.01)
-            raise AssertionError("the perturbation job never ran")
+        def running() -> list[Any]:
+            return [t for t in scheduler.active() if "perturbed" in t.label and t.state is State.RUNNING]
 
         background = asyncio.create_task(lime(1))
-        ticket = await running_job()
+        await wait_for(running, "the perturbation job to run")
+        ticket = running()[0]
         click = await client.saliency(prompt=PROMPT, target=TARGET, methods=[common_pb2.GRAD_L2])
-        assert click.scores and not background.done()
-        assert ("preempt", ticket.id) in scheduler.events
+        assert click.scores and not background.done(), background
+        assert ("preempt", ticket.id) in scheduler.events, scheduler.events
         background.cancel()
-        for _ in range(400):
-            if scheduler.depth == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert scheduler.depth == 0 and ("cancel", ticket.id) in scheduler.events
+        await wait_for(lambda: scheduler.depth == 0, "the cancelled job to leave the scheduler")
+        assert ("cancel", ticket.id) in scheduler.events
 
 
 async def test_secret_word_on_the_default_model(run_saliency_server, default_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
@@ -440,3 +445,128 @@ async def test_secret_word_on_the_default_model(run_saliency_server, default_mod
             )
             (step,) = check.steps
             assert step.topk_drop > step.random_drop_mean + 2 * step.random_drop_std
+
+
+async def test_identical_perturbation_requests_in_flight_score_once(
+    run_saliency_server, tiny_llama_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The second of two identical requests joins the first one's flight (serving.py's machinery):
+    one scoring job. When the first one's client goes away, the one that joined scores itself."""
+    import asyncio
+
+    async with (
+        run_saliency_server(settings(tiny_llama_dir)) as srv,
+        AsyncSaliencyClient(srv.address) as client,
+    ):
+        serving, scoring = srv.serving, srv.serving.perturbation
+        real_score, real_join = scoring.score, serving._join
+        scored: list[int] = []
+        joins: list[int] = []
+        gate = asyncio.Event()
+
+        async def counted_score(*args: Any, **kwargs: Any) -> Any:  # the real scorer, counted and held
+            scored.append(len(args[1]))
+            await gate.wait()
+            return await real_score(*args, **kwargs)
+
+        async def counted_join(*args: Any, **kwargs: Any) -> Any:
+            joins.append(1)
+            return await real_join(*args, **kwargs)
+
+        scoring.score = counted_score  # type: ignore[method-assign]
+        serving._join = counted_join  # type: ignore[method-assign]
+
+        def request(seed: int) -> Any:
+            return client.saliency(
+                prompt=PROMPT,
+                target=TARGET,
+                methods=[common_pb2.OCCLUSION, common_pb2.LIME],
+                granularity=SENTENCES,
+                perturbation=perturbation_options(samples=12, seed=seed),
+            )
+
+        first = asyncio.create_task(request(1))
+        await wait_for(lambda: len(scored) == 1, "the first request to score")
+        second = asyncio.create_task(request(1))
+        await wait_for(lambda: len(joins) == 1, "the second request to join the first")
+        gate.set()
+        a, b = await asyncio.gather(first, second)
+        assert len(scored) == 1 and scored[0] == 1 + 4 + 12  # the full prompt, 4 sentences, 12 samples
+        assert not a.cache_hit and not b.cache_hit
+        assert [list(s.scores) for s in a.scores] == [list(s.scores) for s in b.scores]
+        assert not serving._inflight
+
+        # the first client goes away while the second waits: the second scores itself
+        gate.clear()
+        first = asyncio.create_task(request(2))
+        await wait_for(lambda: len(scored) == 2, "the first request to score")
+        second = asyncio.create_task(request(2))
+        await wait_for(lambda: len(joins) == 2, "the second request to join the first")
+        first.cancel()
+        await wait_for(lambda: len(scored) == 3, "the second request to score itself")
+        gate.set()
+        alone = await second
+        assert [s.perturbations for s in alone.scores] == [4, 12] and not alone.cache_hit
+        assert len(scored) == 3
+        await wait_for(lambda: not serving._inflight, "the flights to be forgotten")
+
+
+async def test_the_scorer_dtype_is_part_of_the_cache_key(
+    run_inference_server, run_saliency_server, tiny_llama_dir: Path, remote, local
+) -> None:  # type: ignore[no-untyped-def]
+    """Scored by a bfloat16 inference server, a float32 one, or here in float32: three entries."""
+    from dataclasses import replace
+
+    from saliency_server.cache import get_entry
+    from saliency_server.validation import resolve_selection
+    from seqsal.client import saliency_request
+
+    kwargs: dict[str, Any] = {
+        "prompt": PROMPT,
+        "target": TARGET,
+        "methods": [common_pb2.OCCLUSION],
+        "granularity": SENTENCES,
+        "perturbation": perturbation_options(filler=" dtype"),
+    }
+    async with (
+        run_inference_server(settings(tiny_llama_dir, dtype="bfloat16")) as bf16,
+        run_saliency_server(settings(tiny_llama_dir, score_address=bf16.address)) as through_bf16,
+        AsyncSaliencyClient(remote.address) as c32,
+        AsyncSaliencyClient(through_bf16.address) as c16,
+    ):
+        a = await c32.saliency(**kwargs)
+        assert (await c32.saliency(**kwargs)).cache_hit
+        b = await c16.saliency(**kwargs)
+        assert not b.cache_hit
+        assert a.scores[0].scored_by.endswith("float32)") and b.scores[0].scored_by.endswith("bfloat16)")
+        assert list(a.scores[0].scores) != list(b.scores[0].scores)  # why they must not share an entry
+
+        request = saliency_request(**kwargs)
+        keys = []
+        for server in (remote, through_bf16, local):
+            problem = await server.serving._problem(request, all_segments=False)
+            keys.append(
+                server.serving.cache_key(problem, common_pb2.OCCLUSION, resolve_selection(problem, request))
+            )
+        assert len(set(keys)) == 3  # inference fp32, inference bf16, in-process fp32
+        # the float32 server's entry is there; a bfloat16 scorer's key does not find it
+        assert await get_entry(remote.serving.cache, keys[0]) is not None
+        assert await get_entry(remote.serving.cache, keys[1]) is None
+        # what the scorer is called in words is not part of the key; its dtype is
+        assert problem.scorer is not None
+        assert (
+            local.serving.cache_key(
+                replace(problem, scorer=replace(problem.scorer, described="elsewhere")),
+                common_pb2.OCCLUSION,
+                resolve_selection(problem, request),
+            )
+            == keys[2]
+        )
+        assert (
+            local.serving.cache_key(
+                replace(problem, scorer=replace(problem.scorer, dtype="bfloat16")),
+                common_pb2.OCCLUSION,
+                resolve_selection(problem, request),
+            )
+            != keys[2]
+        )
