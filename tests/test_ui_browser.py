@@ -554,3 +554,46 @@ def test_a_saved_session_opens_in_another_browser(
         expect(teammate.get_by_text(f"Deleted session “{name}”.")).to_be_visible()
     finally:
         other.close()
+
+
+#: The code block of the ablated prompt: the first one after the "Show the prompt without the top" radio.
+ABLATED_CODE = (
+    'xpath=//*[@data-testid="stRadio"][.//*[contains(normalize-space(.), "Show the prompt without the top")]]'
+    '/following::*[@data-testid="stCode"][1]//code'
+)
+
+
+def test_verification_panel_says_the_result_and_keeps_the_ablated_prompt(
+    stack: RunningStack, page: Page, tmp_path: Path
+) -> None:
+    """The ablation test under the heatmap: the result in words, the prompt without the top
+    segments, and "keep" puts that prompt in the editor."""
+    open_app(page, stack, {"ex": "quiche-query", "max_new": "8"})
+    data = settled(page, lambda d: d["target"] != "", "the example's heatmap")
+    prompt = data["prompt"]
+    page.get_by_text("Check this explanation (ablation test)", exact=True).first.click()
+    page.get_by_role("button", name="Run the check").first.click()
+    number = r"-?\d+\.\d"
+    for k, what in ((1, "the most salient word"), (3, "the 3 most salient words")):
+        sentence = rf"removing {what} (lowers|raises) log p\(target\) by {number} nats; {k} random words?: "
+        expect(page.get_by_text(re.compile(sentence + rf"{number} ± {number}"))).to_be_visible(
+            timeout=WAIT_MS
+        )
+    expect(page.get_by_text(re.compile(r"keeping only those \d: log p\(target\) = "))).to_be_visible()
+
+    # k = 1 is shown first: the prompt without its most salient word
+    ablated_code = page.locator(ABLATED_CODE)
+    ablated = wait_until(page, lambda: ablated_code.inner_text(), "the ablated prompt")
+    assert 0 < len(ablated.strip()) < len(prompt.strip()), (ablated, prompt)
+    head = next((i for i, (a, b) in enumerate(zip(prompt, ablated, strict=False)) if a != b), len(ablated))
+    assert prompt.endswith(ablated[head:]), (prompt, ablated)  # one piece (the word) cut out of the prompt
+    shot(page, tmp_path, "07-verification-panel")
+
+    # "keep": the ablated prompt goes into the prompt box
+    editor = page.get_by_label("Prompt", exact=True)
+    assert editor.input_value() == prompt
+    page.get_by_role("button", name="Keep this as the new prompt").first.click()
+    kept = wait_until(
+        page, lambda: editor.input_value() != prompt and editor.input_value(), "the kept prompt"
+    )
+    assert kept.strip() == ablated.strip(), (kept, ablated)
