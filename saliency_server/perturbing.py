@@ -36,7 +36,7 @@ from seqsal.threads import stream_from_thread
 from seqsal.v1 import common_pb2, inference_pb2, saliency_pb2
 
 if TYPE_CHECKING:
-    from saliency_server.serving import SaliencyServing
+    from saliency_server.serving import Flight, SaliencyServing
     from seqsal.client import AsyncInferenceClient
 
 logger = logging.getLogger("seqsal.saliency")
@@ -211,19 +211,18 @@ class PerturbationScoring:
     async def entries(
         self,
         problem: Problem,
-        masks: Sequence[np.ndarray],
+        flight: Flight,
         methods: Sequence[int],
         priority: Priority,
         client: str,
     ) -> list[dict[int, MethodEntry]]:
-        """The perturbation methods' entries for each selection (one scoring job for all), cached.
-
-        The job is registered as a flight while it runs (:meth:`SaliencyServing.registered`):
-        an identical request arriving meanwhile waits for it instead of scoring again.
-        """
+        """The perturbation methods' entries for each selection of ``flight`` (one scoring job for
+        all), cached and handed to the requests that joined the flight
+        (:meth:`SaliencyServing.open_flight`) instead of scoring again."""
         spec = problem.perturbation
         features = problem.features
-        with self.serving.registered(problem, masks, methods) as flight:
+        masks = flight.masks
+        with self.serving.flying(flight):
             plan = perturbation.plan_methods(
                 problem.inputs.prompt_ids, features, methods, spec, self._empty(problem)
             )

@@ -351,18 +351,20 @@ class SaliencyServing:
             if self._inflight.get(key, (None, None))[0] is flight:
                 del self._inflight[key]
 
-    @contextlib.contextmanager
-    def registered(
-        self, problem: Problem, masks: Sequence[np.ndarray], methods: Sequence[int]
-    ) -> Iterator[Flight]:
-        """A flight without a ticket of its own for the results computed in the ``with`` block
-        (the perturbation methods'; :meth:`settle` hands them out): identical requests arriving
-        meanwhile join it. If the block stops (its client went away), they compute themselves;
-        if it fails, they get its error."""
+    def open_flight(self, problem: Problem, masks: Sequence[np.ndarray], methods: Sequence[int]) -> Flight:
+        """A flight without a ticket of its own (a perturbation job's; :meth:`settle` hands its
+        results out, :meth:`flying` ends it). Synchronous, so a request arriving right after
+        finds it and joins it."""
         flight = Flight(model=problem.hosted.id, ticket=None, masks=masks)
         self._register(flight, problem, methods)
+        return flight
+
+    @contextlib.contextmanager
+    def flying(self, flight: Flight) -> Iterator[None]:
+        """The ``with`` block computes ``flight``: if it stops (its client went away), those who
+        joined compute themselves; if it fails, they get its error."""
         with _ending(lambda failure: self._unregister(flight, failure)):
-            yield flight
+            yield
 
     async def _run(
         self, flight: Flight, problem: Problem, methods: Sequence[int]
@@ -620,7 +622,11 @@ class SaliencyServing:
             own = [m for m in missing if m not in joined and m not in PERTURBATION_METHODS]
             tasks: list[asyncio.Task[dict[int, MethodEntry]]] = []
             if perturbed := [m for m in missing if m in PERTURBATION_METHODS and m not in joined]:
-                tasks.append(asyncio.create_task(self._perturbed(problem, mask, perturbed, priority, client)))
+                flight = self.open_flight(problem, [mask], perturbed)
+                task = asyncio.create_task(self._perturbed(problem, flight, perturbed, priority, client))
+                # a task cancelled before it ran leaves no registration behind
+                task.add_done_callback(lambda _, flight=flight: self._unregister(flight, None))
+                tasks.append(task)
             if own and self._batchable(problem, own, priority):
                 tasks.append(asyncio.create_task(self._batched(problem, mask, own, client)))
             elif own:
@@ -637,9 +643,9 @@ class SaliencyServing:
         return self._response(problem, mask, entries, cache_hit=cache_hit, started=started)
 
     async def _perturbed(
-        self, problem: Problem, mask: np.ndarray, methods: Sequence[int], priority: Priority, client: str
+        self, problem: Problem, flight: Flight, methods: Sequence[int], priority: Priority, client: str
     ) -> dict[int, MethodEntry]:
-        return (await self.perturbation.entries(problem, [mask], methods, priority, client))[0]
+        return (await self.perturbation.entries(problem, flight, methods, priority, client))[0]
 
     async def verify(
         self, request: saliency_pb2.VerifyRequest, *, client: str = LOCAL_CLIENT
@@ -711,7 +717,8 @@ class SaliencyServing:
         if todo := [i for i in pending if any(m not in known[i] for m in perturbed)]:
             # the variants do not depend on the selection: one scoring job for every segment
             masks = [np.asarray(targets[i][1]) for i in todo]
-            found = await self.perturbation.entries(problem, masks, perturbed, priority, client)
+            flight = self.open_flight(problem, masks, perturbed)
+            found = await self.perturbation.entries(problem, flight, perturbed, priority, client)
             for index, entries in zip(todo, found, strict=True):
                 known[index].update(entries)
             ready = [i for i in pending if not missing(i)]

@@ -415,7 +415,11 @@ async def test_the_fallback_gives_way_to_clicks_and_stops_when_cancelled(
         assert ("preempt", ticket.id) in scheduler.events, scheduler.events
         background.cancel()
         await wait_for(lambda: scheduler.depth == 0, "the cancelled job to leave the scheduler")
-        assert ("cancel", ticket.id) in scheduler.events
+        # it leaves as "cancel" when the handler's cancel comes first, as "finish" when its worker
+        # thread saw the stream close at a checkpoint first (a loaded machine): either way, long
+        # before its 3,000 samples were scored
+        assert {("cancel", ticket.id), ("finish", ticket.id)} & set(scheduler.events), scheduler.events
+        assert background.cancelled()
 
 
 async def test_secret_word_on_the_default_model(run_saliency_server, default_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
@@ -485,12 +489,10 @@ async def test_identical_perturbation_requests_in_flight_score_once(
                 perturbation=perturbation_options(samples=12, seed=seed),
             )
 
-        first = asyncio.create_task(request(1))
-        await wait_for(lambda: len(scored) == 1, "the first request to score")
-        second = asyncio.create_task(request(1))
-        await wait_for(lambda: len(joins) == 1, "the second request to join the first")
+        both = asyncio.gather(request(1), request(1))  # sent together
+        await wait_for(lambda: len(scored) == 1 and len(joins) == 1, "one request to score, one to join")
         gate.set()
-        a, b = await asyncio.gather(first, second)
+        a, b = await both
         assert len(scored) == 1 and scored[0] == 1 + 4 + 12  # the full prompt, 4 sentences, 12 samples
         assert not a.cache_hit and not b.cache_hit
         assert [list(s.scores) for s in a.scores] == [list(s.scores) for s in b.scores]
