@@ -571,8 +571,13 @@ def test_verification_panel_says_the_result_and_keeps_the_ablated_prompt(
     open_app(page, stack, {"ex": "quiche-query", "max_new": "8"})
     data = settled(page, lambda d: d["target"] != "", "the example's heatmap")
     prompt = data["prompt"]
+    # the background precomputation reruns the app when it ends: click once the view is settled
+    expect(page.get_by_text(re.compile(r"All \d+ segments precomputed in"))).to_be_visible(timeout=WAIT_MS)
     page.get_by_text("Check this explanation (ablation test)", exact=True).first.click()
-    page.get_by_role("button", name="Run the check").first.click()
+    run = page.get_by_role("button", name="Run the check").first
+    run.click()
+    expect(run).to_be_hidden(timeout=WAIT_MS)  # the result (or an error) took its place
+    expect(page.get_by_role("button", name="Retry")).to_have_count(0)
     number = r"-?\d+\.\d"
     for k, what in ((1, "the most salient word"), (3, "the 3 most salient words")):
         sentence = rf"removing {what} (lowers|raises) log p\(target\) by {number} nats; {k} random words?: "
