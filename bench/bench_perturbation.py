@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from seqsal.tokenization import tokenize
     from seqsal.v1 import common_pb2
 
+    machine = machine_info()  # the load average when the run starts
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     model_dir = ensure_default_model(settings)
     tokenizer = load_tokenizer(model_dir)
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = statistics.median(figures["sequential"])
     effects = {name: values[0] - values[1:] for name, values in results.items()}
     report: dict[str, Any] = {
-        "machine": machine_info(),
+        "machine": machine,
         "prompt_tokens": len(prompt_ids),
         "target_tokens": len(target_ids),
         "segments": len(features),
