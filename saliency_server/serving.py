@@ -258,6 +258,7 @@ class SaliencyServing:
         if method in PERTURBATION_METHODS:  # the segments removed and how, and what scored them
             assert problem.scorer is not None, "the serving layer sets the scorer of such a problem"
             fields |= {"granularity": problem.granularity, "custom_regex": problem.custom_regex}
+            fields["segmentation"] = segmentation.SEGMENTATION_VERSION
             fields |= problem.perturbation.key_fields(method) | problem.scorer.key_fields()
         if inputs.foil_ids is not None and method not in PERTURBATION_METHODS:
             # the foil replaces the target from the first selected token on (engine docstring);

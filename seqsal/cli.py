@@ -439,6 +439,13 @@ def saliency(
     aggregate: Annotated[
         AggregateOption, typer.Option(help="Segment score: sum over its tokens (the paper's) or mean.")
     ] = AggregateOption.sum,
+    user_text: Annotated[
+        str,
+        typer.Option(
+            help="With a chat-templated prompt: your own text inside it. The template around it (roles, "
+            "its built-in system prompt) is then left out of the colour range."
+        ),
+    ] = "",
     server: ServerOption = None,
     model: ModelOption = None,
 ) -> None:
@@ -448,7 +455,12 @@ def saliency(
 
     try:
         rules = ScaleRules(
-            include_sink=scale_all, include_special=scale_all, clip_percentile=clip, aggregate=aggregate.value
+            include_sink=scale_all,
+            include_special=scale_all,
+            clip_percentile=clip,
+            aggregate=aggregate.value,
+            include_template=not user_text,
+            user_text=user_text,
         )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error

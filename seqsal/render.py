@@ -32,6 +32,7 @@ from rich.text import Text
 
 from seqsal import colors
 from seqsal.scale import ScaleRules, aggregate, excluded_tokens, reference_scale
+from seqsal.segmentation import template_markers, template_tokens
 from seqsal.v1 import common_pb2, saliency_pb2
 
 __all__ = [
@@ -80,6 +81,9 @@ class Unit:
     #: The unit's index among the segments (or tokens) of its part: what a click on it selects.
     #: Pieces split off one segment share it.
     index: int = 0
+    #: True when every token of the unit is a chat-template marker (``<|im_end|>``...): text of the
+    #: prompt, drawn dimmed and scaled like a special token (:func:`seqsal.segmentation.template_markers`).
+    marker: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +195,10 @@ def units(
     selected = selected_token_indices(response)
     tokens = response.tokens
     n = len(tokens)
-    excluded = excluded_tokens([t.special for t in tokens], rules)
+    markers = template_markers(tokens)
+    special = [bool(t.special) or m for t, m in zip(tokens, markers, strict=True)]
+    template = None if rules.include_template else template_tokens(tokens, rules.user_text)
+    excluded = excluded_tokens(special, rules, template)
     out: list[Unit] = []
     if use_segments and len(response.segments) > 0:
         counters: dict[int, int] = {}
@@ -211,6 +218,7 @@ def units(
                     special=hi > lo and all(tokens[i].special for i in range(lo, hi)),
                     excluded=excl,
                     index=index,
+                    marker=hi > lo and all(markers[i] for i in range(lo, hi)),
                 )
 
             counted = [i for i in range(a, b) if not excluded[i]]
@@ -249,6 +257,7 @@ def units(
                 special=bool(tok.special),
                 excluded=excluded[i],
                 index=index,
+                marker=markers[i],
             )
         )
     return out
@@ -362,6 +371,7 @@ dl.meta dd { margin: 0; font-family: ui-monospace, SFMono-Regular, Menlo, Consol
 .special { opacity: .55; font-size: .8em; }
 .excl { background-image: repeating-linear-gradient(135deg, transparent 0 3px, rgba(0, 0, 0, .14) 3px 5px); }
 .special::before { content: attr(data-text); }
+.marker { opacity: .55; font-size: .8em; font-family: ui-monospace, Menlo, Consolas, monospace; }
 .boundary { border-left: 2px solid #888; margin: 0 1px; }
 .chips { line-height: 2.3; }
 .chips .u { border: 1px solid rgba(0, 0, 0, .3); border-radius: 4px; padding: 1px 2px; margin: 0 1px;
@@ -380,6 +390,8 @@ def _unit_html(unit: Unit, color: str, tokens: Sequence[common_pb2.Token]) -> st
         classes.append("sel")
     if unit.excluded:
         classes.append("excl")
+    if unit.marker:
+        classes.append("marker")
     title = "score: " + colors.format_score(unit.score)
     if unit.excluded:
         title += " (left out of the colour range)"
@@ -612,7 +624,7 @@ def _unit_style(unit: Unit, color: str, *, special: bool = False) -> Style:
         color=colors.text_color_for(color),
         bold=unit.selected or None,
         underline=unit.selected or None,
-        dim=(unit.special or special) or None,
+        dim=(unit.special or unit.marker or special) or None,
     )
 
 

@@ -10,7 +10,13 @@ about the prompt's content and would spend the whole colour scale on themselves:
 * the **attention-sink position**: the first token of the sequence (a BOS when the model adds
   one, otherwise the prompt's first token). Causal LMs park attention there, and its gradient is
   routinely the largest of the prompt (4.77 against 3.53 for the next on the restaurant example);
-* **special tokens** (BOS, EOS, chat-template markers such as ``<|im_start|>``).
+* **special tokens** (BOS, EOS, and the chat-template markers such as ``<|im_start|>`` that
+  :func:`seqsal.segmentation.special_flags` flags, though the tokenizer does not).
+
+``include_template=False`` also leaves out the rest of a chat template: every prompt token
+outside the user's own text ``user_text`` (the template's roles and its built-in system prompt,
+which otherwise can be the darkest part of a templated prompt); see
+:func:`seqsal.segmentation.template_tokens`.
 
 Such a token is drawn as its own unit with a marker and its value on hover, never with a
 saturated colour, and, at segment granularity, its score is not added into its segment's score.
@@ -67,6 +73,10 @@ class ScaleRules:
     aggregate: Aggregate = "sum"
     #: The range ends at this ``|score|`` (a range shared with another heatmap); None = its own.
     fixed_scale: float | None = None
+    #: Count a chat template's tokens around ``user_text`` (roles, built-in system prompt).
+    include_template: bool = True
+    #: The user's own text inside a templated prompt (what ``include_template=False`` keeps).
+    user_text: str = ""
 
     def __post_init__(self) -> None:
         p = self.clip_percentile
@@ -89,6 +99,8 @@ class ScaleRules:
             left_out.append("the first token (attention sink)")
         if not self.include_special:
             left_out.append("special tokens")
+        if not self.include_template:
+            left_out.append("the chat template around your prompt")
         parts = []
         if left_out:
             parts.append(f"{' and '.join(left_out)} are left out of the range (marked ⊘, value on hover)")
@@ -104,9 +116,16 @@ class ScaleRules:
         return text[0].upper() + text[1:]
 
 
-def excluded_tokens(special: Sequence[bool], rules: ScaleRules) -> list[bool]:
-    """Per token: True when ``rules`` leave it out of the range (and out of its segment's score)."""
+def excluded_tokens(
+    special: Sequence[bool], rules: ScaleRules, template: Sequence[bool] | None = None
+) -> list[bool]:
+    """Per token: True when ``rules`` leave it out of the range (and out of its segment's score).
+
+    ``template`` flags the chat template's tokens (used when ``rules.include_template`` is off).
+    """
     out = [bool(s) and not rules.include_special for s in special]
+    if template is not None and not rules.include_template:
+        out = [o or bool(t) for o, t in zip(out, template, strict=True)]
     if out and not rules.include_sink:
         out[SINK_INDEX] = True
     return out

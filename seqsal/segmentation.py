@@ -14,6 +14,8 @@ token exactly once and never cross a part boundary. A token *starts a segment* w
 * it is the first token of its part;
 * it is special, or it follows a special token (a special token is always a
   segment of its own);
+* it is the first token of a *chat-template marker*, or it follows the last one (a
+  marker is always a segment of its own, see below);
 * the granularity's rule says so:
 
   - ``TOKENS``: every token.
@@ -56,6 +58,17 @@ or ``'▁'``.
   string everywhere (``x*``, ``a?``, ``(|b)``: it would start a segment at every char,
   which is ``TOKENS``).
 
+**Chat-template markers** are the literal turn markers a chat template writes into the
+prompt text: every match of :data:`TEMPLATE_MARKER` (``<|im_start|>``, ``<|im_end|>``,
+``<|user|>``, ``<|eot_id|>``, ``<start_of_turn>``, ``<end_of_turn>``, ``[INST]``,
+``[/INST]``, ``<<SYS>>``...) in a part text. Tokenizers do not flag them as special (they
+are text of the prompt, and may even be split into several tokens), so this module does:
+the tokens that overlap a marker's chars form a segment of their own at every granularity
+(so ``"Face<|im_end|>"`` is two segments), and :func:`template_markers` flags them, so that
+renderers treat them like special tokens (dimmed, out of the colour range by default:
+:mod:`seqsal.scale`). :func:`template_tokens` also finds the rest of the template around
+the user's own text (roles, the template's built-in system prompt).
+
 ``GRANULARITY_UNSPECIFIED`` gives no segments. A segment's ``char_start``/``char_end``
 are the char span of its tokens in the part text (``char_start == char_end`` at the
 special token's position for a special segment) and its ``text`` is the
@@ -88,6 +101,9 @@ _LINE_END = re.compile(r"\n+")
 _SENTENCE_END = re.compile(rf"[.?!]({_SPACE}+)(?=[^\s\u2581])")
 _PARAGRAPH_END = re.compile(rf"\n(?:{_SPACE}*\n)+")
 
+TEMPLATE_MARKER = re.compile(r"<\|[A-Za-z0-9_.:-]{1,40}\|>|<(?:start|end)_of_turn>|\[/?INST\]|<</?SYS>>")
+"""A chat-template marker in a part text (see the module docstring)."""
+
 _CHAR_GRANULARITIES = frozenset(
     {
         common_pb2.SENTENCES,
@@ -102,6 +118,10 @@ _KNOWN_GRANULARITIES = _CHAR_GRANULARITIES | {
     common_pb2.WORDS,
 }
 
+
+SEGMENTATION_VERSION = 2
+"""Bumped when the rules change what segments a request gives (2: chat-template markers), so
+results keyed by segments (occlusion, LIME) cached under the old rules are never served."""
 
 MAX_REGEX_CHARS = 1000
 """Longest ``custom_regex`` accepted."""
@@ -297,6 +317,55 @@ def _boundary_starts(
     return starts
 
 
+def _marker_spans(tokens: Sequence[common_pb2.Token], first: int, end: int) -> list[tuple[int, int]]:
+    """Token runs ``[a, b)`` (absolute indices) of one part run that overlap a chat-template marker."""
+    text = "".join(t.text for t in tokens[first:end] if not t.special)
+    if "<" not in text and "[" not in text:
+        return []
+    holders = [i for i in range(first, end) if not tokens[i].special and tokens[i].text]
+    starts = [tokens[i].start for i in holders]
+    spans: list[tuple[int, int]] = []
+    for m in TEMPLATE_MARKER.finditer(text):
+        lo = holders[bisect_right(starts, m.start()) - 1]  # the token holding the first char
+        hi = holders[bisect_right(starts, m.end() - 1) - 1]  # ... and the last one
+        spans.append((lo, hi + 1))
+    return spans
+
+
+def template_markers(tokens: Sequence[common_pb2.Token]) -> list[bool]:
+    """Per token: True when it overlaps a chat-template marker (own segment, dimmed, scaled as special)."""
+    flags = [False] * len(tokens)
+    for _, first, end in part_runs(tokens):
+        for a, b in _marker_spans(tokens, first, end):
+            flags[a:b] = [True] * (b - a)
+    return flags
+
+
+def special_flags(tokens: Sequence[common_pb2.Token]) -> list[bool]:
+    """Per token: special for the colour scale: a special token (BOS, EOS...) or a chat-template marker."""
+    return [bool(t.special) or m for t, m in zip(tokens, template_markers(tokens), strict=True)]
+
+
+def template_tokens(tokens: Sequence[common_pb2.Token], user_text: str) -> list[bool]:
+    """Per token: True for the chat template around the user's own text in the prompt.
+
+    That is every PROMPT token (special ones included) outside the last occurrence of
+    ``user_text`` in the prompt text, and every chat-template marker: the template's roles,
+    markers and built-in system prompt. When ``user_text`` is empty or not in the prompt
+    text, only the markers (and special tokens) are.
+    """
+    flags = special_flags(tokens)
+    prompt = "".join(t.text for t in tokens if t.part == common_pb2.PROMPT and not t.special)
+    at = prompt.rfind(user_text) if user_text else -1
+    if at < 0:
+        return flags
+    stop = at + len(user_text)
+    for i, t in enumerate(tokens):
+        if t.part == common_pb2.PROMPT and not flags[i] and (t.special or t.end <= at or t.start >= stop):
+            flags[i] = True
+    return flags
+
+
 def _segment_starts(
     tokens: Sequence[common_pb2.Token],
     first: int,
@@ -314,6 +383,10 @@ def _segment_starts(
         text = "".join(t.text for t in tokens[first:end] if not t.special)
         starts = _boundary_starts(tokens, first, end, offsets, char_boundaries(text, granularity, pattern))
     starts[0] = True
+    for a, b in _marker_spans(tokens, first, end):
+        starts[a - first] = True
+        if b < end:
+            starts[b - first] = True
     for j in range(end - first):
         if tokens[first + j].special:
             starts[j] = True

@@ -174,3 +174,39 @@ def test_a_shared_range_is_the_larger_of_the_sides_ranges() -> None:
     assert "shared by both sides" in rules.describe()
     with pytest.raises(ValueError, match="fixed_scale"):
         ScaleRules(fixed_scale=0.0)
+
+
+def _templated() -> saliency_pb2.SaliencyResponse:
+    """A chat-templated prompt whose built-in system prompt soaks up gradient."""
+    pieces = [
+        ("<|im_start|>", PROMPT, False, 1.0),
+        ("system\nYou are Qwen.", PROMPT, False, 9.0),
+        ("<|im_end|>", PROMPT, False, 8.0),
+        ("\n<|im_start|>user\n", PROMPT, False, 1.0),
+        ("Is it good?", PROMPT, False, 2.0),
+        ("<|im_end|>", PROMPT, False, 7.0),
+        (" Yes", TARGET, False, 0.0),
+    ]
+    return _response(pieces)
+
+
+def test_chat_template_markers_count_as_special_and_the_template_can_be_left_out() -> None:
+    response = _templated()
+    default = render.heatmap(response)
+    marked = [u.text for u in default.units if u.marker]
+    assert marked == ["<|im_start|>", "<|im_end|>", "\n<|im_start|>user\n", "<|im_end|>"]
+    assert all(u.excluded for u in default.units if u.marker)  # special: out of the range by default
+    assert default.scale == 9.0  # ... so the built-in system prompt sets it
+    rules = ScaleRules(include_template=False, user_text="Is it good?")
+    hm = render.heatmap(response, rules=rules)
+    assert [u.text for u in hm.units if u.part == PROMPT and not u.excluded] == ["Is it good?"]
+    assert hm.scale == 2.0 and "chat template" in rules.describe()
+    # The UI, the HTML export and the CLI apply the same rule.
+    assert [r["color"] for r in unit_rows(build_payload(response, 0, side="main", rules=rules))] == hm.colors
+    assert [r["marker"] for r in unit_rows(build_payload(response, 0, side="main"))] == [
+        u.marker for u in default.units
+    ]
+    assert _html_colors(render.render_html(response, rules=rules)) == hm.colors
+    terminal = render.render_terminal(response, rules=rules, show_special=True)
+    expected = [None if u.excluded else c for u, c in zip(hm.units, hm.colors, strict=True)]
+    assert _terminal_colors(terminal, len(hm.units)) == expected

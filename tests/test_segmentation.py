@@ -20,6 +20,9 @@ from seqsal.segmentation import (
     part_texts,
     segment_target_masks,
     segment_tokens,
+    special_flags,
+    template_markers,
+    template_tokens,
     validate_regex,
     with_scores,
 )
@@ -204,6 +207,50 @@ def test_special_token_in_the_middle_is_its_own_segment() -> None:
         assert texts(segment_tokens(tokens, granularity)) == ["Hi", "<sep>", "there you", "</s>"]
     sep, end = segment_tokens(tokens, common_pb2.LINES)[1::2]
     assert (sep.char_start, sep.char_end, end.char_start, end.char_end) == (2, 2, 11, 11)
+
+
+QWEN = [
+    "<|im_start|>", "system", "\n", "You", " are", " helpful", ".", "<|im_end|>", "\n",
+    "<|im_start|>", "user", "\n", "Hugging", " Face", "<|im_end|>", "\n",
+    "<|im_start|>", "assistant", "\n",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("granularity", ALL_GRANULARITIES)
+def test_chat_template_markers_are_segments_of_their_own(granularity: int) -> None:
+    tokens = tile([BOS, *QWEN])
+    got = texts(segment_tokens(tokens, granularity, r"\n"))
+    for marker in ("<|im_start|>", "<|im_end|>"):
+        assert got.count(marker) == QWEN.count(marker)  # never merged into a sentence
+    assert not any(t.endswith("Face<|im_end|>") for t in got)
+    if granularity == common_pb2.SENTENCES:
+        assert got == [
+            "<s>", "<|im_start|>", "system\n", "You are helpful.", "<|im_end|>", "\n", "<|im_start|>",
+            "user\n", "Hugging Face", "<|im_end|>", "\n", "<|im_start|>", "assistant\n",
+        ]  # fmt: skip
+    flags = special_flags(tokens)
+    assert [t.text for t, f in zip(tokens, flags, strict=True) if f] == ["<s>"] + [
+        p for p in QWEN if p.startswith("<|")
+    ]
+    assert template_markers(tokens) == [f and not t.special for t, f in zip(tokens, flags, strict=True)]
+
+
+def test_a_marker_split_into_tokens_is_one_segment() -> None:
+    tokens = tile(["<", "|", "user", "|>\n", "Hello", " there", ".", " Bye", "[/", "INST", "]"])
+    expected = ["<|user|>\n", "Hello there.", " Bye", "[/INST]"]
+    assert texts(segment_tokens(tokens, common_pb2.SENTENCES)) == expected
+    assert template_markers(tokens) == [True] * 4 + [False] * 4 + [True] * 3
+
+
+def test_template_tokens_are_everything_around_the_users_text() -> None:
+    tokens = tile([BOS, *QWEN])
+    template = template_tokens(tokens, "Hugging Face")
+    assert "".join(t.text for t, f in zip(tokens, template, strict=True) if not f) == "Hugging Face"
+    # Without the user's text (or when it is not in the prompt), only markers and special tokens.
+    assert template_tokens(tokens, "") == special_flags(tokens)
+    assert template_tokens(tokens, "not there") == special_flags(tokens)
+    target = tile(["<|im_end|>"], part=TARGET)
+    assert template_tokens([*tokens, *target], "Hugging Face")[-1]  # a marker in the target too
 
 
 def prompt_target() -> list[common_pb2.Token]:

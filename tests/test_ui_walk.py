@@ -88,3 +88,23 @@ def test_the_regex_leaves_the_link_with_its_granularity(app: AppTest) -> None:
     at.selectbox(key="w_granularity").set_value("WORDS")
     run_ok(at)
     assert "re" not in at.query_params and at.query_params["gran"] == "words"
+
+
+def test_chat_template_markers_are_dimmed_segments_and_the_template_can_leave_the_scale(app: AppTest) -> None:
+    at = run_ok(app)
+    at.toggle(key="w_chat").set_value(True)
+    run_ok(at)
+    prompt = at.session_state["gen_main"].prompt
+    assert prompt.startswith("<|user|>\n")
+    rows = [r for r in unit_rows(payloads(at)["main"]) if r["part"] == "prompt"]
+    markers = [r["text"] for r in rows if r["marker"]]
+    assert [m.strip() for m in markers] == ["<|user|>", "<|assistant|>"]  # segments of their own
+    assert all(r["excluded"] for r in rows if r["marker"])  # special: out of the range by default
+    user = EXAMPLES["restaurant-copy-paste"].prompt
+    assert at.toggle(key="w_template").value is True
+    at.toggle(key="w_template").set_value(False)
+    run_ok(at)
+    data = payloads(at)["main"]
+    kept = "".join(r["text"] for r in unit_rows(data) if r["part"] == "prompt" and not r["excluded"])
+    assert kept and kept in user and user.startswith(kept[:20])  # only the user's own text counts
+    assert "chat template" in data["legend"]["rules"] and at.query_params["tmpl"] == "0"

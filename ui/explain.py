@@ -294,7 +294,7 @@ def run_side(
     result.response = response
     result.method_index = services.method_index(response, side.method)
     result.caption = caption(result) if caption else ""
-    set_payload(result, display, display.rules)
+    set_payload(result, display, display.rules_for(side))
     return result
 
 

@@ -54,6 +54,7 @@ D: dict[str, str] = {
     "clip": "w_clip",
     "aggregate": "w_aggregate",
     "shared_scale": "w_shared_scale",
+    "template": "w_template",
 }
 
 EXAMPLE_ID = "v_example_id"
@@ -151,6 +152,7 @@ def read_display(ss: Mapping[str, Any]) -> DisplayState:
         clip=None if ss.get(D["clip"], d.clip) is None else float(ss[D["clip"]]),
         aggregate=str(ss.get(D["aggregate"], d.aggregate)),
         shared_scale=bool(ss.get(D["shared_scale"], d.shared_scale)),
+        template=bool(ss.get(D["template"], d.template)),
     )
 
 

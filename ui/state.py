@@ -19,6 +19,7 @@ an unedited example is just ``?ex=<id>``)::
     all     1 = the first token and special tokens count in the colour range
     clip    the colour range is this percentile of |score|      agg  sum|mean (segment scores)
     shared  1 = both sides of a side-by-side share one colour range
+    tmpl    0 = the chat template around the prompt is left out of the colour range
     pin=1 and the same side keys prefixed with ``pin.`` for the pinned side.
 
 A prompt longer than :data:`MAX_URL_PROMPT_CHARS` is not put in the URL: the link carries the
@@ -181,16 +182,24 @@ class DisplayState:
     aggregate: str = "sum"
     #: Side-by-side: both heatmaps share one colour range (the larger of their own ranges).
     shared_scale: bool = False
+    #: Count a chat template's roles and built-in system prompt in the colour range.
+    template: bool = True
 
-    @property
-    def rules(self) -> ScaleRules:
-        """The scale rules shared by the heatmap, the HTML export and the CLI."""
+    def rules_for(self, side: SideState) -> ScaleRules:
+        """The scale rules of one side, shared by its heatmap and its HTML export (and the CLI's)."""
         return ScaleRules(
             include_sink=self.scale_all,
             include_special=self.scale_all,
             clip_percentile=self.clip,
             aggregate="mean" if self.aggregate == "mean" else "sum",
+            include_template=self.template or not side.chat_template,
+            user_text=side.prompt if side.chat_template else "",
         )
+
+    @property
+    def rules(self) -> ScaleRules:
+        """The scale rules without a chat template (see :meth:`rules_for`)."""
+        return self.rules_for(SideState())
 
 
 @dataclass(frozen=True)
@@ -293,6 +302,8 @@ def to_query(view: ViewState, baselines: Baselines) -> dict[str, str]:
         q["agg"] = disp.aggregate
     if disp.shared_scale:
         q["shared"] = "1"
+    if not disp.template:
+        q["tmpl"] = "0"
     if view.pinned is not None:
         q["pin"] = "1"
         q.update(side_to_query(view.pinned, baselines, prefix="pin."))
@@ -435,6 +446,8 @@ def from_query(params: Mapping[str, Any], baselines: Baselines) -> tuple[ViewSta
         changes["clip"] = x
     if "shared" in get:
         changes["shared_scale"] = _bool(get["shared"])
+    if "tmpl" in get:
+        changes["template"] = _bool(get["tmpl"])
     if "agg" in get:
         if get["agg"] in AGGREGATES:
             changes["aggregate"] = get["agg"]

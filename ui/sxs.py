@@ -79,7 +79,7 @@ def own_scale(result: SideResult, display: DisplayState) -> float:
     """The ``|score|`` at which a side's own colour range ends (0.0 without a heatmap)."""
     if result.response is None:
         return 0.0
-    return render.heatmap(result.response, result.method_index, rules=display.rules).scale
+    return render.heatmap(result.response, result.method_index, rules=display.rules_for(result.state)).scale
 
 
 def share_scale(results: list[SideResult], display: DisplayState) -> float | None:
@@ -92,7 +92,6 @@ def share_scale(results: list[SideResult], display: DisplayState) -> float | Non
     scale = shared_scale([own_scale(r, display) for r in drawn])
     if scale is None:
         return None
-    rules = replace(display.rules, fixed_scale=scale)
     for result in drawn:
-        set_payload(result, display, rules)
+        set_payload(result, display, replace(display.rules_for(result.state), fixed_scale=scale))
     return scale

@@ -219,6 +219,14 @@ def sidebar(report: ModelsReport, endpoints: Endpoints) -> None:
             "the largest of the prompt) and special tokens are left out of the colour range and of their "
             "segment's score, drawn hatched with their value on hover.",
         )
+        st.toggle(
+            "Scale includes the chat template",
+            key=session.D["template"],
+            disabled=not ss.get(session.W["chat_template"]),
+            help="With the chat template on: off leaves the template around your prompt (its roles and "
+            "built-in system prompt) out of the colour range, drawn hatched. Its markers (<|im_start|>...) "
+            "are always their own dimmed segments and count as special tokens.",
+        )
         st.selectbox(
             "Colour range",
             CLIPS,
@@ -523,7 +531,7 @@ def heatmap_panel(
         view=query,
         link=share_link(query),
         generation=generation,
-        rules=result.rules or display.rules,
+        rules=result.rules or display.rules_for(result.state),
     )
 
 
@@ -540,7 +548,7 @@ def matrix_panel(result: SideResult, display: DisplayState) -> None:
         side=result.side,
         selection=result.selection,
         intensity=display.intensity,
-        rules=display.rules,
+        rules=display.rules_for(result.state),
     )
     if data is None:
         return

@@ -87,7 +87,7 @@ function buildUnits(data, frag, wanted, selected, whole) {
     }
     const span = document.createElement("span");
     let cls = "seqsal-unit";
-    if (u.special[i]) cls += " seqsal-special";
+    if (u.special[i] || (Array.isArray(u.marker) && u.marker[i])) cls += " seqsal-special";
     const excluded = Array.isArray(u.excluded) && u.excluded[i];
     if (excluded) cls += " seqsal-excluded";
     if (part === "target") {

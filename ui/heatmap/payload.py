@@ -40,7 +40,8 @@ def build_payload(
     ``units`` holds parallel lists: ``part`` ("prompt" | "target" | "foil"), ``index`` (the
     unit's index among the segments of its part; for the target this is the number a click
     sends back), ``text``, ``score`` (raw, ``None`` if not finite), ``color`` (background),
-    ``fg`` (text colour with enough contrast), ``special`` and ``excluded`` (left out of the colour
+    ``fg`` (text colour with enough contrast), ``special``, ``marker`` (a chat-template marker:
+    text of the prompt, drawn dimmed like a special token) and ``excluded`` (left out of the colour
     range by ``rules``: drawn hatched, value on hover). ``selected`` lists the selected target
     segments; with an empty selection the whole target is explained (``whole_target``).
     ``clicks`` counts the clicks the page has handled on this side: every click then changes
@@ -57,6 +58,7 @@ def build_payload(
     fg: list[str] = []
     special: list[bool] = []
     excluded: list[bool] = []
+    marker: list[bool] = []
     for unit, c in zip(hm.units, hm.colors, strict=True):
         name = _PART.get(unit.part, "prompt")
         counters[name] = max(counters.get(name, 0), unit.index + 1)
@@ -68,6 +70,7 @@ def build_payload(
         fg.append(colors.text_color_for(c))
         special.append(unit.special)
         excluded.append(unit.excluded)
+        marker.append(unit.marker)
     n_target = counters.get("target", 0)
     selected = sorted(i for i in selection if 0 <= i < n_target)
     sat = hm.saturation if hm.scale > 0 else 0.0
@@ -83,6 +86,7 @@ def build_payload(
             "fg": fg,
             "special": special,
             "excluded": excluded,
+            "marker": marker,
         },
         "selected": selected,
         "whole_target": not selected,
