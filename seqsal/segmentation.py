@@ -454,3 +454,18 @@ def segment_target_masks(
         for segment in segments
         if segment.part == common_pb2.TARGET
     ]
+
+
+def segments_overlapping(
+    segments: Sequence[common_pb2.Segment], spans: Sequence[tuple[int, int]]
+) -> list[int]:
+    """Indices (in order) of the ``segments`` whose char span overlaps one of ``spans``.
+
+    For carrying a selection over to other segments of the same text (another granularity):
+    segments without chars (special tokens) never overlap.
+    """
+    return [
+        i
+        for i, s in enumerate(segments)
+        if s.char_end > s.char_start and any(s.char_start < b and a < s.char_end for a, b in spans)
+    ]

@@ -218,7 +218,7 @@ def test_settings_change_what_they_should(app: AppTest) -> None:
     run_ok(at)
     words = payloads(at)["main"]
     assert len(words["units"]["text"]) > len(chips["units"]["text"])
-    assert words["selected"] == []  # a selection belongs to one granularity
+    assert words["selected"][0] == 0  # carried over: the words of the first sentence
     assert at.query_params["gran"] == "words"
 
     at.selectbox(key="w_granularity").set_value("TOKENS")

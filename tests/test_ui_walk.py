@@ -108,3 +108,30 @@ def test_chat_template_markers_are_dimmed_segments_and_the_template_can_leave_th
     kept = "".join(r["text"] for r in unit_rows(data) if r["part"] == "prompt" and not r["excluded"])
     assert kept and kept in user and user.startswith(kept[:20])  # only the user's own text counts
     assert "chat template" in data["legend"]["rules"] and at.query_params["tmpl"] == "0"
+
+
+def test_the_selection_survives_a_granularity_change_and_a_prompt_edit(app: AppTest) -> None:
+    at = run_ok(app)
+    at.session_state["sel_main"] = (1,)  # the Recommendation sentence of the reference target
+    run_ok(at)
+    sentence = "".join(
+        r["text"] for r in unit_rows(payloads(at)["main"]) if r["part"] == "target" and r["index"] == 1
+    )
+    at.selectbox(key="w_granularity").set_value("WORDS")
+    run_ok(at)
+    words = payloads(at)["main"]
+    chosen = [
+        r["text"] for r in unit_rows(words) if r["part"] == "target" and r["index"] in words["selected"]
+    ]
+    assert len(chosen) > 1 and "".join(chosen) == sentence  # the same chars, as words
+    at.selectbox(key="w_granularity").set_value("SENTENCES")
+    run_ok(at)
+    assert payloads(at)["main"]["selected"] == [1]
+    # An edit of the prompt that leaves the (reference) target as it is keeps the selection.
+    at.text_area(key="w_prompt").set_value(at.text_area(key="w_prompt").value + "\n")
+    run_ok(at)
+    assert payloads(at)["main"]["selected"] == [1] and at.query_params["sel"] == "1"
+    # A new target clears it.
+    at.text_area(key="w_reference").set_value("Something else entirely.")
+    run_ok(at)
+    assert payloads(at)["main"]["selected"] == []

@@ -20,7 +20,7 @@ from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_r
 
 from seqsal.errors import InvalidArgumentError, SeqsalError
 from seqsal.scale import ScaleRules
-from seqsal.segmentation import segment_target_masks, validate_regex
+from seqsal.segmentation import segment_target_masks, segments_overlapping, validate_regex
 from seqsal.v1 import common_pb2, saliency_pb2
 from ui import queue_status, services
 from ui.heatmap import build_payload
@@ -252,15 +252,21 @@ def run_side(
     masks = segment_target_masks(list(base.tokens), list(base.segments))
     result.target_segments = [segment for segment, _ in masks]
 
-    # A selection belongs to one target at one granularity: clear it when either changes.
+    # A selection belongs to one target: at another granularity (or after a prompt edit that left
+    # the target as it was) it is carried over by char span; a new target clears it.
     context = _selection_context(spec, result.granularity, regex)
-    ctx_key = f"sel_ctx_{name}"
+    ctx_key, spans_key = f"sel_ctx_{name}", f"sel_spans_{name}"
+    target_key = _selection_context(spec, "", "")
     selection = tuple(ss.get(selection_key(name), ()))
     if ss.get(ctx_key) not in (None, context):
-        selection = ()
+        previous = ss.get(spans_key)
+        same_target = isinstance(previous, tuple) and previous[0] == target_key
+        selection = tuple(segments_overlapping(result.target_segments, previous[1])) if same_target else ()
     ss[ctx_key] = context
     selection = tuple(i for i in selection if 0 <= i < len(masks))
     ss[selection_key(name)] = selection
+    spans = [(masks[i][0].char_start, masks[i][0].char_end) for i in selection]
+    ss[spans_key] = (target_key, spans)
     result.selection = selection
 
     # Fill the server's cache with every segment, in the background.

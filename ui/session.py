@@ -272,14 +272,14 @@ def pin_current(default_model: str = "") -> None:
     ss[selection_key("pin")] = side.selection
     if generation_key("main") in ss:
         ss[generation_key("pin")] = ss[generation_key("main")]
-    for suffix in ("ctx",):
+    for suffix in ("ctx", "spans"):
         if f"sel_{suffix}_main" in ss:
             ss[f"sel_{suffix}_pin"] = ss[f"sel_{suffix}_main"]
 
 
 def unpin() -> None:
     ss = st.session_state
-    for key in (PINNED, selection_key("pin"), generation_key("pin"), "sel_ctx_pin"):
+    for key in (PINNED, selection_key("pin"), generation_key("pin"), "sel_ctx_pin", "sel_spans_pin"):
         ss.pop(key, None)
 
 
