@@ -56,7 +56,8 @@ or ``'▁'``.
   (``(?m)^``, ``\\b``, ``$``) start a segment at their position. The pattern must be
   non-empty, at most :data:`MAX_REGEX_CHARS` chars, compile, and not match the empty
   string everywhere (``x*``, ``a?``, ``(|b)``: it would start a segment at every char,
-  which is ``TOKENS``).
+  which is ``TOKENS``) or inside a word (``\\B``, ``x*\\B``: a segment would start inside every
+  word); zero-width matches of ``^``, ``$`` and ``\\b`` never fall inside a word.
 
 **Chat-template markers** are the literal turn markers a chat template writes into the
 prompt text: every match of :data:`TEMPLATE_MARKER` (``<|im_start|>``, ``<|im_end|>``,
@@ -174,7 +175,8 @@ def validate_regex(pattern: str) -> CompiledRegex:
 
     Rejected: an empty pattern (``CUSTOM_REGEX`` needs something to match), one longer than
     :data:`MAX_REGEX_CHARS`, one RE2 cannot compile (invalid, or unsupported such as
-    backreferences and lookaround), and one that matches the empty string in every context.
+    backreferences and lookaround), one that matches the empty string in every context, and one
+    that matches it inside a word (between two letters): both would give segments like ``TOKENS``.
     The UI and the servers both call this, so they accept and mean the same patterns.
     """
     if not pattern:
@@ -200,6 +202,13 @@ def validate_regex(pattern: str) -> CompiledRegex:
             f"custom_regex {quote(pattern)} matches the empty string everywhere, so it would start a segment "
             "at every char (that is granularity TOKENS); make it match at least one char "
             "(e.g. x+ instead of x*) or anchor it (e.g. (?m)^ or \\b)",
+            field="custom_regex",
+        )
+    if compiled.fullmatch("ab", 1, 1) is not None:
+        raise InvalidArgumentError(
+            f"custom_regex {quote(pattern)} matches the empty string inside words (between the two letters "
+            "of 'ab'), so it would start a segment inside every word, which is granularity TOKENS; make it "
+            "match at least one char, or anchor it at word boundaries (\\b) or line starts ((?m)^)",
             field="custom_regex",
         )
     return compiled

@@ -448,6 +448,7 @@ async def test_catastrophic_regex_answers_and_health_keeps_answering(
         (r"(a)\1", ("RE2", "backreferences")),
         (r"(?<=a)b", ("RE2", "lookaround")),
         (r"x*", ("empty string", "TOKENS")),
+        (r"\B", ("empty string inside words", "\\b")),
         ("", ("required", "CUSTOM_REGEX")),
     ],
 )

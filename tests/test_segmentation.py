@@ -303,6 +303,15 @@ def test_regex_matching_the_empty_string_everywhere_is_rejected(pattern: str) ->
     assert "empty string everywhere" in info.value.message and "TOKENS" in info.value.message
 
 
+@pytest.mark.parametrize("pattern", [r"\B", r"x*\B", r"\Bx?"])
+def test_regex_matching_the_empty_string_inside_words_is_rejected(pattern: str) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        validate_regex(pattern)
+    assert info.value.field == "custom_regex" and repr(pattern) in info.value.message
+    assert "inside words" in info.value.message and "TOKENS" in info.value.message
+    assert "\\b" in info.value.message and "(?m)^" in info.value.message  # the fix
+
+
 @pytest.mark.parametrize(
     ("pattern", "reason"),
     [

@@ -236,7 +236,11 @@ def test_settings_change_what_they_should(app: AppTest) -> None:
     assert any("showing tokens" in w for w in texts(at.warning)), texts(at.warning)
     assert payloads(at)["main"]["units"]["text"] == tokens["units"]["text"]
     # The same engine as the servers: lookaround is refused with the syntax, x* as matching nothing.
-    for pattern, fragment in ((r"(?=Taste)", "lookaround"), (r"x*", "empty string everywhere")):
+    for pattern, fragment in (
+        (r"(?=Taste)", "lookaround"),
+        (r"x*", "empty string everywhere"),
+        (r"\B", "inside words"),
+    ):
         at.text_input(key="w_regex").set_value(pattern)
         run_ok(at)
         assert any(fragment in e for e in texts(at.error)), texts(at.error)
