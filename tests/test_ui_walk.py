@@ -5,10 +5,14 @@ The servers are the real in-process ones on tiny models (``tests/test_ui_app.py`
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import test_ui_app
 from streamlit.testing.v1 import AppTest
 from test_ui_app import payloads, run_ok, texts
 
+from ui import services
 from ui.examples import load_examples
 from ui.heatmap import unit_rows
 
@@ -135,3 +139,30 @@ def test_the_selection_survives_a_granularity_change_and_a_prompt_edit(app: AppT
     at.text_area(key="w_reference").set_value("Something else entirely.")
     run_ok(at)
     assert payloads(at)["main"]["selected"] == []
+
+
+def test_the_first_heatmap_of_a_reference_target_waits_for_no_generation(
+    app: AppTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    generate, call_saliency = services.generate, services.call_saliency
+
+    def spy_generate(*args: Any, **kwargs: Any) -> Any:
+        calls.append("generate")
+        return generate(*args, **kwargs)
+
+    def spy_saliency(*args: Any, **kwargs: Any) -> Any:
+        calls.append("saliency")
+        return call_saliency(*args, **kwargs)
+
+    monkeypatch.setattr(services, "generate", spy_generate)
+    monkeypatch.setattr(services, "call_saliency", spy_saliency)
+    app.query_params["ex"] = "gsm8k-socratic-annotated"
+    at = run_ok(app)
+    assert at.radio(key="w_target_kind").value == "reference"
+    assert calls[:2] == ["saliency", "generate"]  # the heatmap first, the response after it
+    assert payloads(at)["main"]["units"] and at.session_state["gen_main"].candidates
+    calls.clear()
+    at.radio(key="w_target_kind").set_value("candidate")  # a generated target needs the generation
+    run_ok(at)
+    assert "saliency" in calls and "generate" not in calls  # generated already, and reused

@@ -228,16 +228,35 @@ def run_side(
     status_box: DeltaGenerator,
     caption: Callable[[SideResult], str] | None = None,
 ) -> SideResult:
-    """Run the loop for one side (calls the servers only for what is not cached yet)."""
+    """Run the loop for one side (calls the servers only for what is not cached yet).
+
+    A reference target (without the chat template, which the inference server applies) is
+    explained before the response is generated: its heatmap needs no generation.
+    """
     result = SideResult(side=name, state=side)
-    ss = st.session_state
-    result.generation, result.generation_error = _generation(name, side, endpoints, status_box)
+    first = services.needs_generation(side)
+    if first:
+        result.generation, result.generation_error = _generation(name, side, endpoints, status_box)
+    _explain(result, endpoints, display, caption)
+    if not first:
+        result.generation, result.generation_error = _generation(name, side, endpoints, status_box)
+    return result
+
+
+def _explain(
+    result: SideResult,
+    endpoints: Endpoints,
+    display: DisplayState,
+    caption: Callable[[SideResult], str] | None,
+) -> None:
+    """The saliency part of :func:`run_side`: the whole target, the prefetch, the selection."""
+    name, side, ss = result.side, result.state, st.session_state
     try:
         spec = services.target_spec(side, result.generation)
     except TargetProblem as exc:
         result.problem = result.generation_error or str(exc)
         result.retryable = result.generation_error is not None
-        return result
+        return
     result.spec = spec
     result.granularity, result.regex_error = effective_granularity(side)
     regex = side.regex if result.granularity == "CUSTOM_REGEX" else ""
@@ -247,7 +266,7 @@ def run_side(
     base, problem = _saliency(name, endpoints, base_request, f"the {spec.label}", request_id=request_id)
     if base is None:
         result.problem, result.retryable = problem, True
-        return result
+        return
     result.base = base
     masks = segment_target_masks(list(base.tokens), list(base.segments))
     result.target_segments = [segment for segment, _ in masks]

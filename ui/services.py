@@ -411,6 +411,14 @@ class TargetSpec:
     label: str = ""
 
 
+def needs_generation(side: SideState) -> bool:
+    """Whether explaining the side needs its generation first: the target is a generated response,
+    or the chat template (applied by the inference server) makes the prompt. A reference target is
+    explained on the prompt as typed (so its first heatmap waits for no generation)."""
+    reference = side.target_kind == "reference" or (side.target_kind == "foil" and side.reference.strip())
+    return side.chat_template or not reference
+
+
 def target_spec(side: SideState, generation: Generation | None) -> TargetSpec:
     """The target of a side; :class:`TargetProblem` when it cannot be explained yet."""
     prompt = generation.prompt if generation is not None else ""
