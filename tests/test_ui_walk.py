@@ -12,7 +12,8 @@ import test_ui_app
 from streamlit.testing.v1 import AppTest
 from test_ui_app import payloads, run_ok, texts
 
-from ui import services
+from seqsal.v1 import common_pb2, saliency_pb2
+from ui import explain, services
 from ui.examples import load_examples
 from ui.heatmap import unit_rows
 
@@ -166,3 +167,31 @@ def test_the_first_heatmap_of_a_reference_target_waits_for_no_generation(
     at.radio(key="w_target_kind").set_value("candidate")  # a generated target needs the generation
     run_ok(at)
     assert "saliency" in calls and "generate" not in calls  # generated already, and reused
+
+
+def test_an_integrated_gradients_residual_larger_than_the_threshold_is_warned_in_words() -> None:
+    def response(residual: float, scores: list[float]) -> saliency_pb2.SaliencyResponse:
+        ms = saliency_pb2.MethodScores(
+            method=common_pb2.INTEGRATED_GRADIENTS, scores=scores, completeness_residual=residual, ig_steps=16
+        )
+        return saliency_pb2.SaliencyResponse(scores=[ms])
+
+    scores = [13.5, -4.0, 2.5, 5.0]  # total |score| 25
+    assert explain.ig_residual_warning(response(1.9, scores), 0) is None  # under 10 %
+    words = explain.ig_residual_warning(response(24.5, scores), 0)  # the walk's case
+    assert words and "did not converge" in words and "24.5" in words and "13.5" in words
+    assert "98%" in words and "SEQSAL_IG_STEPS" in words
+    grad = saliency_pb2.SaliencyResponse(scores=[saliency_pb2.MethodScores(method=common_pb2.GRAD_L2)])
+    assert explain.ig_residual_warning(grad, 0) is None
+
+
+def test_integrated_gradients_in_the_page_warns_by_the_rule_and_learns_its_duration(app: AppTest) -> None:
+    at = run_ok(app)
+    at.radio(key="w_method").set_value("INTEGRATED_GRADIENTS")
+    run_ok(at)
+    cache = at.session_state[explain.SESSION_CACHE]
+    response = next(r for r in cache._items.values() if r.scores[0].ig_steps)
+    expected = explain.ig_residual_warning(response, 0)
+    warned = [w for w in texts(at.warning) if "did not converge" in w]
+    assert bool(warned) == (expected is not None)
+    assert isinstance(at.session_state[explain.IG_RATE], float)  # the next call's progress estimate

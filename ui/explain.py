@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,34 @@ def effective_granularity(side: SideState) -> tuple[str, str | None]:
     except InvalidArgumentError as exc:
         return "TOKENS", exc.message
     return side.granularity, None
+
+
+#: Integrated gradients' completeness check: warn when the residual |sum_i IG_i - (L(x) - L(baseline))|
+#: is more than this fraction of the attributions' total |score| (sum_i |IG_i|): then the scores do
+#: not add up to the change they should explain, and more steps are needed.
+IG_RESIDUAL_WARN_FRACTION = 0.1
+
+
+def ig_residual_warning(response: saliency_pb2.SaliencyResponse, method_index: int) -> str | None:
+    """Plain words when an integrated-gradients result fails its completeness check (else ``None``)."""
+    if not 0 <= method_index < len(response.scores):
+        return None
+    ms = response.scores[method_index]
+    if not ms.HasField("completeness_residual"):
+        return None
+    residual = abs(ms.completeness_residual)
+    total = sum(abs(x) for x in ms.scores)
+    if residual <= IG_RESIDUAL_WARN_FRACTION * total:
+        return None
+    largest = max((abs(x) for x in ms.scores), default=0.0)
+    share = f"{residual / total:.0%} of" if total > 0 else "more than"
+    return (
+        f"Integrated gradients did not converge: its scores should add up to the change in log p from "
+        f"the baseline, but miss it by {residual:.3g} ({share} their total |score|; the largest score is "
+        f"{largest:.3g}), after {ms.ig_steps} steps. Read the colours as rough: more steps "
+        f"(`SEQSAL_IG_STEPS` on the saliency server) or a gradient method give a sounder picture. "
+        f"(Warned above {IG_RESIDUAL_WARN_FRACTION:.0%}.)"
+    )
 
 
 def _cache() -> services.ResponseCache:
@@ -138,7 +167,11 @@ def _saliency(
     if isinstance(failed, tuple) and failed[0] == key:
         return None, failed[1]
     try:
-        response = queue_status.saliency(endpoints, request, request_id, what)  # where it stands, shown
+        ig = list(request.problem.methods) == [common_pb2.INTEGRATED_GRADIENTS]
+        detail = _ig_progress(request) if ig else None
+        response = queue_status.saliency(endpoints, request, request_id, what, detail=detail)  # shown
+        if ig:
+            _learn_ig_rate(request, response)
     except SeqsalError as exc:
         message = services.describe_error(exc, "saliency", endpoints.saliency)
         st.session_state[failed_key] = (key, message)
@@ -146,6 +179,42 @@ def _saliency(
     st.session_state.pop(failed_key, None)
     cache.put(key, response)
     return response, None
+
+
+IG_RATE = "v_ig_ms_per_step_char"
+
+
+def _ig_size(request: saliency_pb2.SaliencyRequest) -> int:
+    """A size for the time estimate of an integrated-gradients call (chars, ~4 per token id)."""
+    p = request.problem
+    return max(1, len(p.prompt) + 4 * len(p.prompt_token_ids) + len(p.target) + 4 * len(p.target_token_ids))
+
+
+def _ig_steps(request: saliency_pb2.SaliencyRequest) -> int:
+    return request.problem.ig_steps or services.load_settings().ig_steps
+
+
+def _ig_progress(request: saliency_pb2.SaliencyRequest) -> Callable[[], str]:
+    """Words on the long integrated-gradients call, for its status line: its steps, the time so far
+    and an estimate from this session's previous IG call (the server reports no IG steps)."""
+    steps, started = _ig_steps(request), time.monotonic()
+    rate = st.session_state.get(IG_RATE)
+    estimate_s = rate * steps * _ig_size(request) / 1000 if isinstance(rate, float) else None
+
+    def words() -> str:
+        elapsed = time.monotonic() - started
+        text = f"Integrated gradients: {steps} steps, each a forward and a backward pass · {elapsed:.0f} s"
+        if estimate_s:
+            text += f" of about {estimate_s:.0f} s (estimated from your last IG call)"
+        return text
+
+    return words
+
+
+def _learn_ig_rate(request: saliency_pb2.SaliencyRequest, response: saliency_pb2.SaliencyResponse) -> None:
+    """Remember how long an IG call took per step and size (the next one's estimate)."""
+    if not response.cache_hit and response.server_time_ms > 0:
+        st.session_state[IG_RATE] = float(response.server_time_ms) / (_ig_steps(request) * _ig_size(request))
 
 
 def _generation(

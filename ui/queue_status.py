@@ -153,16 +153,24 @@ def call_with_feedback(
 
 
 def saliency(
-    endpoints: Endpoints, request: saliency_pb2.SaliencyRequest, request_id: str | None, what: str
+    endpoints: Endpoints,
+    request: saliency_pb2.SaliencyRequest,
+    request_id: str | None,
+    what: str,
+    *,
+    detail: Callable[[], str] | None = None,
 ) -> saliency_pb2.SaliencyResponse:
-    """One Saliency call with its place in the server's queue shown meanwhile (typed errors)."""
+    """One Saliency call with its place in the server's queue shown meanwhile (typed errors);
+    ``detail()`` adds words of the caller's to the line (e.g. integrated gradients' progress)."""
     rid = request_id or new_request_id()
     box = st.empty()
     try:
         response, waited = call_with_feedback(
             lambda: services.call_saliency(endpoints, request, rid),
             lambda: latest(endpoints, rid, "Saliency"),
-            lambda status: box.info(describe(status, what), icon=":material/hourglass_top:"),
+            lambda status: box.info(
+                describe(status, what) + (f" {detail()}" if detail else ""), icon=":material/hourglass_top:"
+            ),
         )
     except SeqsalError:
         box.empty()  # the caller says what went wrong

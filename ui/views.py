@@ -510,6 +510,8 @@ def heatmap_panel(
     prefetch_panel(result)
     heatmap.mount(result.payload, side=result.side, on_select=lambda: session.on_select(result.side))
     st.caption(_meta(result))
+    if (residual := explain.ig_residual_warning(result.response, result.method_index)) is not None:
+        st.warning(residual, icon=":material/warning:")
     matrix_panel(result, display)
     generation = None
     if result.generation is not None:
