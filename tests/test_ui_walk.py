@@ -5,6 +5,7 @@ The servers are the real in-process ones on tiny models (``tests/test_ui_app.py`
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -195,3 +196,26 @@ def test_integrated_gradients_in_the_page_warns_by_the_rule_and_learns_its_durat
     warned = [w for w in texts(at.warning) if "did not converge" in w]
     assert bool(warned) == (expected is not None)
     assert isinstance(at.session_state[explain.IG_RATE], float)  # the next call's progress estimate
+
+
+def test_an_uploaded_example_opens_in_a_fresh_session_and_brings_its_own_max_tokens(app: AppTest) -> None:
+    at = run_ok(app)
+    assert at.number_input(key="w_max_new").value == EXAMPLES["restaurant-copy-paste"].max_new_tokens == 40
+    label = at.expander[0].label
+    mine = {"id": "mine", "title": "Mine", "prompt": "Say hi.", "target": " Hi!"}
+    content = (json.dumps(mine) + "\n{not json\n").encode()
+    at.file_uploader(key="w_upload").set_value(("mine.jsonl", content, "application/json"))
+    run_ok(at)
+    panel = next(e for e in at.expander if e.label.startswith("Data table"))
+    assert panel.proto.expanded and panel.label != label  # opened, showing the per-line report
+    assert any("line 2" in w for w in texts(panel.warning)) and panel.success
+    at.selectbox(key="w_example").set_value("mine")
+    run_ok(at)
+    assert at.number_input(key="w_max_new").value == 64  # not the previous example's 40
+    link = dict(at.query_params)
+    assert "ex" not in link and link["prompt"] == "Say hi." and link["ref"] == " Hi!"
+    fresh = AppTest.from_file(test_ui_app.APP, default_timeout=test_ui_app.TIMEOUT)
+    fresh.query_params.update(link)
+    run_ok(fresh)
+    assert fresh.text_area(key="w_prompt").value == "Say hi." and not fresh.info
+    assert target_text(payloads(fresh)["main"]) == " Hi!"

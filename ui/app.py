@@ -41,7 +41,10 @@ def main() -> None:
         saved_sessions.panel(report.default)
     views.header(report, notes, example_problems)
     outage.banner(report, endpoints)  # before the sides: after an outage they call again
-    links = baselines(examples)
+    # Links are relative to the bundled examples only: an uploaded one is not there in a fresh
+    # session, so a link to it carries its prompt and settings instead of its id.
+    bundled = views.bundled_examples()[0]
+    links = baselines(bundled)
 
     def query() -> dict[str, str]:
         return to_query(session.current_view(ss, report.default), links)
@@ -94,7 +97,7 @@ def main() -> None:
                 query_of=query,
                 editable=True,
             )
-    session.sync_query_params(session.current_view(ss, report.default), examples)
+    session.sync_query_params(session.current_view(ss, report.default), bundled)
 
 
 main()

@@ -192,6 +192,8 @@ def side_for_example(example: Example, base: SideState) -> SideState:
 
     With a reference ``target`` the view explains it (target kind "reference"); otherwise the
     generated response. A ``foil`` is filled in for the contrastive mode. The selection is cleared.
+    What belongs to the example (target, foil, stop strings, max new tokens) never carries over
+    from the previous one: an example without ``max_new_tokens`` gets the default.
     """
     kind: TargetKind = "reference" if example.target else "candidate"
     return replace(
@@ -207,7 +209,7 @@ def side_for_example(example: Example, base: SideState) -> SideState:
         regex=example.regex if example.granularity == "CUSTOM_REGEX" else base.regex,
         stop=example.stop,
         chat_template=base.chat_template if example.chat_template is None else example.chat_template,
-        max_new_tokens=example.max_new_tokens or base.max_new_tokens,
+        max_new_tokens=example.max_new_tokens or SideState().max_new_tokens,
     )
 
 

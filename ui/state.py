@@ -367,7 +367,10 @@ def side_from_query(
         if ex in baselines:
             side = baselines[ex]
         else:
-            notes.append(f"the link names example {ex!r}, which is not loaded here")
+            notes.append(
+                f"the link names example {ex!r}, which is not loaded here (an uploaded example lives "
+                "only in the session that uploaded it: upload its file again, then pick it)"
+            )
     changes: dict[str, Any] = {}
     if "prompt" in get:
         changes["prompt"] = get["prompt"]

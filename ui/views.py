@@ -323,8 +323,18 @@ def editor(examples: list[Example], *, pinned: bool, default_model: str = "") ->
 
 
 def data_table(examples: list[Example]) -> None:
-    """The loaded examples as a table to pick from, and an upload of more."""
-    with st.expander(f"Data table · {len(examples)} examples", icon=":material/table_rows:"):
+    """The loaded examples as a table to pick from, and an upload of more.
+
+    The panel keeps its identity (a key) when an upload changes the count in its label, and it
+    opens after an upload so the per-line report shows.
+    """
+    report = st.session_state.get(UPLOAD_PROBLEMS)
+    with st.expander(
+        f"Data table · {len(examples)} examples",
+        expanded=bool(report),
+        key="data_table",
+        icon=":material/table_rows:",
+    ):
         frame = pd.DataFrame(
             [
                 {
@@ -355,11 +365,13 @@ def data_table(examples: list[Example]) -> None:
             help='One JSON object per line: {"id", "title", "prompt"} and optionally "target", "foil", '
             '"granularity", "regex", "stop", "chat_template", "max_new_tokens", "description".',
         )
-        report = st.session_state.get(UPLOAD_PROBLEMS)
         if report:
             name, added, problems = report
             if added:
-                st.success(f"Added {added} example(s) from {md_escape(name)}.")
+                st.success(
+                    f"Added {added} example(s) from {md_escape(name)}. They live in this session only: "
+                    "a link to one carries its prompt and settings instead of its id."
+                )
             for problem in problems:
                 st.warning(md_escape(problem))
 
