@@ -219,3 +219,16 @@ def test_an_uploaded_example_opens_in_a_fresh_session_and_brings_its_own_max_tok
     run_ok(fresh)
     assert fresh.text_area(key="w_prompt").value == "Say hi." and not fresh.info
     assert target_text(payloads(fresh)["main"]) == " Hi!"
+
+
+def test_a_reload_says_the_response_was_reused_and_the_data_table_is_full_width(app: AppTest) -> None:
+    services.GENERATIONS._items.clear()  # this process's earlier tests generated it already
+    first = run_ok(app)
+    assert any(s.label.startswith("Generated ") for s in first.status), [s.label for s in first.status]
+    again = run_ok(AppTest.from_file(test_ui_app.APP, default_timeout=test_ui_app.TIMEOUT))  # a reload
+    labels = [s.label for s in again.status]
+    assert not any(label.startswith("Generated ") for label in labels), labels  # no old "in 8.6 s"
+    assert any(label.startswith("Reused a response of") for label in labels), labels
+    in_columns = [e.label for column in again.columns for e in column.expander]
+    assert not any(label.startswith("Data table") for label in in_columns)
+    assert any(e.label.startswith("Data table") for e in again.main.expander)

@@ -54,7 +54,6 @@ def main() -> None:
         left, right = st.columns([5, 7], gap="large")
         with left:
             views.editor(examples, pinned=False, default_model=report.default)
-            views.data_table(examples)
         with right:
             views.run_and_draw(
                 "main",
@@ -65,6 +64,7 @@ def main() -> None:
                 query_of=query,
                 editable=True,
             )
+        views.data_table(examples)  # the page's full width: a column leaves it ~325 px
     else:
         with st.expander("Datapoint editor (right side)", expanded=True, icon=":material/edit:"):
             views.editor(examples, pinned=True, default_model=report.default)

@@ -256,8 +256,13 @@ def _generation(
             preview.empty()
             return None, str(exc)
         tokens = sum(len(c.token_ids) for c in generation.candidates)
+        label = (
+            f"Reused a response of {tokens} tokens that {generation.model} generated earlier"
+            if generation.reused
+            else f"Generated {tokens} tokens with {generation.model} in {generation.elapsed_s:.1f} s"
+        )
         status.update(
-            label=f"Generated {tokens} tokens with {generation.model} in {generation.elapsed_s:.1f} s",
+            label=label,
             state="complete",
             expanded=False,
         )
@@ -408,4 +413,5 @@ def set_payload(result: SideResult, display: DisplayState, rules: ScaleRules) ->
         caption=result.caption,
         rules=rules,
         clicks=int(st.session_state.get(clicks_key(result.side), 0)),
+        target_label=result.spec.label if result.spec else "response",
     )

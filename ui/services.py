@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, TypeVar
 
 import grpc
@@ -262,6 +262,8 @@ class Generation:
     #: the ``x-request-id`` of the Generate call; the saliency calls explaining this generation
     #: carry it too, so one user action can be followed through both services' logs
     request_id: str = ""
+    #: True when this is a recent identical request's result from the shared cache, not a new call
+    reused: bool = False
 
 
 def generate_request(side: SideState) -> inference_pb2.GenerateRequest:
@@ -324,7 +326,7 @@ def generate(
     if not side.prompt.strip():
         raise TargetProblem("The prompt is empty: type a prompt or pick an example.")
     if reuse and (known := GENERATIONS.get(endpoints, side.generation_key())) is not None:
-        return known
+        return replace(known, reused=True)
     client = POOL.inference(endpoints)
     request_id = new_request_id()
     started = time.monotonic()

@@ -15,6 +15,7 @@
 //   root data-render-ms: time to build and attach the view (ms); data-units: unit count.
 
 const COLOR = /^#[0-9a-fA-F]{6}$/;
+const LEADING_SPACE = /^[ \t\u00a0]*/;
 
 function fmt(x) {
   if (x === null || x === undefined || Number.isNaN(x)) return "n/a";
@@ -64,7 +65,7 @@ function buildLegend(legend, whole, canSelect) {
   const sel = el("span", "seqsal-legend-sel");
   const swatch = el("span", whole ? "seqsal-swatch seqsal-swatch-whole" : "seqsal-swatch", "abc");
   sel.append(swatch);
-  let hint = whole ? " explained: the whole response" : " explained (selected)";
+  let hint = whole ? ` explained: the whole ${String(legend.target || "response")}` : " explained (selected)";
   if (canSelect) hint += " · click a response segment to explain it, shift-click to add";
   sel.append(document.createTextNode(hint));
   box.appendChild(sel);
@@ -102,7 +103,14 @@ function buildUnits(data, frag, wanted, selected, whole) {
     span.style.backgroundColor = safeColor(u.color[i], "#ffffff");
     span.style.color = safeColor(u.fg[i], "#000000");
     span.title = `${part} ${u.index[i]} · score ${fmt(score)}` + (excluded ? " · left out of the colour range" : "");
-    span.textContent = u.text[i];
+    // A unit's leading spaces go in front of it, uncoloured: where a line wraps before the word
+    // they hang at the end of the line, and coloured they would draw a bar there.
+    const text = String(u.text[i]);
+    const lead = LEADING_SPACE.exec(text)[0];
+    if (lead && lead.length < text.length) frag.appendChild(document.createTextNode(lead));
+    span.textContent = lead.length < text.length ? text.slice(lead.length) : text;
+    // Blank lines (only whitespace with a newline) are not boxed in chip mode.
+    if (/\n/.test(text) && !text.trim()) span.classList.add("seqsal-blank");
     if (part === "target") {
       span.tabIndex = 0;
       span.setAttribute("role", "button");

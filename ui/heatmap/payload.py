@@ -34,6 +34,7 @@ def build_payload(
     caption: str = "",
     rules: ScaleRules | None = None,
     clicks: int = 0,
+    target_label: str = "response",
 ) -> dict[str, Any]:
     """Everything the component draws for one response and one method.
 
@@ -103,6 +104,8 @@ def build_payload(
             "intensity": hm.intensity,
             "rules": hm.rules.describe(),
             "percentile": hm.rules.clip_percentile,
+            #: what the target is, in words ("reference target", "generated response"...)
+            "target": target_label,
         },
         "caption": caption,
         "clicks": clicks,

@@ -1,0 +1,100 @@
+"""The heatmap component's JavaScript in a real browser, on its own: no stack, no model.
+
+``ui/heatmap/heatmap.js`` and its CSS are loaded into a blank page in headless Chromium and
+called the way Streamlit calls them, with payloads built by ``ui.heatmap.build_payload`` from
+hand-made responses; the tests read what it drew. A few seconds in all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from seqsal.v1 import common_pb2, saliency_pb2
+from ui.heatmap import build_payload
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium")
+playwright_sync = pytest.importorskip("playwright.sync_api")
+
+from playwright.sync_api import Page, sync_playwright  # noqa: E402
+
+HEATMAP_DIR = Path(__file__).resolve().parent.parent / "ui" / "heatmap"
+UNIT = '[data-testid="seqsal-heatmap"] span.seqsal-unit'
+
+
+@pytest.fixture(scope="module")
+def page() -> Iterator[Page]:
+    js = (HEATMAP_DIR / "heatmap.js").read_text(encoding="utf-8")
+    css = (HEATMAP_DIR / "heatmap.css").read_text(encoding="utf-8")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 800, "height": 600})
+        page.set_content('<div id="host" style="width: 230px"></div>')
+        page.add_style_tag(content=css)
+        page.add_script_tag(content=js.replace("export default function", "window.seqsalDraw = function"))
+        yield page
+        browser.close()
+
+
+def response(prompt: list[str], target: list[str]) -> saliency_pb2.SaliencyResponse:
+    """A response whose tokens are the given pieces (one segment each), every score 1."""
+    tokens = []
+    for part, pieces in ((common_pb2.PROMPT, prompt), (common_pb2.TARGET, target)):
+        pos = 0
+        for text in pieces:
+            tokens.append(
+                common_pb2.Token(id=len(tokens), text=text, start=pos, end=pos + len(text), part=part)
+            )
+            pos += len(text)
+    scores = [float(i + 1) for i in range(len(tokens))]
+    return saliency_pb2.SaliencyResponse(
+        tokens=tokens,
+        scores=[saliency_pb2.MethodScores(method=common_pb2.GRAD_L2, scores=scores)],
+        target_mask=[True] * len(target),
+        granularity=common_pb2.TOKENS,
+    )
+
+
+def draw(page: Page, data: dict[str, Any]) -> None:
+    page.evaluate(
+        """data => window.seqsalDraw({data, parentElement: document.getElementById("host"),
+                                      setTriggerValue: () => {}})""",
+        data,
+    )
+
+
+PROMPT = ["Analyze", " a", " wonderfully", " long", " menu", " item", ".\n\n", "Then", " recommend", "."]
+
+
+def test_a_leading_space_is_drawn_uncoloured_in_front_of_its_unit(page: Page) -> None:
+    draw(page, build_payload(response(PROMPT, [" Tasty", "!"]), 0, side="main"))
+    units = page.locator(UNIT)
+    texts = units.all_text_contents()
+    assert not any(t != t.lstrip(" ") for t in texts), texts  # no coloured span starts with a space
+    text = page.locator('[data-testid="seqsal-text"]').text_content()
+    assert text == "".join(PROMPT) + " Tasty!"  # the spaces are still there, between the units
+
+
+def test_chip_mode_does_not_box_blank_lines(page: Page) -> None:
+    draw(page, build_payload(response(PROMPT, [" Tasty"]), 0, side="main", chips=True))
+    borders = page.locator(UNIT).evaluate_all(
+        "us => us.map(u => [u.textContent, getComputedStyle(u).borderTopStyle])"
+    )
+    assert dict(borders)[".\n\n"] == "solid"  # text with a newline is a chip ...
+    blank = response(["Line one", "\n\n", "Line two"], [" ok"])
+    draw(page, build_payload(blank, 0, side="main", chips=True))
+    borders = page.locator(UNIT).evaluate_all(
+        "us => us.map(u => [u.textContent, getComputedStyle(u).borderTopStyle])"
+    )
+    assert dict(borders) == {"Line one": "solid", "\n\n": "none", "Line two": "solid", "ok": "solid"}
+
+
+def test_the_legend_names_the_target_it_explains(page: Page) -> None:
+    data = build_payload(response(PROMPT, [" Tasty"]), 0, side="main", target_label="reference target")
+    draw(page, data)
+    legend = page.locator(".seqsal-legend-sel").text_content() or ""
+    assert "explained: the whole reference target" in legend and "response" not in legend.split("·")[0]
