@@ -36,6 +36,7 @@ def page() -> Iterator[Page]:
         page.set_content('<div id="host" style="width: 230px"></div>')
         page.add_style_tag(content=css)
         page.add_script_tag(content=js.replace("export default function", "window.seqsalDraw = function"))
+        page.evaluate("() => { window.sent = []; }")
         yield page
         browser.close()
 
@@ -62,6 +63,7 @@ def response(prompt: list[str], target: list[str]) -> saliency_pb2.SaliencyRespo
 def draw(page: Page, data: dict[str, Any]) -> None:
     page.evaluate(
         """data => window.seqsalDraw({data, parentElement: document.getElementById("host"),
+                                      setStateValue: (name, value) => window.sent.push([name, value]),
                                       setTriggerValue: () => {}})""",
         data,
     )
@@ -98,3 +100,28 @@ def test_the_legend_names_the_target_it_explains(page: Page) -> None:
     draw(page, data)
     legend = page.locator(".seqsal-legend-sel").text_content() or ""
     assert "explained: the whole reference target" in legend and "response" not in legend.split("·")[0]
+
+
+def test_a_click_during_a_run_survives_the_stale_redraw_and_goes_back_as_numbered_state(page: Page) -> None:
+    stale = build_payload(response(PROMPT, [" Tasty.", " Yes", "!"]), 0, side="main")
+    draw(page, stale)
+    page.evaluate("() => { window.sent = []; }")
+    page.locator(f'{UNIT}[data-part="target"][data-index="1"]').click()
+    ((name, value),) = page.evaluate("() => window.sent")
+    assert name == "selection" and value["indices"] == [1] and value["seq"] > 0
+    # The run that was in flight when the user clicked draws its (older) data: the click stays.
+    draw(page, stale)
+    root = page.locator('[data-testid="seqsal-heatmap"]')
+    assert "seqsal-busy" in (root.get_attribute("class") or "")
+    assert page.locator(f"{UNIT}.seqsal-selected").all_text_contents() == ["Yes"]
+    # A shift-click then builds on it, not on the stale data.
+    page.locator(f'{UNIT}[data-part="target"][data-index="2"]').click(modifiers=["Shift"])
+    last = page.evaluate("() => window.sent")[-1][1]
+    assert last["indices"] == [1, 2] and last["seq"] > value["seq"]
+    # The run that applied it draws: no longer busy, Python's selection shown.
+    applied = build_payload(
+        response(PROMPT, [" Tasty.", " Yes", "!"]), 0, side="main", selection=(1, 2), click_seq=last["seq"]
+    )
+    draw(page, applied)
+    assert "seqsal-busy" not in (root.get_attribute("class") or "")
+    assert page.locator(f"{UNIT}.seqsal-selected").all_text_contents() == ["Yes", "!"]

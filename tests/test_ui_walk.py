@@ -232,3 +232,17 @@ def test_a_reload_says_the_response_was_reused_and_the_data_table_is_full_width(
     in_columns = [e.label for column in again.columns for e in column.expander]
     assert not any(label.startswith("Data table") for label in in_columns)
     assert any(e.label.startswith("Data table") for e in again.main.expander)
+
+
+def test_a_click_is_applied_by_the_next_run_even_without_its_callback(app: AppTest) -> None:
+    at = run_ok(app)
+    assert payloads(at)["main"]["selected"] == [] and payloads(at)["main"]["target_count"] >= 2
+    # What the component's state holds after a click made while a run was in flight, whose own
+    # rerun (and callback) was coalesced away: the next run, for whatever reason, applies it.
+    at.session_state["seqsal_heatmap_main"] = {"selection": {"indices": [1], "seq": 7, "side": "main"}}
+    run_ok(at)
+    data = payloads(at)["main"]
+    assert data["selected"] == [1] and data["click_seq"] == 7 and at.query_params["sel"] == "1"
+    at.session_state["sel_main"] = (0,)  # the selection changed since (e.g. another click)
+    run_ok(at)
+    assert payloads(at)["main"]["selected"] == [0]  # the old click is not applied again

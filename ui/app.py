@@ -34,6 +34,8 @@ def main() -> None:
     examples, example_problems = views.all_examples()
     notes = session.init_session(ss, st.query_params.to_dict(), examples)
     session.keep_widget_values(ss)
+    for side in session.SIDES:
+        session.on_select(side)  # a click whose callback did not run (made during a run)
     report = services.list_models(endpoints)
 
     views.sidebar(report, endpoints)

@@ -26,7 +26,7 @@ from seqsal.v1 import common_pb2, saliency_pb2
 from ui import queue_status, services
 from ui.heatmap import build_payload
 from ui.services import Endpoints, Generation, TargetProblem, TargetSpec
-from ui.session import clicks_key, force_key, generation_key, selection_key
+from ui.session import click_seq_key, clicks_key, force_key, generation_key, selection_key
 from ui.state import DisplayState, SideState
 
 SESSION_CACHE = "v_saliency_cache"
@@ -413,5 +413,6 @@ def set_payload(result: SideResult, display: DisplayState, rules: ScaleRules) ->
         caption=result.caption,
         rules=rules,
         clicks=int(st.session_state.get(clicks_key(result.side), 0)),
+        click_seq=int(st.session_state.get(click_seq_key(result.side), 0)),
         target_label=result.spec.label if result.spec else "response",
     )

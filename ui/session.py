@@ -249,13 +249,31 @@ def on_target_kind() -> None:
         ss[W["method"]] = "GRAD_DOT_INPUT"
 
 
+def click_seq_key(side: str) -> str:
+    """Session key: the sequence number of the last heatmap click applied on ``side``."""
+    return f"click_seq_{side}"
+
+
 def on_select(side: str) -> None:
-    """Heatmap click on ``side``: update that side's selection."""
-    select_segment(side, heatmap.clicked(side))
+    """Heatmap click on ``side``: apply the selection it made, once (by its sequence number).
+
+    The click callback and the start of every run both call this, so a click is applied even when
+    its callback did not run (a click made while a run was in flight).
+    """
+    ss = st.session_state
+    click = heatmap.clicked(side)
+    if click is None:
+        return
+    indices, seq = click
+    if seq <= int(ss.get(click_seq_key(side), 0)):
+        return
+    ss[click_seq_key(side)] = seq
+    ss[clicks_key(side)] = int(ss.get(clicks_key(side), 0)) + 1
+    ss[selection_key(side)] = indices
 
 
 def select_segment(side: str, click: tuple[int, bool] | None) -> None:
-    """A click (target segment index, additive) on ``side``'s heatmap or matrix: its new selection."""
+    """A click (target segment index, additive) on ``side``'s matrix: its new selection."""
     if click is None:
         return
     index, additive = click

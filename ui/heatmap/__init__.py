@@ -2,9 +2,10 @@
 
 Python sends a plain dict (:func:`ui.heatmap.payload.build_payload`) as ``data``; the
 JavaScript (``heatmap.js``, styles in ``heatmap.css``) draws it with DOM text nodes and, when a
-response segment is clicked, sets the trigger ``select`` to ``{"index", "additive", "side"}``.
-The ``on_select`` callback runs before the next script run and reads it with
-:func:`clicked`.
+response segment is clicked, sets the state ``selection`` to ``{"indices", "seq", "side"}``: the
+selection the click makes, numbered. The ``on_select`` callback runs before the next script run
+and reads it with :func:`clicked`; state persists in the page, so a click whose callback was
+coalesced away (made while a run was in flight) is still read by the next run.
 """
 
 from __future__ import annotations
@@ -42,16 +43,26 @@ def component_key(side: str) -> str:
 
 def mount(payload: dict[str, Any], *, side: str, on_select: Callable[[], None]) -> None:
     """Draw the heatmap for ``payload``; clicks call ``on_select`` (then read :func:`clicked`)."""
-    _render(key=component_key(side), data=payload, on_select_change=on_select)
+    _render(key=component_key(side), data=payload, on_selection_change=on_select)
 
 
-def clicked(side: str) -> tuple[int, bool] | None:
-    """The click that triggered ``on_select``: (target segment index, additive) or ``None``."""
-    return parse_click(st.session_state.get(component_key(side)))
+def clicked(side: str) -> tuple[tuple[int, ...], int] | None:
+    """The last selection a click on ``side`` made: (target segment indices, sequence number) or ``None``."""
+    state = st.session_state.get(component_key(side))
+    value = state.get("selection") if isinstance(state, dict) else None
+    if not isinstance(value, dict):
+        return None
+    indices, seq = value.get("indices"), value.get("seq")
+    if not isinstance(indices, list) or not isinstance(seq, int) or isinstance(seq, bool):
+        return None
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+        return None
+    return tuple(sorted(set(indices))), seq
 
 
 def parse_click(state: object) -> tuple[int, bool] | None:
-    """(segment index, additive) from a component's state after its ``select`` trigger, or None."""
+    """(segment index, additive) from a component's state after its ``select`` trigger, or None
+    (the matrix view's rows)."""
     value = state.get("select") if isinstance(state, dict) else None
     if not isinstance(value, dict):
         return None

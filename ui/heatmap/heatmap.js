@@ -1,9 +1,11 @@
 // seqsal heatmap: the prompt (and response) as running text coloured by saliency.
 //
 // Streamlit (st.components.v2) calls the default export with
-//   { data, parentElement, setTriggerValue, setStateValue, key, name }
+//   { data, parentElement, setStateValue, setTriggerValue, key, name }
 // every time `data` changes. `data` is the plain dict built by ui/heatmap/payload.py.
-// Clicking a response segment sends the trigger "select" = {index, additive, side} back to Python.
+// Clicking a response segment sends the state "selection" = {indices, seq, side} back to Python:
+// the selection the click makes, numbered (Python applies each number once; data.click_seq is
+// the last it applied).
 //
 // Prompt and model text are untrusted: every string goes in through textContent or
 // setAttribute, never through innerHTML.
@@ -149,7 +151,13 @@ function onActivate(root, unit, additive) {
   state.selection = next;
   markSelection(root, next, next.size === 0);
   root.classList.add("seqsal-busy");
-  state.setTriggerValue("select", { index, additive, side: state.data.side });
+  // The intended selection goes back as *state*, numbered: state persists in the page's widget
+  // state and travels with every later rerun, so a click made while a run is in flight is applied
+  // by the next run even if its own rerun request is coalesced away (a trigger could be lost).
+  const seq = Math.max(Date.now(), (state.seq || 0) + 1, Number(state.data.click_seq || 0) + 1);
+  state.seq = seq;
+  state.pending = { indices: [...next].sort((a, b) => a - b), seq };
+  state.setStateValue("selection", { ...state.pending, side: state.data.side });
 }
 
 function install(root) {
@@ -174,7 +182,7 @@ function install(root) {
 }
 
 export default function (component) {
-  const { data, parentElement, setTriggerValue } = component;
+  const { data, parentElement, setStateValue } = component;
   let root = parentElement.querySelector('[data-testid="seqsal-heatmap"]');
   if (!root) {
     root = el("div", "seqsal-root");
@@ -193,14 +201,19 @@ export default function (component) {
   const oldScroll = oldBox ? oldBox.scrollTop : 0;
   const sameText = state.data && state.data.text_key === data.text_key;
   state.data = data;
-  state.setTriggerValue = setTriggerValue;
-  state.selection = new Set(data.selected || []);
-  const whole = Boolean(data.whole_target);
+  state.setStateValue = setStateValue;
+  // Data from a run that started before the last click (its click_seq is older) keeps showing
+  // that click's selection, marked busy, until the run that applied it draws.
+  const pending = state.pending && Number(data.click_seq || 0) < state.pending.seq ? state.pending : null;
+  state.pending = pending;
+  state.selection = new Set(pending ? pending.indices : data.selected || []);
+  const whole = state.selection.size === 0;
 
   root.className = "seqsal-root";
   root.classList.toggle("seqsal-chips", Boolean(data.chips));
   root.classList.toggle("seqsal-compact", Boolean(data.compact));
   root.setAttribute("data-side", String(data.side || ""));
+  root.classList.toggle("seqsal-busy", Boolean(pending));
 
   const frag = document.createDocumentFragment();
   frag.appendChild(buildLegend(data.legend || {}, whole, data.target_count > 0));

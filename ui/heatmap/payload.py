@@ -34,6 +34,7 @@ def build_payload(
     caption: str = "",
     rules: ScaleRules | None = None,
     clicks: int = 0,
+    click_seq: int = 0,
     target_label: str = "response",
 ) -> dict[str, Any]:
     """Everything the component draws for one response and one method.
@@ -109,6 +110,8 @@ def build_payload(
         },
         "caption": caption,
         "clicks": clicks,
+        #: the sequence number of the last click applied (the component's pending click is newer)
+        "click_seq": click_seq,
     }
 
 
