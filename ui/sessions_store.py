@@ -91,6 +91,7 @@ def _generation_of(raw: dict[str, Any]) -> Generation:
             text=str(c["text"]),
             token_ids=tuple(int(t) for t in c["token_ids"]),
             finish_reason=str(c["finish_reason"]),
+            text_token_count=int(c.get("text_token_count", -1)),  # sessions saved before it: all shown
         )
         for c in raw["candidates"]
     )
