@@ -15,7 +15,7 @@ if _ROOT not in sys.path:  # `streamlit run ui/app.py` puts ui/ first, not the r
 
 import streamlit as st  # noqa: E402
 
-from ui import login, outage, saved_sessions, services, session, sxs, views  # noqa: E402
+from ui import login, matrix, outage, saved_sessions, services, session, sxs, views  # noqa: E402
 from ui.examples import baselines  # noqa: E402
 from ui.state import to_query  # noqa: E402
 
@@ -35,7 +35,9 @@ def main() -> None:
     notes = session.init_session(ss, st.query_params.to_dict(), examples)
     session.keep_widget_values(ss)
     for side in session.SIDES:
-        session.on_select(side)  # a click whose callback did not run (made during a run)
+        # clicks whose callback did not run (made during a run): the heatmap's and the matrix's
+        session.on_select(side)
+        session.apply_numbered_click(side, matrix.clicked(side))
     report = services.list_models(endpoints)
 
     views.sidebar(report, endpoints)

@@ -22,7 +22,6 @@ from ui.state import (
     SideState,
     ViewState,
     align_target_kind,
-    apply_click,
     from_query,
     to_query,
 )
@@ -260,8 +259,12 @@ def on_select(side: str) -> None:
     The click callback and the start of every run both call this, so a click is applied even when
     its callback did not run (a click made while a run was in flight).
     """
+    apply_numbered_click(side, heatmap.clicked(side))
+
+
+def apply_numbered_click(side: str, click: tuple[tuple[int, ...], int] | None) -> None:
+    """Apply a numbered selection (heatmap or matrix view) to ``side``, once, newest click wins."""
     ss = st.session_state
-    click = heatmap.clicked(side)
     if click is None:
         return
     indices, seq = click
@@ -270,16 +273,6 @@ def on_select(side: str) -> None:
     ss[click_seq_key(side)] = seq
     ss[clicks_key(side)] = int(ss.get(clicks_key(side), 0)) + 1
     ss[selection_key(side)] = indices
-
-
-def select_segment(side: str, click: tuple[int, bool] | None) -> None:
-    """A click (target segment index, additive) on ``side``'s matrix: its new selection."""
-    if click is None:
-        return
-    index, additive = click
-    st.session_state[clicks_key(side)] = int(st.session_state.get(clicks_key(side), 0)) + 1
-    key = selection_key(side)
-    st.session_state[key] = apply_click(tuple(st.session_state.get(key, ())), index, additive)
 
 
 def pin_current(default_model: str = "") -> None:

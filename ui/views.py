@@ -571,7 +571,7 @@ def matrix_panel(result: SideResult, display: DisplayState) -> None:
         matrix.mount(
             data,
             side=result.side,
-            on_select=lambda: session.select_segment(result.side, matrix.clicked(result.side)),
+            on_select=lambda: session.apply_numbered_click(result.side, matrix.clicked(result.side)),
         )
 
 

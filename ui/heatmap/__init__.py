@@ -18,7 +18,7 @@ import streamlit as st
 
 from ui.heatmap.payload import build_payload, unit_rows
 
-__all__ = ["build_payload", "clicked", "component_key", "mount", "parse_click", "unit_rows"]
+__all__ = ["build_payload", "clicked", "component_key", "mount", "numbered_selection", "unit_rows"]
 
 _HERE = Path(__file__).resolve().parent
 COMPONENT_NAME = "seqsal_heatmap"
@@ -48,7 +48,12 @@ def mount(payload: dict[str, Any], *, side: str, on_select: Callable[[], None]) 
 
 def clicked(side: str) -> tuple[tuple[int, ...], int] | None:
     """The last selection a click on ``side`` made: (target segment indices, sequence number) or ``None``."""
-    state = st.session_state.get(component_key(side))
+    return numbered_selection(st.session_state.get(component_key(side)))
+
+
+def numbered_selection(state: object) -> tuple[tuple[int, ...], int] | None:
+    """A component's ``selection`` state ``{"indices", "seq"}`` (the heatmap's and the matrix view's):
+    (target segment indices, sequence number), or None when absent or malformed."""
     value = state.get("selection") if isinstance(state, dict) else None
     if not isinstance(value, dict):
         return None
@@ -58,15 +63,3 @@ def clicked(side: str) -> tuple[tuple[int, ...], int] | None:
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
         return None
     return tuple(sorted(set(indices))), seq
-
-
-def parse_click(state: object) -> tuple[int, bool] | None:
-    """(segment index, additive) from a component's state after its ``select`` trigger, or None
-    (the matrix view's rows)."""
-    value = state.get("select") if isinstance(state, dict) else None
-    if not isinstance(value, dict):
-        return None
-    index = value.get("index")
-    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-        return None
-    return index, bool(value.get("additive"))

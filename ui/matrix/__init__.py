@@ -8,7 +8,8 @@ whole matrix (the largest |cell|, or the display's percentile, by the rules of
 includes them), so rows can be compared. Columns are the prompt units the heatmap draws.
 
 A click on a row is the same as a click on that target segment in the heatmap: it sets the
-side's selection through :func:`ui.session.select_segment` (shift-click adds or removes it).
+side's selection (shift-click adds or removes it), numbered as the heatmap's clicks are, so a
+click made while a run is in flight is applied by the next run (:func:`ui.session.apply_numbered_click`).
 Like the heatmap it is a bidirectional ``st.components.v2`` component (``matrix.js`` draws the
 table with DOM text nodes; ``matrix.css``).
 """
@@ -25,7 +26,7 @@ import streamlit as st
 from seqsal import colors, render
 from seqsal.scale import ScaleRules, reference_scale
 from seqsal.v1 import common_pb2, saliency_pb2
-from ui.heatmap import declare, parse_click
+from ui.heatmap import declare, numbered_selection
 
 _HERE = Path(__file__).resolve().parent
 COMPONENT_NAME = "seqsal_matrix"
@@ -110,9 +111,9 @@ def build_matrix(
 
 def mount(data: dict[str, Any], *, side: str, on_select: Callable[[], None]) -> None:
     """Draw the matrix; a row click calls ``on_select`` (then read :func:`clicked`)."""
-    _render(key=component_key(side), data=data, on_select_change=on_select)
+    _render(key=component_key(side), data=data, on_selection_change=on_select)
 
 
-def clicked(side: str) -> tuple[int, bool] | None:
-    """The row click that triggered ``on_select``: (target segment index, additive) or None."""
-    return parse_click(st.session_state.get(component_key(side)))
+def clicked(side: str) -> tuple[tuple[int, ...], int] | None:
+    """The selection the last row click made: (target segment indices, sequence number) or None."""
+    return numbered_selection(st.session_state.get(component_key(side)))

@@ -1,8 +1,8 @@
 // seqsal matrix view: target segments (rows) x prompt segments (columns), coloured by saliency.
 //
-// Streamlit (st.components.v2) calls the default export with { data, parentElement, setTriggerValue }.
-// `data` is built by ui/matrix/__init__.py. A click on a row (a target segment) sends the trigger
-// "select" = {index, additive, side}, exactly what a click on that segment in the heatmap sends.
+// Streamlit (st.components.v2) calls the default export with { data, parentElement, setStateValue }.
+// `data` is built by ui/matrix/__init__.py. A click on a row (a target segment) sets the state
+// "selection" = {indices, seq, side}: the selection it makes, numbered as a heatmap click is.
 // Texts are untrusted: they go in through textContent and setAttribute only.
 //
 // Stable hooks for browser tests: root data-testid="seqsal-matrix" (data-side, data-rows,
@@ -71,12 +71,28 @@ function activate(root, tr, additive) {
   const state = root.seqsalState;
   if (!state || !state.data) return;
   const index = Number(tr.getAttribute("data-index"));
+  // the selection this click makes, numbered as the heatmap's are (Python applies each number once,
+  // at the click's callback or at the start of the next run, so a click during a run is not lost)
+  // the rules of ui.state.apply_click, as the heatmap's clicks (a click on the only selected row
+  // selects the whole target again)
+  const next = new Set(state.data.selected || []);
+  if (additive) {
+    if (next.has(index)) next.delete(index);
+    else next.add(index);
+  } else if (next.size === 1 && next.has(index)) {
+    next.clear();
+  } else {
+    next.clear();
+    next.add(index);
+  }
+  const seq = Math.max(Date.now(), (state.seq || 0) + 1);
+  state.seq = seq;
   root.classList.add("seqsal-busy");
-  state.setTriggerValue("select", { index, additive, side: state.data.for_side });
+  state.setStateValue("selection", { indices: [...next].sort((a, b) => a - b), seq, side: state.data.for_side });
 }
 
 export default function (component) {
-  const { data, parentElement, setTriggerValue } = component;
+  const { data, parentElement, setStateValue } = component;
   let root = parentElement.querySelector('[data-testid="seqsal-matrix"]');
   if (!root) {
     root = el("div", "seqsal-matrix");
@@ -96,7 +112,7 @@ export default function (component) {
     });
   }
   root.seqsalState.data = data;
-  root.seqsalState.setTriggerValue = setTriggerValue;
+  root.seqsalState.setStateValue = setStateValue;
   root.classList.remove("seqsal-busy");
   if (!data || !data.rows) {
     root.replaceChildren(el("div", "seqsal-matrix-empty", "No matrix yet."));
