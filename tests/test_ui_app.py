@@ -20,7 +20,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from seqsal.settings import Settings
-from ui import services
+from ui import clients, prefetch
 from ui.examples import load_examples
 from ui.heatmap import unit_rows
 
@@ -129,10 +129,10 @@ def run_ok(at: AppTest) -> AppTest:
     return at
 
 
-def wait_prefetch(at: AppTest, side: str = "main") -> services.Progress:
+def wait_prefetch(at: AppTest, side: str = "main") -> prefetch.Progress:
     key = at.session_state[f"v_prefetch_{side}"]
     assert key, "no prefetch was started"
-    progress = services.PREFETCHER.wait(key, 60)
+    progress = prefetch.PREFETCHER.wait(key, 60)
     assert progress is not None and progress.finished and not progress.error, progress
     return progress
 
@@ -164,10 +164,8 @@ def test_example_generate_select_heatmap(app: AppTest) -> None:
     assert at.query_params["target"] == "candidate"
     # one request id follows the action through both services: Generate, then its Saliency calls
     generation = at.session_state["gen_main"]
-    endpoints = services.Endpoints.from_settings(services.load_settings())
-    assert (
-        generation.request_id and services.POOL.saliency(endpoints).last_request_id == generation.request_id
-    )
+    endpoints = clients.Endpoints.from_settings(clients.load_settings())
+    assert generation.request_id and clients.POOL.saliency(endpoints).last_request_id == generation.request_id
 
     # Back to the reference; every segment is precomputed in the background, so a click is a cache hit.
     at.radio(key="w_target_kind").set_value("reference")

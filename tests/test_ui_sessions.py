@@ -15,7 +15,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from test_ui_app import app, payloads, run_ok, servers  # noqa: F401  (fixtures)
 
-from ui.services import CandidateText, Generation
+from ui.generation import CandidateText, Generation
 from ui.sessions_store import MemoryStore, RedisStore, SavedSession, StoreError, check_name, decode, encode
 from ui.state import MAX_URL_PROMPT_CHARS, DisplayState, SideState, ViewState
 

@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 from test_ui_app import payloads, run_ok, texts
 
 from seqsal.v1 import common_pb2, saliency_pb2
-from ui import explain, services
+from ui import generation, side_loop, targets
 from ui.examples import load_examples
 from ui.heatmap import unit_rows
 
@@ -147,7 +147,7 @@ def test_the_first_heatmap_of_a_reference_target_waits_for_no_generation(
     app: AppTest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
-    generate, call_saliency = services.generate, services.call_saliency
+    generate, call_saliency = generation.generate, targets.call_saliency
 
     def spy_generate(*args: Any, **kwargs: Any) -> Any:
         calls.append("generate")
@@ -157,8 +157,8 @@ def test_the_first_heatmap_of_a_reference_target_waits_for_no_generation(
         calls.append("saliency")
         return call_saliency(*args, **kwargs)
 
-    monkeypatch.setattr(services, "generate", spy_generate)
-    monkeypatch.setattr(services, "call_saliency", spy_saliency)
+    monkeypatch.setattr(generation, "generate", spy_generate)
+    monkeypatch.setattr(targets, "call_saliency", spy_saliency)
     app.query_params["ex"] = "gsm8k-socratic-annotated"
     at = run_ok(app)
     assert at.radio(key="w_target_kind").value == "reference"
@@ -178,24 +178,24 @@ def test_an_integrated_gradients_residual_larger_than_the_threshold_is_warned_in
         return saliency_pb2.SaliencyResponse(scores=[ms])
 
     scores = [13.5, -4.0, 2.5, 5.0]  # total |score| 25
-    assert explain.ig_residual_warning(response(1.9, scores), 0) is None  # under 10 %
-    words = explain.ig_residual_warning(response(24.5, scores), 0)  # the walk's case
+    assert side_loop.ig_residual_warning(response(1.9, scores), 0) is None  # under 10 %
+    words = side_loop.ig_residual_warning(response(24.5, scores), 0)  # the walk's case
     assert words and "did not converge" in words and "24.5" in words and "13.5" in words
     assert "98%" in words and "SEQSAL_IG_STEPS" in words
     grad = saliency_pb2.SaliencyResponse(scores=[saliency_pb2.MethodScores(method=common_pb2.GRAD_L2)])
-    assert explain.ig_residual_warning(grad, 0) is None
+    assert side_loop.ig_residual_warning(grad, 0) is None
 
 
 def test_integrated_gradients_in_the_page_warns_by_the_rule_and_learns_its_duration(app: AppTest) -> None:
     at = run_ok(app)
     at.radio(key="w_method").set_value("INTEGRATED_GRADIENTS")
     run_ok(at)
-    cache = at.session_state[explain.SESSION_CACHE]
+    cache = at.session_state[side_loop.SESSION_CACHE]
     response = next(r for r in cache._items.values() if r.scores[0].ig_steps)
-    expected = explain.ig_residual_warning(response, 0)
+    expected = side_loop.ig_residual_warning(response, 0)
     warned = [w for w in texts(at.warning) if "did not converge" in w]
     assert bool(warned) == (expected is not None)
-    assert isinstance(at.session_state[explain.IG_RATE], float)  # the next call's progress estimate
+    assert isinstance(at.session_state[side_loop.IG_RATE], float)  # the next call's progress estimate
 
 
 def test_an_uploaded_example_opens_in_a_fresh_session_and_brings_its_own_max_tokens(app: AppTest) -> None:
@@ -222,7 +222,7 @@ def test_an_uploaded_example_opens_in_a_fresh_session_and_brings_its_own_max_tok
 
 
 def test_a_reload_says_the_response_was_reused_and_the_data_table_is_full_width(app: AppTest) -> None:
-    services.GENERATIONS._items.clear()  # this process's earlier tests generated it already
+    generation.GENERATIONS._items.clear()  # this process's earlier tests generated it already
     first = run_ok(app)
     assert any(s.label.startswith("Generated ") for s in first.status), [s.label for s in first.status]
     again = run_ok(AppTest.from_file(test_ui_app.APP, default_timeout=test_ui_app.TIMEOUT))  # a reload

@@ -15,7 +15,7 @@ if _ROOT not in sys.path:  # `streamlit run ui/app.py` puts ui/ first, not the r
 
 import streamlit as st  # noqa: E402
 
-from ui import login, matrix, outage, saved_sessions, services, session, sxs, views  # noqa: E402
+from ui import clients, login, matrix, outage, saved_sessions, session, sxs, views  # noqa: E402
 from ui.examples import baselines  # noqa: E402
 from ui.state import to_query  # noqa: E402
 
@@ -28,9 +28,9 @@ def main() -> None:
         initial_sidebar_state="expanded",
     )
     ss = st.session_state
-    settings = services.load_settings()
+    settings = clients.load_settings()
     login.require_login(settings)
-    endpoints = services.Endpoints.from_settings(settings)
+    endpoints = clients.Endpoints.from_settings(settings)
     examples, example_problems = views.all_examples()
     notes = session.init_session(ss, st.query_params.to_dict(), examples)
     session.keep_widget_values(ss)
@@ -38,7 +38,7 @@ def main() -> None:
         # clicks whose callback did not run (made during a run): the heatmap's and the matrix's
         session.on_select(side)
         session.apply_numbered_click(side, matrix.clicked(side))
-    report = services.list_models(endpoints)
+    report = clients.list_models(endpoints)
 
     views.sidebar(report, endpoints)
     with st.sidebar:

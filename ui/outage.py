@@ -1,6 +1,6 @@
 """A service that is down: one message that names it, and recovery without reloading the page.
 
-Every run of the page asks both services for their models (:func:`ui.services.list_models`);
+Every run of the page asks both services for their models (:func:`ui.clients.list_models`);
 a service that does not answer is *down*. Then:
 
 * one banner at the top says which service is down and where (``saliency server at
@@ -23,8 +23,8 @@ import streamlit as st
 from seqsal.errors import UnavailableError
 from seqsal.health import grpc_serving
 from seqsal.tls import ClientTLS
-from ui import explain, services
-from ui.services import Endpoints, ModelsReport
+from ui import clients, side_loop
+from ui.clients import Endpoints, ModelsReport
 
 #: Seconds between two health checks of a service that is down.
 POLL_S = 2.0
@@ -56,13 +56,13 @@ def message(down: Mapping[str, str], endpoints: Endpoints) -> str:
 def covers(text: str | None, down: Mapping[str, str]) -> bool:
     """Whether ``text`` (a side's problem) only repeats that a service in ``down`` is unreachable."""
     return text is not None and any(
-        text == services.describe_error(UnavailableError(""), service, address)  # type: ignore[arg-type]
+        text == clients.describe_error(UnavailableError(""), service, address)  # type: ignore[arg-type]
         for service, address in down.items()
     )
 
 
 def _poll(down: Mapping[str, str]) -> None:
-    tls = ClientTLS.from_settings(services.load_settings())
+    tls = ClientTLS.from_settings(clients.load_settings())
     addresses = tuple(down.values())
 
     @st.fragment(run_every=POLL_S)
@@ -83,7 +83,7 @@ def banner(report: ModelsReport, endpoints: Endpoints) -> dict[str, str]:
     down = dict(report.down)
     if ss.get(DOWN_KEY) and not down:
         for side in SIDES:
-            explain.forget_failures(side)
+            side_loop.forget_failures(side)
     ss[DOWN_KEY] = down
     if down:
         st.error(message(down, endpoints), icon=":material/cloud_off:")

@@ -24,8 +24,8 @@ import streamlit as st
 from seqsal.errors import SeqsalError
 from seqsal.request_ids import new_request_id
 from seqsal.v1 import saliency_pb2
-from ui import services
-from ui.services import Endpoints
+from ui import clients, targets
+from ui.clients import Endpoints
 
 T = TypeVar("T")
 
@@ -77,7 +77,7 @@ def describe(status: saliency_pb2.RequestStatus | None, what: str) -> str:
 def latest(endpoints: Endpoints, request_id: str, rpc: str) -> saliency_pb2.RequestStatus | None:
     """The server's word on the ``rpc`` call sent with ``request_id`` (None if it has none)."""
     try:
-        client = services.POOL.saliency(endpoints, STATUS_TIMEOUT_S)
+        client = clients.POOL.saliency(endpoints, STATUS_TIMEOUT_S)
         answer = client.get_request_status(request_id)
     except SeqsalError:  # not there yet, an older server, a blip: the plain message will do
         return None
@@ -166,7 +166,7 @@ def saliency(
     box = st.empty()
     try:
         response, waited = call_with_feedback(
-            lambda: services.call_saliency(endpoints, request, rid),
+            lambda: targets.call_saliency(endpoints, request, rid),
             lambda: latest(endpoints, rid, "Saliency"),
             lambda status: box.info(
                 describe(status, what) + (f" {detail()}" if detail else ""), icon=":material/hourglass_top:"

@@ -12,8 +12,8 @@ from dataclasses import replace
 
 import streamlit as st
 
-from ui import services, session
-from ui.services import Generation
+from ui import clients, session
+from ui.generation import Generation
 from ui.sessions_store import SavedSession, Store, StoreError, check_name, store_for
 from ui.views import md_escape
 
@@ -23,7 +23,7 @@ MESSAGE_KEY = "v_session_message"
 
 
 def _store() -> Store:
-    settings = services.load_settings()
+    settings = clients.load_settings()
     return store_for(settings.redis_url, settings.cache_prefix)
 
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
-from ui.services import CandidateText, Generation
+from ui.generation import CandidateText, Generation
 from ui.state import SideState, ViewState, from_query, to_query
 
 KEY_VERSION = "v1"

@@ -21,7 +21,7 @@ import streamlit as st
 from seqsal import render
 from seqsal.scale import shared_scale
 from ui import session
-from ui.explain import SideResult, set_payload
+from ui.side_loop import SideResult, set_payload
 from ui.state import TARGET_KIND_LABELS, TARGET_KINDS, DisplayState, SideState, TargetKind
 
 #: Widget key of the pinned side's Explain choice.

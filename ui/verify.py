@@ -15,8 +15,8 @@ import streamlit as st
 from seqsal.errors import SeqsalError
 from seqsal.v1 import saliency_pb2
 from seqsal.verification import describe_step, describe_sufficiency
-from ui import services
-from ui.explain import SideResult
+from ui import clients, targets
+from ui.side_loop import SideResult
 from ui.state import method_enum
 
 #: session keys: the latest Verify result per side, and the answer generated for an ablated prompt
@@ -29,7 +29,7 @@ def _request_key(result: SideResult) -> str:
     side = result.state
     return "|".join(
         [
-            services.request_key(_problem(result)),
+            targets.request_key(_problem(result)),
             side.method,
             result.granularity,
             ",".join("1" if b else "0" for b in result.response.target_mask),
@@ -41,7 +41,7 @@ def _problem(result: SideResult) -> saliency_pb2.SaliencyRequest:
     """The SaliencyRequest of what the heatmap shows, with its one method."""
     assert result.spec is not None and result.response is not None
     mask = list(result.response.target_mask)
-    request = services.saliency_request(
+    request = targets.saliency_request(
         result.spec, result.state, granularity=result.granularity, target_mask=mask
     )
     del request.problem.methods[:]
@@ -49,35 +49,35 @@ def _problem(result: SideResult) -> saliency_pb2.SaliencyRequest:
     return request
 
 
-def run_verify(result: SideResult, endpoints: services.Endpoints) -> None:
+def run_verify(result: SideResult, endpoints: clients.Endpoints) -> None:
     """Call Verify for the side's view and keep the result (or the error) in the session."""
     from seqsal.client import verify_request
 
     key = _request_key(result)
     request = verify_request(problem=_problem(result))
     try:
-        response = services._guard(
-            "saliency", endpoints, lambda: services.POOL.saliency(endpoints).verify(request)
+        response = clients.guard(
+            "saliency", endpoints, lambda: clients.POOL.saliency(endpoints).verify(request)
         )
         st.session_state[RESULT_KEY.format(side=result.side)] = (key, response, None)
     except SeqsalError as exc:
-        message = services.describe_error(exc, "saliency", endpoints.saliency)
+        message = clients.describe_error(exc, "saliency", endpoints.saliency)
         st.session_state[RESULT_KEY.format(side=result.side)] = (key, None, message)
     st.session_state.pop(ANSWER_KEY.format(side=result.side), None)
 
 
-def _generate(side: str, endpoints: services.Endpoints, prompt: str, model: str, max_tokens: int) -> None:
+def _generate(side: str, endpoints: clients.Endpoints, prompt: str, model: str, max_tokens: int) -> None:
     try:
-        answer = services._guard(
+        answer = clients.guard(
             "inference",
             endpoints,
-            lambda: services.POOL.inference(endpoints).generate(
+            lambda: clients.POOL.inference(endpoints).generate(
                 prompt=prompt, model=model, max_tokens=max_tokens, temperature=0.0
             ),
         )
         st.session_state[ANSWER_KEY.format(side=side)] = (prompt, answer.candidates[0].text, None)
     except SeqsalError as exc:
-        message = services.describe_error(exc, "inference", endpoints.inference)
+        message = clients.describe_error(exc, "inference", endpoints.inference)
         st.session_state[ANSWER_KEY.format(side=side)] = (prompt, None, message)
 
 
@@ -86,7 +86,7 @@ def _keep(prompt: str) -> None:
     st.session_state["w_prompt"] = prompt
 
 
-def panel(result: SideResult, endpoints: services.Endpoints, *, editable: bool) -> None:
+def panel(result: SideResult, endpoints: clients.Endpoints, *, editable: bool) -> None:
     """The panel under a side's heatmap (nothing when there is no heatmap)."""
     if result.response is None or result.spec is None or result.payload is None:
         return

@@ -14,10 +14,11 @@ import pandas as pd
 import streamlit as st
 
 from seqsal.scale import AGGREGATES
-from ui import explain, export, heatmap, matrix, outage, queue_status, services, session, verify
+from ui import export, heatmap, matrix, outage, queue_status, session, side_loop, targets, verify
+from ui.clients import Endpoints, ModelsReport
 from ui.examples import Example, decode_upload, load_examples
-from ui.explain import SideResult
-from ui.services import PREFETCHER, Endpoints, ModelsReport
+from ui.prefetch import PREFETCHER
+from ui.side_loop import SideResult
 from ui.state import (
     GRANULARITIES,
     GRANULARITY_LABELS,
@@ -192,7 +193,7 @@ def sidebar(report: ModelsReport, endpoints: Endpoints) -> None:
                 icon=":material/regular_expression:",
             )
         elif custom:
-            _, problem = explain.effective_granularity(session.read_side(ss))
+            _, problem = side_loop.effective_granularity(session.read_side(ss))
             if problem:
                 st.error(md_escape(problem), icon=":material/error:")
 
@@ -513,7 +514,7 @@ def heatmap_panel(
                 "Retry",
                 key=f"retry_{result.side}",
                 icon=":material/refresh:",
-                on_click=explain.clear_failures,
+                on_click=side_loop.clear_failures,
                 args=(result.side,),
             )
     if result.payload is None or result.response is None:
@@ -522,7 +523,7 @@ def heatmap_panel(
     prefetch_panel(result)
     heatmap.mount(result.payload, side=result.side, on_select=lambda: session.on_select(result.side))
     st.caption(_meta(result))
-    if (residual := explain.ig_residual_warning(result.response, result.method_index)) is not None:
+    if (residual := side_loop.ig_residual_warning(result.response, result.method_index)) is not None:
         st.warning(residual, icon=":material/warning:")
     matrix_panel(result, display)
     generation = None
@@ -558,7 +559,7 @@ def matrix_panel(result: SideResult, display: DisplayState) -> None:
     data = matrix.build_matrix(
         found,
         result.target_segments,
-        lambda response: services.method_index(response, result.state.method),
+        lambda response: targets.method_index(response, result.state.method),
         side=result.side,
         selection=result.selection,
         intensity=display.intensity,
@@ -619,7 +620,7 @@ def run_and_draw(
 
 def run(name: str, side: SideState, endpoints: Endpoints, display: DisplayState) -> SideResult:
     """Run one side's loop (its progress shows where this is called)."""
-    return explain.run_side(name, side, endpoints, display, status_box=st.container())
+    return side_loop.run_side(name, side, endpoints, display, status_box=st.container())
 
 
 def draw(

@@ -6,9 +6,11 @@ import pytest
 
 from seqsal import errors
 from seqsal.v1 import common_pb2, saliency_pb2
-from ui import services
-from ui.services import CandidateText, Generation, TargetProblem, TargetSpec, target_spec
+from ui import clients, generation, prefetch, targets
+from ui.clients import TargetProblem
+from ui.generation import CandidateText, Generation
 from ui.state import SideState
+from ui.targets import TargetSpec, target_spec
 
 GEN = Generation(
     key="k",
@@ -42,7 +44,7 @@ GEN = Generation(
     ],
 )
 def test_errors_in_plain_words(error: errors.SeqsalError, fragments: list[str]) -> None:
-    text = services.describe_error(error, "saliency", "h:1")
+    text = clients.describe_error(error, "saliency", "h:1")
     for fragment in fragments:
         assert fragment in text, text
 
@@ -86,22 +88,22 @@ def test_target_problems_in_plain_words(
 def test_requests() -> None:
     side = SideState(method="GRAD_DOT_INPUT", granularity="CUSTOM_REGEX", regex="x")
     spec = target_spec(SideState(prompt="Hi", target_kind="foil", foil=" Bye"), GEN)
-    request = services.saliency_request(spec, side, granularity="CUSTOM_REGEX", target_mask=[False, True])
+    request = targets.saliency_request(spec, side, granularity="CUSTOM_REGEX", target_mask=[False, True])
     assert list(request.problem.methods) == [common_pb2.GRAD_L2, common_pb2.GRAD_DOT_INPUT]  # one backward
     assert (
         request.problem.custom_regex == "x"
         and request.problem.foil == " Bye"
         and list(request.target_mask) == [False, True]
     )
-    tokens = services.saliency_request(spec, side, granularity="TOKENS")
+    tokens = targets.saliency_request(spec, side, granularity="TOKENS")
     assert tokens.problem.custom_regex == "" and tokens.problem.granularity == common_pb2.TOKENS
-    all_segments = services.all_segments_request(tokens)
+    all_segments = targets.all_segments_request(tokens)
     assert all_segments.problem.foil == " Bye" and list(all_segments.problem.target_token_ids) == [7, 8]
     # the prompt as the model saw it, by its ids from Generate (never tokenised again)
     assert list(all_segments.problem.prompt_token_ids) == [1, 2] and all_segments.problem.prompt == ""
-    assert services.request_key(tokens) != services.request_key(request)
-    assert services.request_key(tokens) != services.request_key(all_segments)
-    ig = services.saliency_request(spec, SideState(method="INTEGRATED_GRADIENTS"), granularity="WORDS")
+    assert targets.request_key(tokens) != targets.request_key(request)
+    assert targets.request_key(tokens) != targets.request_key(all_segments)
+    ig = targets.saliency_request(spec, SideState(method="INTEGRATED_GRADIENTS"), granularity="WORDS")
     assert list(ig.problem.methods) == [common_pb2.INTEGRATED_GRADIENTS]
 
 
@@ -109,9 +111,9 @@ def test_method_index_and_response_cache() -> None:
     response = saliency_pb2.SaliencyResponse(
         scores=[saliency_pb2.MethodScores(method=common_pb2.GRAD_L2), saliency_pb2.MethodScores(method=2)]
     )
-    assert services.method_index(response, "GRAD_DOT_INPUT") == 1
-    assert services.method_index(response, "INTEGRATED_GRADIENTS") == 0
-    cache = services.ResponseCache(max_entries=2)
+    assert targets.method_index(response, "GRAD_DOT_INPUT") == 1
+    assert targets.method_index(response, "INTEGRATED_GRADIENTS") == 0
+    cache = targets.ResponseCache(max_entries=2)
     for key in "abc":
         cache.put(key, response)
     assert len(cache) == 2 and cache.get("a") is None and cache.get("c") is response
@@ -119,21 +121,21 @@ def test_method_index_and_response_cache() -> None:
 
 def test_generate_refuses_an_empty_prompt() -> None:
     with pytest.raises(TargetProblem, match="prompt is empty"):
-        services.generate(services.Endpoints("h:1", "h:2"), SideState(prompt="  "))
+        generation.generate(clients.Endpoints("h:1", "h:2"), SideState(prompt="  "))
 
 
 def test_prefetch_against_a_dead_server_reports_in_plain_words() -> None:
-    prefetcher = services.Prefetcher()
+    prefetcher = prefetch.Prefetcher()
     request = saliency_pb2.SaliencyAllSegmentsRequest(prompt="x", target="y", granularity=common_pb2.WORDS)
-    key = prefetcher.start("s:main", services.Endpoints("127.0.0.1:9", "127.0.0.1:9"), request)
+    key = prefetcher.start("s:main", clients.Endpoints("127.0.0.1:9", "127.0.0.1:9"), request)
     progress = prefetcher.wait(key, 30)
     assert progress is not None and progress.finished and "not reachable" in (progress.error or "")
     assert prefetcher.progress("unknown") is None
 
 
 def test_prefetch_owners_and_sweep() -> None:
-    prefetcher = services.Prefetcher()
-    dead = services.Endpoints("127.0.0.1:9", "127.0.0.1:9")
+    prefetcher = prefetch.Prefetcher()
+    dead = clients.Endpoints("127.0.0.1:9", "127.0.0.1:9")
     request = saliency_pb2.SaliencyAllSegmentsRequest(prompt="x", target="y", granularity=common_pb2.WORDS)
     key = prefetcher.start("s1:main", dead, request)
     assert prefetcher.start("s1:main", dead, request) == key  # idempotent while it runs
@@ -146,12 +148,12 @@ def test_prefetch_owners_and_sweep() -> None:
 
 def test_prefetch_requests_are_background_and_keep_what_the_stream_returns() -> None:
     spec = TargetSpec(prompt="p", model="m", target_text="t")
-    whole = services.saliency_request(spec, SideState(), granularity="WORDS")
+    whole = targets.saliency_request(spec, SideState(), granularity="WORDS")
     assert whole.priority == saliency_pb2.PRIORITY_UNSPECIFIED  # a click: interactive
-    prefetch = services.all_segments_request(whole)
-    assert prefetch.priority == saliency_pb2.PRIORITY_BACKGROUND
-    assert prefetch.tokens_once  # tokens and segments once; the prefetcher restores the rest
-    prefetcher = services.Prefetcher(max_responses=2)
+    background = targets.all_segments_request(whole)
+    assert background.priority == saliency_pb2.PRIORITY_BACKGROUND
+    assert background.tokens_once  # tokens and segments once; the prefetcher restores the rest
+    prefetcher = prefetch.Prefetcher(max_responses=2)
     for index in range(3):
         message = saliency_pb2.SaliencyAllSegmentsResponse(
             segment_index=index, saliency=saliency_pb2.SaliencyResponse(target_mask=[index == 0])

@@ -1,4 +1,4 @@
-"""The loop for one side: generate, explain the whole target, prefetch every segment, explain the selection.
+"""One side's loop: generate, explain the whole target, prefetch every segment, explain the selection.
 
 Results are kept in the session (a generation per side, a small LRU of saliency responses),
 so display-only changes (intensity, chips, density, method between the two gradient methods)
@@ -23,11 +23,13 @@ from seqsal.errors import InvalidArgumentError, SeqsalError
 from seqsal.scale import ScaleRules
 from seqsal.segmentation import segment_target_masks, segments_overlapping, validate_regex
 from seqsal.v1 import common_pb2, saliency_pb2
-from ui import queue_status, services
+from ui import clients, generation, prefetch, queue_status, targets
+from ui.clients import Endpoints, TargetProblem
+from ui.generation import Generation
 from ui.heatmap import build_payload
-from ui.services import Endpoints, Generation, TargetProblem, TargetSpec
 from ui.session import click_seq_key, clicks_key, force_key, generation_key, selection_key
 from ui.state import DisplayState, SideState
+from ui.targets import TargetSpec
 
 SESSION_CACHE = "v_saliency_cache"
 
@@ -103,10 +105,10 @@ def ig_residual_warning(response: saliency_pb2.SaliencyResponse, method_index: i
     )
 
 
-def _cache() -> services.ResponseCache:
+def _cache() -> targets.ResponseCache:
     cache = st.session_state.get(SESSION_CACHE)
-    if not isinstance(cache, services.ResponseCache):
-        cache = services.ResponseCache()
+    if not isinstance(cache, targets.ResponseCache):
+        cache = targets.ResponseCache()
         st.session_state[SESSION_CACHE] = cache
     return cache
 
@@ -151,7 +153,7 @@ def _saliency(
     The server schedules: this call is interactive and goes before any precompute (this
     session's or another user's), which resumes by itself afterwards.
     """
-    key = services.request_key(request)
+    key = targets.request_key(request)
     cache = _cache()
     hit = cache.get(key)
     if hit is not None:
@@ -173,7 +175,7 @@ def _saliency(
         if ig:
             _learn_ig_rate(request, response)
     except SeqsalError as exc:
-        message = services.describe_error(exc, "saliency", endpoints.saliency)
+        message = clients.describe_error(exc, "saliency", endpoints.saliency)
         st.session_state[failed_key] = (key, message)
         return None, message
     st.session_state.pop(failed_key, None)
@@ -191,7 +193,7 @@ def _ig_size(request: saliency_pb2.SaliencyRequest) -> int:
 
 
 def _ig_steps(request: saliency_pb2.SaliencyRequest) -> int:
-    return request.problem.ig_steps or services.load_settings().ig_steps
+    return request.problem.ig_steps or clients.load_settings().ig_steps
 
 
 def _ig_progress(request: saliency_pb2.SaliencyRequest) -> Callable[[], str]:
@@ -243,9 +245,9 @@ def _generation(
             )
 
         try:
-            generation = services.generate(endpoints, side, on_update, reuse=not force)
+            answer = generation.generate(endpoints, side, on_update, reuse=not force)
         except SeqsalError as exc:
-            message = services.describe_error(exc, "inference", endpoints.inference)
+            message = clients.describe_error(exc, "inference", endpoints.inference)
             status.update(label="Generation failed", state="error", expanded=False)
             preview.empty()
             ss[failed_key] = (wanted, message)
@@ -255,11 +257,11 @@ def _generation(
             status.update(label="Nothing to generate", state="error", expanded=False)
             preview.empty()
             return None, str(exc)
-        tokens = sum(len(c.token_ids) for c in generation.candidates)
+        tokens = sum(len(c.token_ids) for c in answer.candidates)
         label = (
-            f"Reused a response of {tokens} tokens that {generation.model} generated earlier"
-            if generation.reused
-            else f"Generated {tokens} tokens with {generation.model} in {generation.elapsed_s:.1f} s"
+            f"Reused a response of {tokens} tokens that {answer.model} generated earlier"
+            if answer.reused
+            else f"Generated {tokens} tokens with {answer.model} in {answer.elapsed_s:.1f} s"
         )
         status.update(
             label=label,
@@ -267,8 +269,8 @@ def _generation(
             expanded=False,
         )
     ss.pop(failed_key, None)
-    ss[generation_key(name)] = generation
-    return generation, None
+    ss[generation_key(name)] = answer
+    return answer, None
 
 
 def prefetch_key(name: str) -> str:
@@ -308,7 +310,7 @@ def run_side(
     explained before the response is generated: its heatmap needs no generation.
     """
     result = SideResult(side=name, state=side)
-    first = services.needs_generation(side)
+    first = targets.needs_generation(side)
     if first:
         result.generation, result.generation_error = _generation(name, side, endpoints, status_box)
     _explain(result, endpoints, display, caption)
@@ -326,7 +328,7 @@ def _explain(
     """The saliency part of :func:`run_side`: the whole target, the prefetch, the selection."""
     name, side, ss = result.side, result.state, st.session_state
     try:
-        spec = services.target_spec(side, result.generation)
+        spec = targets.target_spec(side, result.generation)
     except TargetProblem as exc:
         result.problem = result.generation_error or str(exc)
         result.retryable = result.generation_error is not None
@@ -335,7 +337,7 @@ def _explain(
     result.granularity, result.regex_error = effective_granularity(side)
     regex = side.regex if result.granularity == "CUSTOM_REGEX" else ""
 
-    base_request = services.saliency_request(spec, side, granularity=result.granularity)
+    base_request = targets.saliency_request(spec, side, granularity=result.granularity)
     request_id = result.generation.request_id if result.generation else None
     base, problem = _saliency(name, endpoints, base_request, f"the {spec.label}", request_id=request_id)
     if base is None:
@@ -364,22 +366,21 @@ def _explain(
 
     # Fill the server's cache with every segment, in the background.
     ig = side.method == "INTEGRATED_GRADIENTS"
-    prefetch = None
-    if len(masks) > 1 and not (ig and len(masks) > services.MAX_IG_PREFETCH_SEGMENTS):
-        services.PREFETCHER.sweep(_session_alive)  # closed tabs' prefetches stop
-        prefetch = services.all_segments_request(base_request)
-        result.prefetch_key = services.PREFETCHER.start(_owner(name), endpoints, prefetch)
+    if len(masks) > 1 and not (ig and len(masks) > prefetch.MAX_IG_PREFETCH_SEGMENTS):
+        prefetch.PREFETCHER.sweep(_session_alive)  # closed tabs' prefetches stop
+        background = targets.all_segments_request(base_request)
+        result.prefetch_key = prefetch.PREFETCHER.start(_owner(name), endpoints, background)
     ss[prefetch_key(name)] = result.prefetch_key
 
     response = base
     if selection:
         mask = [any(masks[i][1][t] for i in selection) for t in range(len(masks[0][1]))]
-        request = services.saliency_request(spec, side, granularity=result.granularity, target_mask=mask)
+        request = targets.saliency_request(spec, side, granularity=result.granularity, target_mask=mask)
         what = "the selected segment" + ("s" if len(selection) > 1 else "")
         # A single segment the prefetch stream has returned is answered from what it returned.
         prefetched = None
         if len(selection) == 1 and result.prefetch_key:
-            prefetched = services.PREFETCHER.response(result.prefetch_key, selection[0])
+            prefetched = prefetch.PREFETCHER.response(result.prefetch_key, selection[0])
             if prefetched is not None and list(prefetched.target_mask) != mask:
                 prefetched = None  # not the same selection (never expected): ask the server
         selected, problem = _saliency(
@@ -391,7 +392,7 @@ def _explain(
         else:
             response = selected
     result.response = response
-    result.method_index = services.method_index(response, side.method)
+    result.method_index = targets.method_index(response, side.method)
     result.caption = caption(result) if caption else ""
     set_payload(result, display, display.rules_for(side))
     return result
