@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import grpc
 
 from saliency_server.cache import make_cache
+from saliency_server.metrics import SaliencyCollector
 from saliency_server.model_host import ModelHost
 from saliency_server.serving import SaliencyServing
 from seqsal.call_lifecycle import client_var
@@ -106,10 +107,9 @@ def build_server(serving: SaliencyServing, settings: Settings) -> GrpcServer:
     """A ready-to-start server for ``serving`` (health and reflection included)."""
     server = GrpcServer(settings, [SERVICE], name="saliency")
     metrics = server.metrics
-    metrics.watch_cache(serving.cache)
+    metrics.watch(SaliencyCollector([serving.cache], serving.schedulers))
     admission = serving.admission
     metrics.watch_queue(lambda: {"running": admission.running, "waiting": admission.waiting})
-    metrics.watch_schedulers(serving.schedulers)
     # a broken engine (e.g. a CUDA error) takes the replica out of rotation: health NOT_SERVING
     serving.on_health = lambda ok: asyncio.ensure_future(server.set_serving(ok))
     for info in serving.host.infos():

@@ -10,6 +10,8 @@ Metric names (all servers):
 * ``seqsal_model_load_seconds{model}``: how long each model took to load;
 * ``seqsal_queue_depth{state}``: ``running`` and ``waiting`` requests (saliency admission; on the
   inference server, generation calls in flight as ``running``);
+The saliency server adds (:mod:`saliency_server.metrics`, registered with :meth:`ServerMetrics.watch`):
+
 * ``seqsal_scheduler_queue_depth{model, priority, state}``: saliency computations per model,
   priority (``interactive``, ``background``) and state (``waiting``, ``running``, ``paused``);
 * ``seqsal_scheduler_wait_seconds{model, priority}``: how long computations waited for their
@@ -17,8 +19,12 @@ Metric names (all servers):
 * ``seqsal_scheduler_preemptions_total{model, priority}``: running computations paused for more
   urgent work, by the priority they ran at;
 * ``seqsal_scheduler_finished_total{model, priority}``: computations completed;
-* ``seqsal_cache_{hits,misses,errors,corrupt,sets}_total{backend}``: the result cache's counters
-  (saliency server);
+* ``seqsal_cache_{hits,misses,errors,corrupt,sets}_total{backend}``: the result cache's counters;
+* ``seqsal_forward_cache_bytes{model}`` / ``seqsal_forward_cache_lookups_total{model, result}``: the
+  forward passes kept for reuse.
+
+And every server:
+
 * ``seqsal_gpu_memory_allocated_bytes{device}`` / ``seqsal_gpu_memory_reserved_bytes{device}``:
   PyTorch's CUDA memory, when there is a GPU;
 * ``seqsal_saliency_cancelled_total{rpc, reason}``: saliency calls stopped before they finished,
@@ -33,23 +39,16 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from importlib import metadata as _metadata
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
-
-    from saliency_server.cache import CacheBackend
-    from saliency_server.scheduler import Scheduler
 
 logger = logging.getLogger("seqsal.metrics")
 
 #: Latency buckets in seconds: from a cached lookup to a long integrated-gradients run.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-CACHE_COUNTERS = ("hits", "misses", "errors", "corrupt", "sets")
 
 
 def _version() -> str:
@@ -60,79 +59,18 @@ def _version() -> str:
 
 
 class _StateCollector(Collector):
-    """Values read at scrape time: cache counters, queue depth and GPU memory."""
+    """Values read at scrape time: queue depth and GPU memory."""
 
     def __init__(self) -> None:
-        self.caches: list[CacheBackend] = []
         self.queue: Callable[[], dict[str, int]] | None = None
-        self.schedulers: Mapping[str, Scheduler] = {}
 
     def collect(self) -> Iterator[Metric]:
-        if self.caches:
-            families = {
-                name: CounterMetricFamily(f"seqsal_cache_{name}", f"Result cache {name}.", labels=["backend"])
-                for name in CACHE_COUNTERS
-            }
-            for cache in self.caches:
-                for name in CACHE_COUNTERS:
-                    families[name].add_metric([cache.name], float(getattr(cache, name, 0)))
-            yield from families.values()
         if self.queue is not None:
             depth = GaugeMetricFamily("seqsal_queue_depth", "Requests running or waiting.", labels=["state"])
             for state, value in self.queue().items():
                 depth.add_metric([state], float(value))
             yield depth
-        if self.schedulers:
-            yield from _scheduler_metrics(self.schedulers)
         yield from _gpu_memory()
-
-
-def _scheduler_metrics(schedulers: Mapping[str, Scheduler]) -> Iterator[Metric]:
-    from saliency_server.forward_cache import ForwardCache
-    from saliency_server.scheduler import WAIT_BUCKETS
-
-    depth = GaugeMetricFamily(
-        "seqsal_scheduler_queue_depth",
-        "Saliency computations by priority and state.",
-        labels=["model", "priority", "state"],
-    )
-    wait = HistogramMetricFamily(
-        "seqsal_scheduler_wait_seconds",
-        "Time saliency computations waited for their first turn.",
-        labels=["model", "priority"],
-    )
-    preemptions = CounterMetricFamily(
-        "seqsal_scheduler_preemptions",
-        "Running saliency computations paused for more urgent work.",
-        labels=["model", "priority"],
-    )
-    finished = CounterMetricFamily(
-        "seqsal_scheduler_finished", "Saliency computations completed.", labels=["model", "priority"]
-    )
-    kept = GaugeMetricFamily(
-        "seqsal_forward_cache_bytes", "Bytes of forward passes kept for reuse.", labels=["model"]
-    )
-    lookups = CounterMetricFamily(
-        "seqsal_forward_cache_lookups",
-        "Gradient passes that found (hit) or ran (miss) their forward pass.",
-        labels=["model", "result"],
-    )
-    for model, scheduler in schedulers.items():
-        if isinstance(scheduler.reserve, ForwardCache):
-            kept.add_metric([model], float(scheduler.reserve.bytes_held()))
-            lookups.add_metric([model, "hit"], float(scheduler.reserve.hits))
-            lookups.add_metric([model, "miss"], float(scheduler.reserve.misses))
-        snap = scheduler.snapshot()
-        for (priority, state), value in snap["depth"].items():  # type: ignore[attr-defined]
-            depth.add_metric([model, priority, state], float(value))
-        for priority, value in snap["preemptions"].items():  # type: ignore[attr-defined]
-            preemptions.add_metric([model, priority], float(value))
-        for priority, value in snap["finished"].items():  # type: ignore[attr-defined]
-            finished.add_metric([model, priority], float(value))
-        for priority, (counts, total, n) in snap["wait"].items():  # type: ignore[attr-defined]
-            buckets = [(str(b), float(c)) for b, c in zip(WAIT_BUCKETS, counts, strict=True)]
-            wait.add_metric([model, priority], [*buckets, ("+Inf", float(n))], float(total))
-    yield from (depth, wait, preemptions, finished, kept, lookups)
 
 
 def _gpu_memory() -> Iterator[Metric]:
@@ -219,13 +157,10 @@ class ServerMetrics:
         """Count one call stopped early (``reason``: ``cancelled`` or ``deadline``)."""
         self.cancelled.labels(rpc, reason).inc()
 
-    def watch_cache(self, cache: CacheBackend) -> None:
-        """Export ``cache``'s hit, miss, error, corrupt and set counters (read at scrape time)."""
-        self._state.caches.append(cache)
-
-    def watch_schedulers(self, schedulers: Mapping[str, Scheduler]) -> None:
-        """Export the saliency schedulers' queue depth, wait times and preemptions (read at scrape time)."""
-        self._state.schedulers = schedulers
+    def watch(self, collector: Collector) -> None:
+        """Export a server's own values, read at scrape time (the saliency server's: its caches and
+        schedulers, :mod:`saliency_server.metrics`)."""
+        self.registry.register(collector)
 
     def watch_queue(self, depth: Callable[[], dict[str, int]]) -> None:
         """Export ``depth()`` (state -> requests) as ``seqsal_queue_depth``."""

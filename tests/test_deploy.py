@@ -1136,14 +1136,13 @@ def exported_metric_names() -> set[str]:
     server.count_tokens("m", "prompt", 3)
     server.model_load.labels("m").set(1.0)
     server.in_progress.labels("Saliency").set(0)
-    server.watch_cache(Cache())  # type: ignore[arg-type]
     server.watch_queue(lambda: {"running": 0, "waiting": 0})
     from saliency_server.forward_cache import ForwardCache
+    from saliency_server.metrics import SaliencyCollector
     from saliency_server.scheduler import Scheduler
 
-    server.watch_schedulers(
-        {"m": Scheduler("m", reserve=ForwardCache(max_bytes=1))}
-    )  # as the server builds them
+    # as the server builds it
+    server.watch(SaliencyCollector([Cache()], {"m": Scheduler("m", reserve=ForwardCache(max_bytes=1))}))  # type: ignore[list-item]
     text = generate_latest(server.registry).decode()
     names = {
         line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")

@@ -202,13 +202,14 @@ def test_segment_passes_are_checkpointed_so_that_they_can_be_kept(models: dict[s
 def test_kept_bytes_and_lookups_are_exported_per_model() -> None:
     from prometheus_client import generate_latest
 
+    from saliency_server.metrics import SaliencyCollector
     from seqsal.metrics import ServerMetrics
 
     cache = ForwardCache(max_bytes=100)
     cache.put("k", held(42))
     cache.get("k"), cache.get("other")
     metrics = ServerMetrics("saliency")
-    metrics.watch_schedulers({"m": Scheduler("m", reserve=cache)})
+    metrics.watch(SaliencyCollector([], {"m": Scheduler("m", reserve=cache)}))
     text = generate_latest(metrics.registry).decode()
     assert 'seqsal_forward_cache_bytes{model="m"} 42.0' in text
     assert 'seqsal_forward_cache_lookups_total{model="m",result="hit"} 1.0' in text
