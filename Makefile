@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARTIFACTS := test-artifacts
 # Only the folders that exist (some come later).
-LINT_DIRS := $(wildcard seqsal saliency_server inference_server ui tests bench scripts)
+LINT_DIRS := $(wildcard seqsal server_kit seqsal_cli saliency_server inference_server ui tests bench scripts)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 UP_ARGS ?=

@@ -92,9 +92,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from saliency_server.engine import SaliencyInputs
-    from seqsal.default_model import ensure_default_model
-    from seqsal.model_registry import load_causal_lm, load_tokenizer
     from seqsal.settings import Settings
+    from server_kit.default_model import ensure_default_model
+    from server_kit.model_registry import load_causal_lm, load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)

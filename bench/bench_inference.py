@@ -157,7 +157,7 @@ def import_backend(backend: str, settings: Settings) -> float:
         # vLLM reads its environment (logging level, KV cache size) at import: set it first, as the
         # backend's start does
         from inference_server.backends import vllm_backend
-        from seqsal.model_registry import resolve_device
+        from server_kit.model_registry import resolve_device
 
         vllm_backend._set_vllm_environment(settings, on_cpu=resolve_device(settings.device).type == "cpu")
     for module in BACKEND_IMPORTS[backend]:

@@ -8,7 +8,7 @@ Run from the repository root::
     .venv/bin/python bench/bench_load.py --saliency 127.0.0.1:50051 --inference 127.0.0.1:50052
 
 Without ``--saliency``/``--inference`` it starts the stack itself, as ``seqsal up`` does
-(:class:`seqsal.stack.Stack`: a private Redis when ``redis-server`` is installed, the inference
+(:class:`seqsal_cli.stack.Stack`: a private Redis when ``redis-server`` is installed, the inference
 server, the saliency server; no UI), on free loopback ports, and stops it at the end. Loopback
 only: the addresses it starts are 127.0.0.1.
 
@@ -293,7 +293,7 @@ def tiny_model(root: Path) -> str:
 
 
 def default_model(data_dir: Path) -> str:
-    from seqsal.default_model import ensure_default_model
+    from server_kit.default_model import ensure_default_model
 
     return f"{DEFAULT_MODEL_ID}={ensure_default_model(Settings(_env_file=None, data_dir=data_dir))}"  # type: ignore[call-arg]
 
@@ -301,7 +301,7 @@ def default_model(data_dir: Path) -> str:
 @contextlib.contextmanager
 def own_stack(model: str, backend: str, log_dir: Path, quiet: bool) -> Iterator[tuple[str, str]]:
     """The stack as ``seqsal up`` starts it (no UI) on free loopback ports; stopped on exit."""
-    from seqsal.stack import Stack
+    from seqsal_cli.stack import Stack
 
     saliency_port, inference_port = free_port(), free_port()
     settings = Settings(  # type: ignore[call-arg]

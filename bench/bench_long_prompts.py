@@ -110,8 +110,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     from saliency_server.checkpointing import CheckpointPolicy
     from saliency_server.engine import GradientEngine, SaliencyInputs
     from saliency_server.memory import estimate_peak_bytes
-    from seqsal.model_registry import load_causal_lm, load_tokenizer
     from seqsal.v1 import common_pb2
+    from server_kit.model_registry import load_causal_lm, load_tokenizer
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -208,7 +208,7 @@ def machine_info() -> dict[str, Any]:
     import torch
     import transformers
 
-    from seqsal.cpu import bf16_support
+    from server_kit.cpu import bf16_support
 
     cpu = ""
     with contextlib.suppress(OSError, StopIteration):
@@ -231,8 +231,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from seqsal.default_model import ensure_default_model
     from seqsal.settings import Settings
+    from server_kit.default_model import ensure_default_model
 
     model = args.model or str(ensure_default_model(Settings(data_dir=args.data_dir)))
     scratch = Path(tempfile.mkdtemp(prefix="seqsal-long-"))

@@ -12,7 +12,7 @@ of ``--repeats`` runs, in alternation:
 
 - ``sequential`` (the reference): one plain no-grad forward pass per variant, one after the
   other - what Captum's and inseq's occlusion do in the caller's process;
-- ``batched``: the same N+1 rows through ``seqsal.teacher_forcing.score_rows`` (padded,
+- ``batched``: the same N+1 rows through ``server_kit.teacher_forcing.score_rows`` (padded,
   length-sorted batches of ``--batch-tokens``) - the saliency server's fallback and the
   inference server's transformers backend;
 - ``gradient``: one GRAD_L2 + GRAD_DOT_INPUT saliency call for the whole target on the same
@@ -94,12 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     from saliency_server.engine import GradientEngine, SaliencyInputs
     from saliency_server.perturbation import ablate, perturbation_segments, prompt_features
     from seqsal import segmentation
-    from seqsal.default_model import ensure_default_model
-    from seqsal.model_registry import load_causal_lm, load_tokenizer
     from seqsal.settings import Settings
-    from seqsal.teacher_forcing import score_rows
-    from seqsal.tokenization import tokenize
     from seqsal.v1 import common_pb2
+    from server_kit.default_model import ensure_default_model
+    from server_kit.model_registry import load_causal_lm, load_tokenizer
+    from server_kit.teacher_forcing import score_rows
+    from server_kit.tokenization import tokenize
 
     machine = machine_info()  # the load average when the run starts
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.vllm:
         from inference_server.backends.vllm_backend import VllmBackend
-        from seqsal.model_registry import ModelSpec
+        from server_kit.model_registry import ModelSpec
 
         backend = VllmBackend(ModelSpec(id="bench", path=model_dir), tokenizer, settings)
 

@@ -62,8 +62,8 @@ from saliency_server.server import build_server, build_serving
 from saliency_server.serving import SaliencyServing
 from seqsal.client import AsyncSaliencyClient, all_segments_request, saliency_request
 from seqsal.settings import Settings
-from seqsal.tokenization import tokenize
 from seqsal.v1 import common_pb2
+from server_kit.tokenization import tokenize
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024

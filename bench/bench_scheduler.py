@@ -58,8 +58,8 @@ from bench.bench_saliency import Workload, machine_info, median, ratio, saliency
 from seqsal import segmentation  # noqa: E402
 from seqsal.client import AsyncSaliencyClient, all_segments_request, saliency_request  # noqa: E402
 from seqsal.settings import Settings  # noqa: E402
-from seqsal.tokenization import tokenize  # noqa: E402
 from seqsal.v1 import common_pb2  # noqa: E402
+from server_kit.tokenization import tokenize  # noqa: E402
 
 console = Console()
 METHODS = (common_pb2.GRAD_L2, common_pb2.GRAD_DOT_INPUT)

@@ -372,9 +372,9 @@ def check_concurrency(plan: Plan, deadline: float) -> dict[str, Any]:
     from saliency_server.cache import make_cache
     from saliency_server.model_host import HostedModel, ModelHost
     from saliency_server.serving import SaliencyServing
-    from seqsal.model_registry import ModelSpec
     from seqsal.settings import Settings
     from seqsal.v1 import saliency_pb2
+    from server_kit.model_registry import ModelSpec
 
     shape = plan.shapes["llama3-8b"]
     dtype = torch.bfloat16 if plan.device != "cpu" else torch.float32
@@ -448,7 +448,7 @@ def _free_port() -> int:
 
 def check_server(plan: Plan, workdir: Path) -> dict[str, Any]:
     from seqsal.client import SaliencyClient
-    from seqsal.stack import grpc_serving
+    from seqsal_cli.stack import grpc_serving
 
     model_dir = workdir / "random-smollm2"
     tokenizer = _tokenizer()
@@ -462,7 +462,7 @@ def check_server(plan: Plan, workdir: Path) -> dict[str, Any]:
     command = [
         sys.executable,
         "-m",
-        "seqsal.cli",
+        "seqsal_cli",
         "serve",
         "saliency",
         "--model",

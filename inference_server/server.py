@@ -10,11 +10,11 @@ import grpc
 
 from inference_server.backends.base import Backend
 from inference_server.serving import InferenceModel, InferenceServing, model_info
-from seqsal.grpc_server import GrpcServer, preflight
-from seqsal.metrics import ServerMetrics
-from seqsal.model_registry import ModelSpec, load_tokenizer, model_specs
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from server_kit.grpc_server import GrpcServer, preflight
+from server_kit.metrics import ServerMetrics
+from server_kit.model_registry import ModelSpec, load_tokenizer, model_specs
 
 logger = logging.getLogger("seqsal.inference")
 
@@ -22,7 +22,7 @@ SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    """Thin gRPC adapter over :class:`InferenceServing`; errors are mapped by :mod:`seqsal.call_lifecycle`."""
+    """Thin gRPC adapter over :class:`InferenceServing`; :mod:`server_kit.call_lifecycle` maps errors."""
 
     def __init__(self, serving: InferenceServing, metrics: ServerMetrics | None = None) -> None:
         self.serving = serving

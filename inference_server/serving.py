@@ -14,12 +14,12 @@ from inference_server.backends.base import Backend
 from inference_server.chat import apply_chat_template
 from inference_server.detokenize import StreamedText, candidate_text, text_token_count
 from inference_server.params import sampling_params
-from seqsal.admission import Admission
 from seqsal.errors import InvalidArgumentError
-from seqsal.model_registry import ModelSpec, model_revision, pick_model
 from seqsal.settings import Settings
-from seqsal.tokenization import ContextLimit, tokenize, tokens_from_ids
 from seqsal.v1 import common_pb2, inference_pb2
+from server_kit.admission import Admission
+from server_kit.model_registry import ModelSpec, model_revision, pick_model
+from server_kit.tokenization import ContextLimit, tokenize, tokens_from_ids
 
 logger = logging.getLogger("seqsal.inference")
 

@@ -50,8 +50,8 @@ from saliency_server.forward_cache import ForwardCache, HeldForward, SavedBytes
 from saliency_server.logprobs import token_logprobs
 from saliency_server.memory import model_dims
 from seqsal.errors import CancelledError
-from seqsal.teacher_forcing import score_rows
 from seqsal.v1 import common_pb2
+from server_kit.teacher_forcing import score_rows
 
 logger = logging.getLogger("seqsal.engine")
 
@@ -523,7 +523,7 @@ class GradientEngine:
         steps: Steps | None = None,
     ) -> list[np.ndarray]:
         """Teacher-forced log-probs of many (prompt, target) rows in batched no-grad passes
-        (:func:`seqsal.teacher_forcing.score_rows`), with a step boundary before every batch and
+        (:func:`server_kit.teacher_forcing.score_rows`), with a step boundary before every batch and
         the layer checkpoints inside each: the perturbation methods' fallback without an
         inference server, scheduled like any other computation."""
         with self._driven(steps):

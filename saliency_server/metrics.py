@@ -1,5 +1,5 @@
 """The saliency server's own metrics, read at scrape time: its result cache, schedulers and the
-forward passes kept for reuse (registered on the server's :class:`seqsal.metrics.ServerMetrics`).
+forward passes kept for reuse (registered on the server's :class:`server_kit.metrics.ServerMetrics`).
 
 * ``seqsal_cache_{hits,misses,errors,corrupt,sets}_total{backend}``: the result cache's counters;
 * ``seqsal_scheduler_queue_depth{model, priority, state}``: computations per model, priority

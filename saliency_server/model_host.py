@@ -11,8 +11,10 @@ from saliency_server.checkpointing import CheckpointPolicy
 from saliency_server.engine import GradientEngine
 from saliency_server.forward_cache import ForwardCache
 from saliency_server.memory import MIB
-from seqsal.fingerprint import directory_signature
-from seqsal.model_registry import (
+from seqsal.settings import Settings
+from seqsal.v1 import common_pb2
+from server_kit.fingerprint import directory_signature
+from server_kit.model_registry import (
     ModelSpec,
     load_causal_lm,
     load_tokenizer,
@@ -21,8 +23,6 @@ from seqsal.model_registry import (
     resolve_device,
     resolve_dtype,
 )
-from seqsal.settings import Settings
-from seqsal.v1 import common_pb2
 
 logger = logging.getLogger("seqsal.saliency")
 

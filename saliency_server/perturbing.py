@@ -32,8 +32,8 @@ from saliency_server.scheduler import Priority, TicketSteps, priority_from_wire
 from saliency_server.scores import MethodEntry
 from saliency_server.validation import Problem, problem_message, resolve_selection
 from seqsal.errors import InvalidArgumentError, SeqsalError, UnavailableError
-from seqsal.threads import stream_from_thread
 from seqsal.v1 import common_pb2, inference_pb2, saliency_pb2
+from server_kit.threads import stream_from_thread
 
 if TYPE_CHECKING:
     from saliency_server.serving import Flight, SaliencyServing

@@ -46,7 +46,7 @@ from seqsal.v1 import saliency_pb2
 
 #: How often a waiting thread re-checks whether its client went away (seconds).
 POLL_S = 0.05
-#: Buckets of the wait-time histogram (seconds), as in :data:`seqsal.metrics.LATENCY_BUCKETS`.
+#: Buckets of the wait-time histogram (seconds), as in :data:`server_kit.metrics.LATENCY_BUCKETS`.
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 

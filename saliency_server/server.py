@@ -14,12 +14,12 @@ from saliency_server.cache import make_cache
 from saliency_server.metrics import SaliencyCollector
 from saliency_server.model_host import ModelHost
 from saliency_server.serving import SaliencyServing
-from seqsal.call_lifecycle import client_var
-from seqsal.grpc_server import GrpcServer, preflight
-from seqsal.metrics import ServerMetrics
-from seqsal.model_registry import model_specs
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, saliency_pb2, saliency_pb2_grpc
+from server_kit.call_lifecycle import client_var
+from server_kit.grpc_server import GrpcServer, preflight
+from server_kit.metrics import ServerMetrics
+from server_kit.model_registry import model_specs
 
 logger = logging.getLogger("seqsal.saliency")
 
@@ -29,7 +29,7 @@ SHUTDOWN_WORKER_WAIT_S = 5.0
 
 
 class SaliencyServicer(saliency_pb2_grpc.SaliencyServiceServicer):
-    """Thin gRPC adapter over :class:`SaliencyServing`; errors are mapped by :mod:`seqsal.call_lifecycle`."""
+    """Thin gRPC adapter over :class:`SaliencyServing`; :mod:`server_kit.call_lifecycle` maps errors."""
 
     def __init__(self, serving: SaliencyServing, metrics: ServerMetrics | None = None) -> None:
         self.serving = serving
@@ -121,7 +121,7 @@ def build_server(serving: SaliencyServing, settings: Settings) -> GrpcServer:
 async def serve(settings: Settings) -> None:
     """Load models, listen on settings.host:settings.port and serve until SIGTERM/SIGINT, then drain.
 
-    The security settings are checked before the models load (see :func:`seqsal.grpc_server.preflight`);
+    The security settings are checked before the models load (see :func:`server_kit.grpc_server.preflight`);
     metrics are served on ``settings.metrics_port`` (0 = off).
     """
     preflight(settings, settings.host, "saliency server")

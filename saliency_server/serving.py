@@ -31,13 +31,13 @@ from saliency_server.scheduler import Priority, Scheduler, Ticket, TicketSteps, 
 from saliency_server.scores import MethodEntry, from_cache, from_result, to_cache, to_wire
 from saliency_server.validation import Problem, build_problem, problem_message, resolve_selection
 from seqsal import segmentation
-from seqsal.admission import Admission
 from seqsal.errors import CancelledError
-from seqsal.logging_setup import request_id_var
 from seqsal.settings import Settings
-from seqsal.threads import stream_from_thread
-from seqsal.tokenization import tokenize
 from seqsal.v1 import common_pb2, saliency_pb2
+from server_kit.admission import Admission
+from server_kit.logging_setup import request_id_var
+from server_kit.threads import stream_from_thread
+from server_kit.tokenization import tokenize
 
 logger = logging.getLogger("seqsal.saliency")
 

@@ -32,8 +32,8 @@ from saliency_server.perturbation import (
 )
 from seqsal import segmentation
 from seqsal.errors import InvalidArgumentError
-from seqsal.tokenization import ContextLimit, part_text, prompt_tokens_from_ids, tokenize, tokens_from_ids
 from seqsal.v1 import common_pb2, saliency_pb2
+from server_kit.tokenization import ContextLimit, part_text, prompt_tokens_from_ids, tokenize, tokens_from_ids
 
 DEFAULT_METHODS = (common_pb2.GRAD_L2, common_pb2.GRAD_DOT_INPUT)
 MAX_IG_STEPS = 1024

@@ -28,7 +28,7 @@ import grpc
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from seqsal.auth import bearer_metadata
+from seqsal.bearer import bearer_metadata
 from seqsal.errors import ERRORS_BY_CODE, SeqsalError
 from seqsal.request_ids import REQUEST_ID_KEY, new_request_id
 from seqsal.retry import DEFAULT_RETRY, RetryPolicy

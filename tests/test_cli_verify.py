@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from seqsal.batch import BatchOptions, run_batch
-from seqsal.cli import app
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2
+from seqsal_cli.batch import BatchOptions, run_batch
+from seqsal_cli.cli import app
 
 runner = CliRunner()
 PROMPT = "The fox is quick. Paris is the capital of France. Rome is old.\nThe capital of France is"
@@ -23,7 +23,7 @@ TARGET = " Paris."
 
 @pytest.fixture(autouse=True)
 def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    from seqsal import cli
+    from seqsal_cli import cli
 
     monkeypatch.setattr(cli.console, "width", 200)
 

@@ -26,8 +26,10 @@ BLOCKED = (
     "numpy",
     "redis",
     "streamlit",
+    "server_kit",
     "saliency_server",
     "inference_server",
+    "seqsal_cli",
     "ui",
 )
 PROMPT, TARGET = "The capital of France is", " Paris."

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqsal import default_model
-from seqsal.default_model import (
+from seqsal.settings import DEFAULT_MODEL_ID, Settings
+from server_kit import default_model
+from server_kit.default_model import (
     CONVERSION_VERSION,
     MARKER_NAME,
     DefaultModelError,
@@ -25,7 +26,6 @@ from seqsal.default_model import (
     find_default_gguf,
     is_complete,
 )
-from seqsal.settings import DEFAULT_MODEL_ID, Settings
 
 PROMPT = "The capital of France is"
 

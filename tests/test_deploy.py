@@ -9,7 +9,7 @@
 - The Helm chart is rendered by Helm itself (its Go SDK through ``helm-python-sdk``, which also
   applies ``values.schema.json`` as ``helm template`` does), linted, and every manifest is validated
   against the Kubernetes OpenAPI schemas of ``kubernetes-validate`` (strict: unknown fields fail).
-- The Grafana dashboard only queries metrics that ``seqsal.metrics`` exports.
+- The Grafana dashboard only queries metrics that ``server_kit.metrics`` exports.
 """
 
 from __future__ import annotations
@@ -1123,7 +1123,7 @@ def test_chart_sets_only_settings_that_exist(rendered: dict[str, list[dict[str, 
 
 def exported_metric_names() -> set[str]:
     metrics = pytest.importorskip(
-        "seqsal.metrics", reason="seqsal.metrics (Prometheus metrics) is not there yet"
+        "server_kit.metrics", reason="server_kit.metrics (Prometheus metrics) is not there yet"
     )
     from prometheus_client import generate_latest
 

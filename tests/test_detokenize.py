@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from inference_server.detokenize import StreamedText, candidate_text, text_token_count
-from seqsal.model_registry import load_tokenizer
+from server_kit.model_registry import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import torch
 
 from saliency_server.server import build_server, build_serving
 from seqsal.client import AsyncSaliencyClient
-from seqsal.model_registry import load_causal_lm, load_tokenizer
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2
+from server_kit.model_registry import load_causal_lm, load_tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -21,8 +21,8 @@ from tiny_models import ARCHITECTURES
 
 from saliency_server.engine import GradientEngine, SaliencyInputs, SaliencyResult, ig_schedule
 from seqsal.errors import CancelledError
-from seqsal.model_registry import load_causal_lm, load_tokenizer
 from seqsal.v1 import common_pb2
+from server_kit.model_registry import load_causal_lm, load_tokenizer
 
 L2 = common_pb2.GRAD_L2
 DOT = common_pb2.GRAD_DOT_INPUT

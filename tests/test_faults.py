@@ -33,8 +33,8 @@ from seqsal.errors import (
 )
 from seqsal.retry import RetryPolicy
 from seqsal.settings import Settings
-from seqsal.stack import grpc_serving
 from seqsal.v1 import common_pb2, saliency_pb2
+from seqsal_cli.stack import grpc_serving
 
 if TYPE_CHECKING:
     from conftest import RunningSaliencyServer, SaliencyServerFactory

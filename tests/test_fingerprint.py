@@ -1,4 +1,4 @@
-"""The model revision (seqsal/fingerprint.py): a full content hash, remembered per file version."""
+"""The model revision (server_kit/fingerprint.py): a full content hash, remembered per file version."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from seqsal.fingerprint import model_revision
+from server_kit.fingerprint import model_revision
 
 
 def test_revision_follows_content_not_place_and_is_remembered(tiny_llama_dir: Path, tmp_path: Path) -> None:

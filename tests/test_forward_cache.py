@@ -23,8 +23,8 @@ from saliency_server.checkpointing import CheckpointPolicy
 from saliency_server.engine import GradientEngine, SaliencyInputs
 from saliency_server.forward_cache import ForwardCache, HeldForward, SavedBytes
 from saliency_server.scheduler import Priority, Scheduler, State
-from seqsal.model_registry import load_causal_lm, load_tokenizer
 from seqsal.v1 import common_pb2
+from server_kit.model_registry import load_causal_lm, load_tokenizer
 
 METHODS = (common_pb2.GRAD_L2, common_pb2.GRAD_DOT_INPUT)
 MIB = 1024 * 1024
@@ -203,7 +203,7 @@ def test_kept_bytes_and_lookups_are_exported_per_model() -> None:
     from prometheus_client import generate_latest
 
     from saliency_server.metrics import SaliencyCollector
-    from seqsal.metrics import ServerMetrics
+    from server_kit.metrics import ServerMetrics
 
     cache = ForwardCache(max_bytes=100)
     cache.put("k", held(42))

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient
-from seqsal.model_registry import load_tokenizer
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2
+from server_kit.model_registry import load_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def gguf_fields(path: Path) -> tuple[dict[str, Any], Any]:
 def gemma_gguf(gemma_model_dir: Path) -> Path:
     from conftest import models_data_dir
 
-    from seqsal.gguf_models import gemma3_gguf
+    from server_kit.gguf_models import gemma3_gguf
 
     return gemma3_gguf(Settings(data_dir=models_data_dir()))[0]
 
@@ -93,7 +93,7 @@ def test_gemma_tokenizer_is_the_files(gemma_model_dir: Path, gemma_gguf: Path) -
 
 
 def test_smollm2_tokenizer_is_the_files(default_model_dir: Path) -> None:
-    from seqsal.default_model import find_default_gguf
+    from server_kit.default_model import find_default_gguf
 
     fields = _check_tokenizer_against_file(default_model_dir, find_default_gguf(), bos_added=False)
     assert fields["tokenizer.chat_template"].startswith("{% for message in messages %}")
@@ -193,7 +193,7 @@ async def test_gemma_all_segments_equal_autograd(clients: tuple, reference_model
 def test_short_name_resolves_to_the_cached_conversion(gemma_model_dir: Path) -> None:
     from conftest import models_data_dir
 
-    from seqsal.model_registry import model_specs
+    from server_kit.model_registry import model_specs
 
     (spec,) = model_specs(Settings(data_dir=models_data_dir(), models=["gemma3"]))
     assert (spec.id, spec.path) == ("gemma-3-270m", gemma_model_dir)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from seqsal import gguf_models
 from seqsal.errors import InvalidArgumentError
-from seqsal.gguf_convert import CONVERSION_VERSION, MARKER_NAME, ModelConversionError, is_complete
-from seqsal.gguf_metadata import TokenizerMetadata, apply_tokenizer_metadata, tokenizer_mismatches
-from seqsal.model_registry import model_specs, parse_model_spec
 from seqsal.settings import Settings
+from server_kit import gguf_models
+from server_kit.gguf_convert import CONVERSION_VERSION, MARKER_NAME, ModelConversionError, is_complete
+from server_kit.gguf_metadata import TokenizerMetadata, apply_tokenizer_metadata, tokenizer_mismatches
+from server_kit.model_registry import model_specs, parse_model_spec
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_missing_gemma_package_says_what_to_install(tmp_path: Path, monkeypatch)
 def test_cli_model_path_converts_a_gguf_and_reports_errors(tmp_path: Path, conversions: list) -> None:
     from typer.testing import CliRunner
 
-    from seqsal.cli import app
+    from seqsal_cli.cli import app
 
     gguf = _gguf(tmp_path / "x.gguf", b"GGUF")
     env = {"SEQSAL_DATA_DIR": str(tmp_path / "data")}
@@ -130,7 +130,7 @@ def test_cli_model_path_converts_a_gguf_and_reports_errors(tmp_path: Path, conve
 
 
 def test_metadata_sets_bos_specials_and_template(tiny_model_dirs: dict[str, Path]) -> None:
-    from seqsal.model_registry import load_tokenizer
+    from server_kit.model_registry import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_dirs["gemma"])  # adds <bos>, has no chat template
     bos, eos, pad = (tokenizer.convert_tokens_to_ids(t) for t in ("<bos>", "<eos>", "<pad>"))

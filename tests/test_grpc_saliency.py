@@ -36,9 +36,9 @@ from seqsal.errors import (
     ResourceExhaustedError,
     SeqsalError,
 )
-from seqsal.grpc_server import server_options
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, saliency_pb2
+from server_kit.grpc_server import server_options
 
 if TYPE_CHECKING:
     from conftest import RunningSaliencyServer, SaliencyServerFactory
@@ -942,7 +942,7 @@ async def test_each_model_runs_in_its_own_dtype(
 
 
 async def test_model_dtypes_name_hosted_models(model_specs: list[str]) -> None:
-    from seqsal.model_registry import model_specs as resolve_specs
+    from server_kit.model_registry import model_specs as resolve_specs
 
     with pytest.raises(InvalidArgumentError, match=r"not hosted: \['nope'\]") as caught:
         resolve_specs(make_settings(model_specs, model_dtypes={"nope": "bfloat16"}))

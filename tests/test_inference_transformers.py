@@ -12,9 +12,9 @@ import torch
 
 from seqsal import errors
 from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient
-from seqsal.model_registry import load_causal_lm, load_tokenizer
 from seqsal.settings import Settings
 from seqsal.v1 import inference_pb2
+from server_kit.model_registry import load_causal_lm, load_tokenizer
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -184,7 +184,7 @@ async def test_batched_score_of_many_prompts_equals_transformers_and_a_forward_p
 ) -> None:  # type: ignore[no-untyped-def]
     import torch
 
-    from seqsal.model_registry import load_causal_lm
+    from server_kit.model_registry import load_causal_lm
 
     vllm_client, hf_client = clients
     ids = [t.id for t in (await vllm_client.tokenize(PROMPTS[0] + " " + PROMPTS[1])).tokens]

@@ -29,10 +29,10 @@ import pytest
 from saliency_server.server import SERVICE
 from seqsal.client import AsyncSaliencyClient, SaliencyClient
 from seqsal.errors import InternalError, UnauthenticatedError
-from seqsal.logging_setup import JsonFormatter, json_handler, request_id_var, resolve_format
 from seqsal.settings import Settings
-from seqsal.stack import grpc_serving
 from seqsal.v1 import common_pb2
+from seqsal_cli.stack import grpc_serving
+from server_kit.logging_setup import JsonFormatter, json_handler, request_id_var, resolve_format
 
 if TYPE_CHECKING:
     from conftest import RunningSaliencyServer
@@ -226,7 +226,7 @@ async def test_tracing_spans_continue_the_callers_trace(
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from seqsal import grpc_server
+    from server_kit import grpc_server
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -268,7 +268,7 @@ def test_served_process_logs_json_and_serves_metrics(tiny_llama_dir: Path, tmp_p
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
     }
     command = [
-        sys.executable, "-m", "seqsal.cli", "serve", "saliency", "--host", "0.0.0.0", "--port", str(port),
+        sys.executable, "-m", "seqsal_cli", "serve", "saliency", "--host", "0.0.0.0", "--port", str(port),
         "--model", f"tiny={tiny_llama_dir}", "--device", "cpu", "--metrics-port", str(metrics_port),
     ]  # fmt: skip
     log_path = tmp_path / "server.log"

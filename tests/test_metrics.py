@@ -26,9 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from saliency_server.engine import SaliencyResult
 from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient
 from seqsal.errors import InvalidArgumentError
-from seqsal.metrics import ServerMetrics
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2
+from server_kit.metrics import ServerMetrics
 
 if TYPE_CHECKING:
     from conftest import RunningInferenceServer, RunningSaliencyServer

@@ -18,9 +18,9 @@ import torch
 from saliency_server import perturbation
 from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient, perturbation_options
 from seqsal.errors import InvalidArgumentError
-from seqsal.model_registry import load_causal_lm
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, saliency_pb2
+from server_kit.model_registry import load_causal_lm
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -214,7 +214,7 @@ async def test_a_tokens_once_stream_equals_the_whole_one_restored(
 
 
 def test_long_prompt_ids_take_the_tokenizers_offsets(saliency: Any) -> None:
-    from seqsal.tokenization import prompt_tokens_from_ids, tokenize, tokens_from_ids
+    from server_kit.tokenization import prompt_tokens_from_ids, tokenize, tokens_from_ids
 
     tokenizer = saliency.serving.host.get("").tokenizer
     text = "The quick brown fox jumps over the lazy dog.\n" * 120

@@ -23,8 +23,8 @@ from tiny_models import ARCHITECTURES
 from saliency_server.engine import GradientEngine, SaliencyInputs, SaliencyResult
 from saliency_server.scheduler import Priority, Scheduler, State, Ticket, TicketSteps, priority_from_wire
 from seqsal.errors import CancelledError
-from seqsal.model_registry import load_causal_lm, load_tokenizer
 from seqsal.v1 import common_pb2, saliency_pb2
+from server_kit.model_registry import load_causal_lm, load_tokenizer
 
 BG = Priority.BACKGROUND
 FG = Priority.INTERACTIVE

@@ -31,17 +31,17 @@ from typer.testing import CliRunner
 
 from inference_server.server import SERVICE as INFERENCE_SERVICE
 from saliency_server.server import SERVICE as SALIENCY_SERVICE
-from seqsal.admission import Admission
-from seqsal.auth import BindPolicyError, TokenAuth, is_loopback
-from seqsal.cli import app
 from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient, error_from_rpc
 from seqsal.errors import ResourceExhaustedError, UnauthenticatedError, UnavailableError
-from seqsal.grpc_server import GrpcServer
-from seqsal.ratelimit import RateLimited, RateLimiter
 from seqsal.settings import Settings
-from seqsal.stack import grpc_serving
 from seqsal.tls import ClientTLS, TlsConfigError, server_credentials
 from seqsal.v1 import common_pb2
+from seqsal_cli.cli import app
+from seqsal_cli.stack import grpc_serving
+from server_kit.admission import Admission
+from server_kit.auth import BindPolicyError, TokenAuth, is_loopback
+from server_kit.grpc_server import GrpcServer
+from server_kit.ratelimit import RateLimited, RateLimiter
 
 if TYPE_CHECKING:
     from conftest import RunningInferenceServer, RunningSaliencyServer
@@ -664,7 +664,7 @@ async def test_batch_cli_sends_the_token(
 
 
 def test_stack_passes_tokens_and_tls_to_its_children(pki: Pki, tmp_path: Path) -> None:
-    from seqsal.stack import UI_APP, Stack
+    from seqsal_cli.stack import UI_APP, Stack
 
     settings = make_settings(
         ["tiny=/models/tiny"],

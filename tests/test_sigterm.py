@@ -1,6 +1,6 @@
 """``seqsal serve saliency`` drains on SIGTERM: in-flight calls finish, new ones are refused, exit 0.
 
-The server runs as a real subprocess (``python -m seqsal.cli serve saliency``) with a tiny
+The server runs as a real subprocess (``python -m seqsal_cli serve saliency``) with a tiny
 model. A long integrated-gradients request keeps it busy; its length is calibrated on this
 machine first, so the request is certainly still running when the signal arrives.
 """
@@ -87,7 +87,7 @@ def _server(
     command = [
         sys.executable,
         "-m",
-        "seqsal.cli",
+        "seqsal_cli",
         "serve",
         "saliency",
         "--port",

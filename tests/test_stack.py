@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from seqsal.client import InferenceClient, SaliencyClient
-from seqsal.stack import grpc_serving, redis_ready
+from seqsal_cli.stack import grpc_serving, redis_ready
 
 
 def free_port() -> int:
@@ -30,7 +30,7 @@ def test_up_starts_everything_and_stops_it(tiny_chat_llama_dir: Path, tmp_path: 
     }
     env.pop("REDIS_URL", None)
     command = [
-        sys.executable, "-m", "seqsal.cli", "up", "--backend", "transformers",
+        sys.executable, "-m", "seqsal_cli", "up", "--backend", "transformers",
         "--model", f"tiny={tiny_chat_llama_dir}", "--port", str(saliency_port),
         "--inference-port", str(inference_port), "--ui-port", str(ui_port),
         "--log-dir", str(tmp_path / "logs"),
@@ -82,7 +82,7 @@ def test_up_starts_everything_and_stops_it(tiny_chat_llama_dir: Path, tmp_path: 
 
 def test_up_reports_a_component_that_fails(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "seqsal.cli", "up", "--backend", "transformers", "--model", f"x={tmp_path}",
+        [sys.executable, "-m", "seqsal_cli", "up", "--backend", "transformers", "--model", f"x={tmp_path}",
          "--log-dir", str(tmp_path / "logs"), "--port", str(free_port()),
          "--inference-port", str(free_port()), "--ui-port", str(free_port())],
         env=os.environ | {"SEQSAL_STACK_REDIS_PORT": str(free_port())},
@@ -99,7 +99,7 @@ def test_a_component_that_fails_is_restarted_with_backoff_and_the_rest_keep_runn
     from rich.console import Console
 
     from seqsal.settings import Settings
-    from seqsal.stack import Component, Stack
+    from seqsal_cli.stack import Component, Stack
 
     marker = tmp_path / "starts"
     # fails at once the first two times it starts, then stays up

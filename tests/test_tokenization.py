@@ -1,4 +1,4 @@
-"""seqsal.tokenization on every tiny architecture's tokenizer: tiling, special tokens, ids -> tokens."""
+"""server_kit.tokenization on every tiny architecture's tokenizer: tiling, special tokens, ids -> tokens."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from tiny_models import ARCHITECTURES
 
 from seqsal.errors import InvalidArgumentError
-from seqsal.model_registry import load_tokenizer
-from seqsal.tokenization import REPLACEMENT_CHAR, part_text, tokenize, tokens_from_ids
 from seqsal.v1 import common_pb2
+from server_kit.model_registry import load_tokenizer
+from server_kit.tokenization import REPLACEMENT_CHAR, part_text, tokenize, tokens_from_ids
 
 EXPECTED_BOS = {"gpt2": None, "llama": "<s>", "mistral": "<s>", "gemma": "<bos>", "qwen2": None}
 

@@ -117,7 +117,7 @@ def stack(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     env = os.environ | {"SEQSAL_STACK_REDIS_PORT": str(redis_port), "SEQSAL_SHUTDOWN_GRACE_S": "5"}
     env.pop("REDIS_URL", None)
     command = [
-        sys.executable, "-m", "seqsal.cli", "up", "--backend", "transformers",
+        sys.executable, "-m", "seqsal_cli", "up", "--backend", "transformers",
         "--model", f"{MODEL_ID}={default_model_dir}", "--port", str(saliency_port),
         "--inference-port", str(inference_port), "--ui-port", str(ui_port), "--log-dir", str(log_dir),
     ]  # fmt: skip

@@ -106,9 +106,9 @@ def test_loading_an_example_sets_its_target_and_settings() -> None:
 
 def test_example_texts_segment_as_the_paper_describes(tiny_llama_dir: Path) -> None:
     """The restaurant target splits into the Analysis and Recommendation sentences."""
-    from seqsal.model_registry import load_tokenizer
-    from seqsal.tokenization import tokenize
     from seqsal.v1 import common_pb2
+    from server_kit.model_registry import load_tokenizer
+    from server_kit.tokenization import tokenize
 
     example = {e.id: e for e in load_examples()[0]}["restaurant-copy-paste"]
     tokens = tokenize(

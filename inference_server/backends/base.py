@@ -1,7 +1,7 @@
 """The one seam every generation backend implements.
 
 Backends work on token ids, never on text: the serving layer tokenises the
-prompt with the model's one tokenisation (``seqsal.tokenization``) and hands
+prompt with the model's one tokenisation (``server_kit.tokenization``) and hands
 the ids over, so the ids a backend generates from are exactly the ids the
 saliency service later explains; it also derives each candidate's text from
 the returned ids (``inference_server.detokenize``), the same way for every backend.

@@ -41,9 +41,9 @@ from seqsal.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from seqsal.model_registry import ModelSpec
 from seqsal.settings import Settings
 from seqsal.v1 import inference_pb2
+from server_kit.model_registry import ModelSpec
 
 logger = logging.getLogger("seqsal.inference")
 

@@ -22,11 +22,11 @@ from transformers.generation.streamers import BaseStreamer
 
 from inference_server.backends.base import Backend, CandidateDelta, GeneratedCandidate, SamplingParams
 from seqsal.errors import CancelledError
-from seqsal.model_registry import ModelSpec, load_causal_lm, resolve_device, resolve_dtype
 from seqsal.settings import Settings
-from seqsal.teacher_forcing import score_rows
-from seqsal.threads import stream_from_thread
 from seqsal.v1 import inference_pb2
+from server_kit.model_registry import ModelSpec, load_causal_lm, resolve_device, resolve_dtype
+from server_kit.teacher_forcing import score_rows
+from server_kit.threads import stream_from_thread
 
 
 class _RawLogprobs(LogitsProcessor):
@@ -212,7 +212,7 @@ class TransformersBackend(Backend):
         return candidates
 
     async def score_rows(self, rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[list[float]]:
-        """Batched no-grad passes (``seqsal.teacher_forcing``) in a worker thread; a client that
+        """Batched no-grad passes (``server_kit.teacher_forcing``) in a worker thread; a client that
         goes away stops it before the next batch."""
 
         def produce(emit: Callable[[list[list[float]]], None], stopped: Callable[[], bool]) -> None:

@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from inference_server.backends.base import Backend, CandidateDelta, GeneratedCandidate, SamplingParams
-from seqsal.model_registry import ModelSpec, resolve_device
 from seqsal.settings import Settings
 from seqsal.v1 import inference_pb2
+from server_kit.model_registry import ModelSpec, resolve_device
 
 logger = logging.getLogger("seqsal.inference")
 

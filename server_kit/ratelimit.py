@@ -1,4 +1,4 @@
-"""The per-caller rate limit of a shared server (the bound on requests held is :mod:`seqsal.admission`)."""
+"""The per-caller rate limit of a shared server (requests held at once: :mod:`server_kit.admission`)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 ``seqsal serve saliency --model gemma=/path/x.gguf`` (and ``seqsal up``, the inference
 server, ``seqsal model-path``) converts ``x.gguf`` into
-``<data_dir>/models/<stem>-<sha256[:16]>`` (see :mod:`seqsal.gguf_convert`) the first
+``<data_dir>/models/<stem>-<sha256[:16]>`` (see :mod:`server_kit.gguf_convert`) the first
 time, and finds it there afterwards: the same bytes under another name or path reuse
 the conversion, changed bytes get a new one. Hashing a large file takes a while, so
 the digest is remembered per (path, size, mtime) in ``<data_dir>/models/.gguf-sha256.json``.
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seqsal.gguf_convert import ModelConversionError, convert_gguf, ensure_converted, locked
 from seqsal.settings import DEFAULT_MODEL_ID, Settings
+from server_kit.gguf_convert import ModelConversionError, convert_gguf, ensure_converted, locked
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _ensure_gemma3(settings: Settings) -> Path:
 
 
 def _ensure_smollm2(settings: Settings) -> Path:
-    from seqsal.default_model import ensure_default_model
+    from server_kit.default_model import ensure_default_model
 
     return ensure_default_model(settings)
 

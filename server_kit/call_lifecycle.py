@@ -1,10 +1,10 @@
 """Every call's life on a seqsal server, in one interceptor: way in, answer or error, way out.
 
-:class:`CallLifecycle` is the only interceptor of each server (:mod:`seqsal.grpc_server`). For
+:class:`CallLifecycle` is the only interceptor of each server (:mod:`server_kit.grpc_server`). For
 every call of a seqsal service, in this order:
 
 1. the request id is the caller's ``x-request-id`` metadata or a new one (:mod:`seqsal.request_ids`);
-   it is put in :data:`~seqsal.logging_setup.request_id_var` (so every log line of the call
+   it is put in :data:`~server_kit.logging_setup.request_id_var` (so every log line of the call
    carries it) and sent back in the response's initial metadata, together with the answer (the
    first message of a stream) or a refusal: headers sent any earlier would commit the call, and
    gRPC could no longer retry it on another replica, or on the same one restarted, when the
@@ -38,14 +38,14 @@ from typing import Any
 import grpc
 from google.protobuf import message
 
-from seqsal.auth import AuthFailure, TokenAuth, fingerprint, is_open_method
 from seqsal.errors import InternalError, SeqsalError
-from seqsal.logging_setup import request_id_var
-from seqsal.metrics import ServerMetrics
-from seqsal.ratelimit import RateLimited, RateLimiter
 from seqsal.request_ids import REQUEST_ID_KEY, clean_request_id, new_request_id
 from seqsal.status import UndecodableRequest, rate_limited_status, status_for, tolerant_deserializer
-from seqsal.tracing import end_span, start_span
+from server_kit.auth import AuthFailure, TokenAuth, fingerprint, is_open_method
+from server_kit.logging_setup import request_id_var
+from server_kit.metrics import ServerMetrics
+from server_kit.ratelimit import RateLimited, RateLimiter
+from server_kit.tracing import end_span, start_span
 
 #: Who makes the current call, for the saliency scheduler's fairness: ``token:<fingerprint>``
 #: with authentication, else ``peer:<address:port>`` (one connection); ``local`` in-process.

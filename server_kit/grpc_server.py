@@ -12,13 +12,13 @@ from google.protobuf import descriptor as _descriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from seqsal.auth import TokenAuth, check_bind_policy, is_loopback
-from seqsal.call_lifecycle import CallLifecycle
-from seqsal.metrics import ServerMetrics
-from seqsal.ratelimit import RateLimiter
 from seqsal.settings import Settings
 from seqsal.tls import server_credentials, server_tls_mode
-from seqsal.tracing import make_tracer
+from server_kit.auth import TokenAuth, check_bind_policy, is_loopback
+from server_kit.call_lifecycle import CallLifecycle
+from server_kit.metrics import ServerMetrics
+from server_kit.ratelimit import RateLimiter
+from server_kit.tracing import make_tracer
 
 logger = logging.getLogger("seqsal.grpc")
 
@@ -42,7 +42,7 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
 def preflight(settings: Settings, host: str, what: str) -> None:
     """Check the security settings before the slow start-up (loading models).
 
-    Raises :class:`~seqsal.auth.BindPolicyError` (an open server on a non-loopback address),
+    Raises :class:`~server_kit.auth.BindPolicyError` (an open server on a non-loopback address),
     ``FileNotFoundError`` (a missing token file) or :class:`~seqsal.tls.TlsConfigError`.
     """
     check_bind_policy(host, settings, authenticated=TokenAuth.from_settings(settings) is not None, what=what)
@@ -99,7 +99,7 @@ class GrpcServer:
     def bind(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (port 0 = a free port), with TLS if configured; returns the port.
 
-        Raises :class:`~seqsal.auth.BindPolicyError` for a non-loopback ``host`` without
+        Raises :class:`~server_kit.auth.BindPolicyError` for a non-loopback ``host`` without
         authentication (unless ``allow_unauthenticated``).
         """
         check_bind_policy(

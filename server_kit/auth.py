@@ -23,12 +23,11 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from seqsal.bearer import AUTHORIZATION_KEY, BEARER_PREFIX
 from seqsal.settings import Settings
 
 logger = logging.getLogger("seqsal.auth")
 
-AUTHORIZATION_KEY = "authorization"
-BEARER_PREFIX = "bearer "
 #: Methods anyone may call: load balancers and orchestrators probe health; tools list services.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -49,11 +48,6 @@ def is_open_method(method: str) -> bool:
 def fingerprint(token: str) -> str:
     """A short, non-reversible name for a token (for logs, metrics and rate-limit keys)."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()[:12]
-
-
-def bearer_metadata(token: str) -> tuple[str, str]:
-    """The metadata pair a client sends for ``token``."""
-    return (AUTHORIZATION_KEY, f"Bearer {token}")
 
 
 def is_loopback(host: str) -> bool:

@@ -193,7 +193,7 @@ class Stack:
         components.append(
             Component(
                 name=f"inference ({s.backend})",
-                command=[python, "-m", "seqsal.cli", "serve", "inference", "--backend", s.backend],
+                command=[python, "-m", "seqsal_cli", "serve", "inference", "--backend", s.backend],
                 ready=lambda: grpc_serving(inference, tls=tls),
                 url=f"{scheme}://{inference}",
                 env=env
@@ -204,7 +204,7 @@ class Stack:
         components.append(
             Component(
                 name="saliency",
-                command=[python, "-m", "seqsal.cli", "serve", "saliency"],
+                command=[python, "-m", "seqsal_cli", "serve", "saliency"],
                 ready=lambda: grpc_serving(saliency, tls=tls),
                 url=f"{scheme}://{saliency}",
                 # it scores OCCLUSION/LIME/Verify variants through the inference server, as a client

@@ -4,7 +4,7 @@ Loading a GGUF through transformers de-quantises every tensor (15 s for SmolLM2,
 about a minute for Gemma 3 270M); a safetensors directory loads in about a second.
 :func:`convert_gguf` loads the file with ``from_pretrained(..., gguf_file=...)``,
 makes its tokenizer follow the file's own metadata (special tokens, BOS/EOS
-insertion, chat template: see :mod:`seqsal.gguf_metadata`), saves model and
+insertion, chat template: see :mod:`server_kit.gguf_metadata`), saves model and
 tokenizer, reloads the copy with plain ``from_pretrained`` and checks it (a fast
 tokenizer with offsets, the file's tokenizer settings, the GGUF model's logits),
 and writes a completion marker last.
@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from seqsal.gguf_metadata import apply_tokenizer_metadata, read_tokenizer_metadata, tokenizer_mismatches
+from server_kit.gguf_metadata import apply_tokenizer_metadata, read_tokenizer_metadata, tokenizer_mismatches
 
 if TYPE_CHECKING:
     import torch

@@ -1,7 +1,7 @@
 """Process logging: human-readable text on a terminal, one JSON object per line otherwise.
 
 Every record carries the id of the request being served (``request_id``) when
-it is logged during a gRPC call: the call lifecycle (:mod:`seqsal.call_lifecycle`) puts the id in
+it is logged during a gRPC call: the call lifecycle (:mod:`server_kit.call_lifecycle`) puts the id in
 :data:`request_id_var`, which asyncio copies into the call's task and into
 ``asyncio.to_thread`` workers.
 

@@ -1,7 +1,7 @@
 """Which models a server hosts: parse ``--model`` specs, fingerprint and load them.
 
 A model is a local Hugging Face directory (config.json, weights, tokenizer), a
-GGUF file (converted once into the data directory, see :mod:`seqsal.gguf_models`)
+GGUF file (converted once into the data directory, see :mod:`server_kit.gguf_models`)
 or a packaged model's short name (``smollm2``, ``gemma3``); nothing is ever
 fetched from a hub. ``ID=PATH`` names it; a bare ``PATH`` takes the directory
 name, the file's stem or the packaged model's id as id; no model at all means the
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from seqsal.errors import InvalidArgumentError, NotFoundError, quote
-from seqsal.fingerprint import model_revision as model_revision  # re-exported
 from seqsal.settings import DEFAULT_MODEL_ID, Settings, get_settings
+from server_kit.fingerprint import model_revision as model_revision  # re-exported
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -38,8 +38,8 @@ class ModelSpec:
 
 def parse_model_spec(spec: str, settings: Settings | None = None) -> ModelSpec:
     """Parse ``ID=PATH`` or ``PATH`` into a :class:`ModelSpec`, converting a GGUF file on first use."""
-    from seqsal.gguf_convert import ModelConversionError
-    from seqsal.gguf_models import default_id, resolve_model_path
+    from server_kit.gguf_convert import ModelConversionError
+    from server_kit.gguf_models import default_id, resolve_model_path
 
     model_id, sep, source = spec.partition("=")
     if not sep:
@@ -57,7 +57,7 @@ def model_specs(settings: Settings) -> list[ModelSpec]:
     """The models to host, default model first; converts the default model if needed."""
     specs = [parse_model_spec(s, settings) for s in settings.models]
     if not specs:
-        from seqsal.default_model import ensure_default_model
+        from server_kit.default_model import ensure_default_model
 
         specs = [ModelSpec(id=DEFAULT_MODEL_ID, path=ensure_default_model(settings))]
     ids = [s.id for s in specs]
@@ -100,7 +100,7 @@ def resolve_dtype(dtype: str, device: Any) -> Any:
     """``auto`` → float32 on CPU, bfloat16 on GPU; bfloat16 on CPU when asked; float16 not on CPU."""
     import torch
 
-    from seqsal.cpu import cpu_has_bf16
+    from server_kit.cpu import cpu_has_bf16
 
     if dtype == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16

@@ -6,7 +6,7 @@ inside the package folder. Loading a GGUF through transformers takes ~15 s, so
 :func:`ensure_default_model` converts it once into an fp32 safetensors directory
 under ``<data_dir>/models/SmolLM2-135M-Instruct`` that loads in about a second.
 
-The conversion itself (one for any GGUF file) is in :mod:`seqsal.gguf_convert`:
+The conversion itself (one for any GGUF file) is in :mod:`server_kit.gguf_convert`:
 checked, written to a temporary directory, marked complete and renamed into
 place, once across processes.
 
@@ -19,7 +19,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from seqsal.gguf_convert import (
+from seqsal.settings import DEFAULT_MODEL_ID, Settings, get_settings
+from server_kit.gguf_convert import (
     CONVERSION_VERSION,
     MARKER_NAME,
     ModelConversionError,
@@ -28,7 +29,6 @@ from seqsal.gguf_convert import (
     force_offline,
     is_complete,
 )
-from seqsal.settings import DEFAULT_MODEL_ID, Settings, get_settings
 
 __all__ = [
     "CONVERSION_VERSION",

@@ -22,9 +22,9 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from seqsal.errors import SeqsalError
-from seqsal.logging_setup import LogFormat, configure_json_logging, resolve_format
 from seqsal.settings import Settings
 from seqsal.v1 import common_pb2
+from server_kit.logging_setup import LogFormat, configure_json_logging, resolve_format
 
 app = typer.Typer(help="seqsal: interactive prompt debugging with sequence saliency.", no_args_is_help=True)
 serve_app = typer.Typer(help="Run a seqsal server.", no_args_is_help=True)
@@ -148,8 +148,8 @@ def main(
 def _serve(what: str, run: Any, **overrides: Any) -> None:
     """Run a server's ``serve(settings)`` with the flags that were given (None = not given);
     configuration errors become one clear line and exit code 2."""
-    from seqsal.auth import BindPolicyError
     from seqsal.tls import TlsConfigError
+    from server_kit.auth import BindPolicyError
 
     settings = _settings(**overrides)
     _setup_logging(settings.log_level, settings.log_format)
@@ -283,7 +283,7 @@ def up(
     log_dir: Annotated[Path, typer.Option(help="Where each component's log goes.")] = Path("logs"),
 ) -> None:
     """Run the whole product on this machine: cache, inference, saliency (and the UI); Ctrl-C stops it."""
-    from seqsal.stack import Stack, StackError
+    from seqsal_cli.stack import Stack, StackError
 
     settings = _settings(
         models=model, backend=backend, port=port, inference_port=inference_port, ui_port=ui_port
@@ -313,7 +313,7 @@ def up(
 
 def _prepare_models(settings: Settings) -> None:
     """Convert GGUF models here, with their progress on this terminal, before the servers start."""
-    from seqsal.model_registry import model_specs
+    from server_kit.model_registry import model_specs
 
     try:
         for spec in model_specs(settings):
@@ -334,9 +334,9 @@ def model_path(
     ] = None,
 ) -> None:
     """Print a model's local directory, converting it from its GGUF file on first use."""
-    from seqsal.default_model import ensure_default_model
-    from seqsal.gguf_convert import ModelConversionError
-    from seqsal.gguf_models import resolve_model_path
+    from server_kit.default_model import ensure_default_model
+    from server_kit.gguf_convert import ModelConversionError
+    from server_kit.gguf_models import resolve_model_path
 
     settings = _settings()
     _setup_logging(settings.log_level)
@@ -630,8 +630,8 @@ def report(
     plot: Annotated[Path | None, typer.Option(help="Write a PNG plot of the drops against k here.")] = None,
 ) -> None:
     """Compare the methods' faithfulness over an export: mean drops of top-k vs random removal."""
-    from seqsal.report import plot as draw
-    from seqsal.report import read_export
+    from seqsal_cli.report import plot as draw
+    from seqsal_cli.report import read_export
 
     cells = read_export(export)
     if not cells:
@@ -687,7 +687,7 @@ def batch(
     """Explain every row of a JSONL file through the running services (generating missing targets)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from seqsal.batch import BatchOptions, run_batch
+    from seqsal_cli.batch import BatchOptions, run_batch
 
     settings = _settings()
     options = BatchOptions(
