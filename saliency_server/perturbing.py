@@ -12,6 +12,10 @@ ablations) goes out as one batched scoring job:
   batch and decoder layer, and stops when its client goes away.
 
 Either way the response says where (``MethodScores.scored_by``, ``VerifyResponse.scored_by``).
+
+This module knows nothing of the serving layer (:mod:`saliency_server.serving`): it gets the
+scheduler, engines, admission and worker threads it scores on, and hands back entries and Verify
+answers; serving caches them and shares them with the requests that join them.
 """
 
 from __future__ import annotations
@@ -19,24 +23,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from saliency_server import perturbation
+from saliency_server.engine_client import SaliencyEngine
 from saliency_server.perturbation import Scorer
-from saliency_server.scheduler import Priority, TicketSteps, priority_from_wire
+from saliency_server.scheduler import Priority, Scheduler, TicketSteps
 from saliency_server.scores import MethodEntry
-from saliency_server.validation import Problem, problem_message, resolve_selection
+from saliency_server.validation import Problem, problem_message
 from seqsal.errors import InvalidArgumentError, SeqsalError, UnavailableError
+from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, inference_pb2, saliency_pb2
+from server_kit.admission import Admission
 from server_kit.threads import stream_from_thread
 
 if TYPE_CHECKING:
-    from saliency_server.serving import Flight, SaliencyServing
     from seqsal.client import AsyncInferenceClient
 
 logger = logging.getLogger("seqsal.saliency")
@@ -56,12 +63,68 @@ class Scored:
     scorer: Scorer
 
 
-class PerturbationScoring:
-    """The perturbation side of one :class:`~saliency_server.serving.SaliencyServing`."""
+@dataclass(frozen=True)
+class VerifyOptions:
+    """What a Verify call asks besides its problem: the one method checked, the sorted distinct
+    ks, the random draws per k and their seed (all of it decides the answer)."""
 
-    def __init__(self, serving: SaliencyServing) -> None:
-        self.serving = serving
-        self.settings = serving.settings
+    method: int
+    ks: tuple[int, ...]
+    draws: int
+    seed: int
+
+    def key_fields(self) -> dict[str, object]:
+        return {"k": list(self.ks), "random_draws": self.draws, "seed": self.seed}
+
+
+def verify_options(request: saliency_pb2.VerifyRequest) -> VerifyOptions:
+    """The options of ``request``, checked before its problem is built (INVALID_ARGUMENT naming the field)."""
+    wanted = problem_message(request.problem, prefix="problem.")
+    if len(wanted.methods) != 1:
+        raise InvalidArgumentError(
+            f"problem.methods has {len(wanted.methods)} entries; Verify checks exactly one method",
+            field="problem.methods",
+        )
+    if wanted.granularity == common_pb2.GRANULARITY_UNSPECIFIED:
+        raise InvalidArgumentError(
+            "problem.granularity is required: Verify removes the explanation's top segments at it "
+            "(e.g. SENTENCES)",
+            field="problem.granularity",
+        )
+    ks, draws = perturbation.validate_verify(list(request.k), request.random_draws)
+    return VerifyOptions(wanted.methods[0], tuple(ks), draws, int(request.seed))
+
+
+def check_verify_count(problem: Problem, options: VerifyOptions, max_perturbations: int) -> None:
+    """INVALID_ARGUMENT when the call would score more than ``max_perturbations`` prompts."""
+    count = perturbation.verify_count(len(problem.features), options.ks, options.draws)
+    perturbation.check_count(
+        count,
+        max_perturbations,
+        what=f"Verify with k = {list(options.ks)} and {options.draws} draws",
+        field="random_draws",
+    )
+
+
+class PerturbationScoring:
+    """The perturbation side of one saliency service: it scores on the inference server or on
+    ``engines``, as tickets of ``schedulers``, holding a place of ``admission`` and a thread of
+    ``executor`` while it does."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        admission: Admission,
+        schedulers: Mapping[str, Scheduler],
+        engines: Mapping[str, SaliencyEngine],
+        executor: Executor,
+    ) -> None:
+        self.settings = settings
+        self.admission = admission
+        self.schedulers = schedulers
+        self.engines = engines
+        self.executor = executor
         self.address = self.settings.score_address
         self._client: AsyncInferenceClient | None = None
         self._remote_models: tuple[float, dict[str, common_pb2.ModelInfo] | None, str] = (-1e9, None, "")
@@ -171,12 +234,11 @@ class PerturbationScoring:
         client: str,
     ) -> list[np.ndarray]:
         """Batched no-grad passes on the engine, as a ticket of the model's scheduler."""
-        serving = self.serving
         model = problem.hosted.id
-        serving.admission.acquire()
-        scheduler = serving.schedulers[model]
+        self.admission.acquire()
+        scheduler = self.schedulers[model]
         ticket = scheduler.submit(client, priority, label=f"{len(rows)} perturbed prompts")
-        engine = serving.engines[model]
+        engine = self.engines[model]
         steps = TicketSteps(scheduler, ticket)
 
         def produce(emit: Callable[[list[np.ndarray]], None], stopped: Callable[[], bool]) -> None:
@@ -191,13 +253,13 @@ class PerturbationScoring:
                 scheduler.finish(ticket)
 
         try:
-            async with aclosing(stream_from_thread(produce, serving.executor)) as stream:
+            async with aclosing(stream_from_thread(produce, self.executor)) as stream:
                 async for result in stream:
                     return result
             raise RuntimeError("the scoring worker returned nothing")
         finally:
             scheduler.cancel(ticket)  # nothing once finished
-            serving.admission.release()
+            self.admission.release()
 
     # --- the methods -------------------------------------------------------------------------------
 
@@ -211,96 +273,74 @@ class PerturbationScoring:
     async def entries(
         self,
         problem: Problem,
-        flight: Flight,
+        masks: Sequence[np.ndarray],
         methods: Sequence[int],
         priority: Priority,
         client: str,
-    ) -> list[dict[int, MethodEntry]]:
-        """The perturbation methods' entries for each selection of ``flight`` (one scoring job for
-        all), cached and handed to the requests that joined the flight
-        (:meth:`SaliencyServing.open_flight`) instead of scoring again."""
+    ) -> tuple[Scorer, list[dict[int, MethodEntry]]]:
+        """The perturbation methods' entries for each selection of ``masks`` (one scoring job for
+        all), and the scorer that scored them (the problem's, unless the inference server went
+        away meanwhile: they are cached under it)."""
         spec = problem.perturbation
         features = problem.features
-        masks = flight.masks
-        with self.serving.flying(flight):
-            plan = perturbation.plan_methods(
-                problem.inputs.prompt_ids, features, methods, spec, self._empty(problem)
-            )
-            scored = await self.score(problem, plan.rows, priority, client)
-            # stored under the scorer that scored them (it changes if the inference server went away)
-            owner = problem if scored.scorer == problem.scorer else replace(problem, scorer=scored.scorer)
-            n_tokens = len(problem.tokens)
-            out: list[dict[int, MethodEntry]] = []
-            for index, mask in enumerate(masks):
-                objective = perturbation.objectives(scored.target, scored.foil, mask)
-                found: dict[int, MethodEntry] = {}
-                for method in methods:
-                    effects, r2 = perturbation.method_effects(plan, method, objective, spec)
-                    found[method] = MethodEntry(
-                        scores=perturbation.token_scores(n_tokens, features, effects.tolist()),
-                        target_token_logprobs=scored.target[0].copy(),
-                        target_logprob=float(scored.target[0][mask].astype(np.float64).sum()),
-                        foil_logprob=None
-                        if scored.foil is None
-                        else float(scored.foil[0].astype(np.float64).sum()),
-                        ig_residual=None,
-                        ig_steps=0,
-                        r2=r2,
-                        perturbations=len(plan.occlusion if method == common_pb2.OCCLUSION else plan.lime),
-                        scored_by=scored.scorer.described,
-                    )
-                await self.serving._store(owner, mask, found)
-                self.serving.settle(flight, index, found)
-                out.append(found)
-        return out
+        plan = perturbation.plan_methods(
+            problem.inputs.prompt_ids, features, methods, spec, self._empty(problem)
+        )
+        scored = await self.score(problem, plan.rows, priority, client)
+        n_tokens = len(problem.tokens)
+        out: list[dict[int, MethodEntry]] = []
+        for mask in masks:
+            objective = perturbation.objectives(scored.target, scored.foil, mask)
+            found: dict[int, MethodEntry] = {}
+            for method in methods:
+                effects, r2 = perturbation.method_effects(plan, method, objective, spec)
+                found[method] = MethodEntry(
+                    scores=perturbation.token_scores(n_tokens, features, effects.tolist()),
+                    target_token_logprobs=scored.target[0].copy(),
+                    target_logprob=float(scored.target[0][mask].astype(np.float64).sum()),
+                    foil_logprob=None
+                    if scored.foil is None
+                    else float(scored.foil[0].astype(np.float64).sum()),
+                    ig_residual=None,
+                    ig_steps=0,
+                    r2=r2,
+                    perturbations=len(plan.occlusion if method == common_pb2.OCCLUSION else plan.lime),
+                    scored_by=scored.scorer.described,
+                )
+            out.append(found)
+        return scored.scorer, out
 
     # --- Verify ------------------------------------------------------------------------------------
 
-    async def verify(self, request: saliency_pb2.VerifyRequest, client: str) -> saliency_pb2.VerifyResponse:
-        started = time.perf_counter()
-        problem_request = request.problem
-        wanted = problem_message(problem_request, prefix="problem.")
-        if len(wanted.methods) != 1:
-            raise InvalidArgumentError(
-                f"problem.methods has {len(wanted.methods)} entries; Verify checks exactly one method",
-                field="problem.methods",
-            )
-        if wanted.granularity == common_pb2.GRANULARITY_UNSPECIFIED:
-            raise InvalidArgumentError(
-                "problem.granularity is required: Verify removes the explanation's top segments at it "
-                "(e.g. SENTENCES)",
-                field="problem.granularity",
-            )
-        ks, draws = perturbation.validate_verify(list(request.k), request.random_draws)
-        problem = await self.serving._problem(problem_request, all_segments=False, prefix="problem.")
-        mask = resolve_selection(problem, problem_request)
+    async def verify(
+        self,
+        problem: Problem,
+        mask: np.ndarray,
+        explanation: saliency_pb2.SaliencyResponse,
+        options: VerifyOptions,
+        priority: Priority,
+        client: str,
+    ) -> tuple[saliency_pb2.VerifyResponse, Scorer]:
+        """The ablation test of ``explanation`` (the Saliency answer to ``problem`` for
+        ``options.method``), and the scorer that scored its variants; ``server_time_ms`` is the
+        caller's to set."""
         features = problem.features
-        count = perturbation.verify_count(len(features), ks, draws)
-        perturbation.check_count(
-            count,
-            self.settings.max_perturbations,
-            what=f"Verify with k = {ks} and {draws} draws",
-            field="random_draws",
-        )
-        explanation = await self.serving.saliency(problem_request, client=client)
-        method = wanted.methods[0]
         token_scores = explanation.scores[0].scores
         plan = perturbation.plan_verify(
             problem.inputs.prompt_ids,
             features,
             perturbation.feature_scores(features, token_scores),
-            ks,
-            draws,
-            int(request.seed),
+            options.ks,
+            options.draws,
+            options.seed,
             self._empty(problem),
         )
-        priority = priority_from_wire(problem_request.priority, Priority.INTERACTIVE)
         scored = await self.score(problem, plan.plan.rows, priority, client)
         objective = perturbation.objectives(scored.target, scored.foil, mask)
         full = float(objective[0])
         response = saliency_pb2.VerifyResponse(
             saliency=explanation,
-            method=method,
+            method=options.method,
             full_logprob=full,
             removable_segments=len(features),
             scored_by=scored.scorer.described,
@@ -323,5 +363,4 @@ class PerturbationScoring:
                     ablated_prompt_token_ids=plan.plan.rows[plan.top[k]],
                 )
             )
-        response.server_time_ms = (time.perf_counter() - started) * 1000.0
-        return response
+        return response, scored.scorer

@@ -14,18 +14,19 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
-from saliency_server.cache import CacheBackend, get_entry, make_key, put_entry
+from saliency_server.cache import CacheBackend, SingleFlight, get_entry, make_key, put_entry
 from saliency_server.engine import GRADIENT_METHODS, SaliencyResult
 from saliency_server.engine_client import ModelEngine, SaliencyEngine
 from saliency_server.memory import check_fits, memory_budget_bytes
 from saliency_server.model_host import ModelHost
 from saliency_server.perturbation import PERTURBATION_METHODS
-from saliency_server.perturbing import PerturbationScoring
+from saliency_server.perturbing import PerturbationScoring, VerifyOptions, check_verify_count, verify_options
 from saliency_server.request_status import StatusBoard, TrackedCall
 from saliency_server.scheduler import Priority, Scheduler, Ticket, TicketSteps, priority_from_wire
 from saliency_server.scores import MethodEntry, from_cache, from_result, to_cache, to_wire
@@ -169,7 +170,16 @@ class SaliencyServing:
             max_workers=settings.max_concurrency + settings.max_queue, thread_name_prefix="seqsal-saliency"
         )
         #: OCCLUSION, LIME and Verify: variants scored by the inference server, or here
-        self.perturbation = PerturbationScoring(self)
+        self.perturbation = PerturbationScoring(
+            settings,
+            admission=self.admission,
+            schedulers=self.schedulers,
+            engines=self.engines,
+            executor=self.executor,
+        )
+        #: Verify calls in flight, by their cache key: an identical call arriving meanwhile waits
+        #: for the first one's answer (and computes it itself if that caller goes away)
+        self.verifies = SingleFlight()
 
     def close(self, wait_s: float = 0.0) -> bool:
         """Stop every computation and wait up to ``wait_s`` for the worker threads; True if they ended.
@@ -353,9 +363,9 @@ class SaliencyServing:
                 del self._inflight[key]
 
     def open_flight(self, problem: Problem, masks: Sequence[np.ndarray], methods: Sequence[int]) -> Flight:
-        """A flight without a ticket of its own (a perturbation job's; :meth:`settle` hands its
-        results out, :meth:`flying` ends it). Synchronous, so a request arriving right after
-        finds it and joins it."""
+        """A flight without a ticket of its own (a perturbation job's, run by :meth:`_perturbation`:
+        :meth:`settle` hands its results out, :meth:`flying` ends it). Synchronous, so a request
+        arriving right after finds it and joins it."""
         flight = Flight(model=problem.hosted.id, ticket=None, masks=masks)
         self._register(flight, problem, methods)
         return flight
@@ -646,13 +656,96 @@ class SaliencyServing:
     async def _perturbed(
         self, problem: Problem, flight: Flight, methods: Sequence[int], priority: Priority, client: str
     ) -> dict[int, MethodEntry]:
-        return (await self.perturbation.entries(problem, flight, methods, priority, client))[0]
+        return (await self._perturbation(problem, flight, methods, priority, client))[0]
+
+    async def _perturbation(
+        self, problem: Problem, flight: Flight, methods: Sequence[int], priority: Priority, client: str
+    ) -> list[dict[int, MethodEntry]]:
+        """The perturbation methods' entries for each selection of ``flight`` (an
+        :meth:`open_flight`; one scoring job for all), cached and handed to the requests that
+        joined the flight instead of scoring again."""
+        with self.flying(flight):
+            scorer, found = await self.perturbation.entries(problem, flight.masks, methods, priority, client)
+            # stored under the scorer that scored them (it changes if the inference server went away)
+            owner = problem if scorer == problem.scorer else replace(problem, scorer=scorer)
+            for index, (mask, entries) in enumerate(zip(flight.masks, found, strict=True)):
+                await self._store(owner, mask, entries)
+                self.settle(flight, index, entries)
+        return found
+
+    # --- Verify ------------------------------------------------------------------------------------
 
     async def verify(
         self, request: saliency_pb2.VerifyRequest, *, client: str = LOCAL_CLIENT
     ) -> saliency_pb2.VerifyResponse:
-        """The ablation test of one method's explanation (see :mod:`saliency_server.perturbing`)."""
-        return await self.perturbation.verify(request, client)
+        """The ablation test of one method's explanation (see :mod:`saliency_server.perturbing`):
+        from the cache, an identical call in flight, or scored here."""
+        started = time.perf_counter()
+        options = verify_options(request)
+        problem = await self._problem(request.problem, all_segments=False, prefix="problem.")
+        mask = resolve_selection(problem, request.problem)
+        check_verify_count(problem, options, self.settings.max_perturbations)
+        if problem.scorer is None:  # a gradient method's problem: what scores the ablations is in the key
+            problem.scorer = await self.perturbation.scorer(problem)
+        key = self.verify_key(problem, mask, options)
+        response = await self._cached_verify(key)
+        if response is None:
+            shared, _ = await self.verifies.run(
+                key, lambda: self._verified(request, problem, mask, options, key, client)
+            )
+            response = saliency_pb2.VerifyResponse()
+            response.CopyFrom(shared)  # the callers that joined got the same message
+        else:  # the explanation, too, is the cache's
+            response.saliency.cache_hit = True
+            response.saliency.server_time_ms = (time.perf_counter() - started) * 1000.0
+        response.server_time_ms = (time.perf_counter() - started) * 1000.0
+        return response
+
+    async def _verified(
+        self,
+        request: saliency_pb2.VerifyRequest,
+        problem: Problem,
+        mask: np.ndarray,
+        options: VerifyOptions,
+        key: str,
+        client: str,
+    ) -> saliency_pb2.VerifyResponse:
+        """Verify's answer computed here: the explanation (from Saliency), its ablations scored,
+        cached when scored by the scorer ``key`` names."""
+        explanation = await self.saliency(request.problem, client=client)
+        priority = priority_from_wire(request.problem.priority, Priority.INTERACTIVE)
+        response, scorer = await self.perturbation.verify(
+            problem, mask, explanation, options, priority, client
+        )
+        if scorer == problem.scorer:  # else the inference server went away meanwhile: not its entry
+            await put_entry(self.cache, key, {"kind": "verify"}, {"response": _bytes(response)})
+        return response
+
+    def verify_key(self, problem: Problem, mask: np.ndarray, options: VerifyOptions) -> str:
+        """The cache key of a Verify answer: everything its explanation depends on (and the
+        tokens it shows), the segments ranked and removed, the ks, draws and seed of the random
+        removals, and what scores the ablations."""
+        assert problem.scorer is not None, "Verify sets the scorer of its problem"
+        fields = {
+            "explanation": self.cache_key(problem, options.method, mask),
+            "device": problem.hosted.info.device,
+            "tokens": [[t.text, t.start, t.end, t.special] for t in problem.tokens],
+            "granularity": problem.granularity,
+            "custom_regex": problem.custom_regex,
+            "segmentation": segmentation.SEGMENTATION_VERSION,
+        }
+        fields |= options.key_fields() | problem.scorer.key_fields()
+        return make_key(self.settings.cache_prefix, "verify", fields)
+
+    async def _cached_verify(self, key: str) -> saliency_pb2.VerifyResponse | None:
+        stored = await get_entry(self.cache, key)
+        if stored is None or stored[0].get("kind") != "verify" or "response" not in stored[1]:
+            return None
+        try:
+            return saliency_pb2.VerifyResponse.FromString(stored[1]["response"].tobytes())
+        except DecodeError:
+            logger.warning("ignoring an undecodable Verify entry under %s", key)
+            return None
 
     async def saliency_all_segments(
         self, request: saliency_pb2.SaliencyAllSegmentsRequest, *, client: str = LOCAL_CLIENT
@@ -719,7 +812,7 @@ class SaliencyServing:
             # the variants do not depend on the selection: one scoring job for every segment
             masks = [np.asarray(targets[i][1]) for i in todo]
             flight = self.open_flight(problem, masks, perturbed)
-            found = await self.perturbation.entries(problem, flight, perturbed, priority, client)
+            found = await self._perturbation(problem, flight, perturbed, priority, client)
             for index, entries in zip(todo, found, strict=True):
                 known[index].update(entries)
             ready = [i for i in pending if not missing(i)]
@@ -756,3 +849,8 @@ class SaliencyServing:
                     pending.append(index)
                 else:
                     yield message(index, known[index], False)
+
+
+def _bytes(message: saliency_pb2.VerifyResponse) -> np.ndarray:
+    """A message's wire bytes, as the array a cache entry holds."""
+    return np.frombuffer(message.SerializeToString(), dtype=np.uint8)

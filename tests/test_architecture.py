@@ -13,7 +13,10 @@ DOC = REPO / "docs" / "architecture.md"
 def test_every_module_the_architecture_names_exists() -> None:
     text = DOC.read_text(encoding="utf-8")
     named = set(
-        re.findall(r"\b((?:seqsal|server_kit|seqsal_cli|saliency_server|inference_server|ui|proto)/[\w/]+\.(?:py|proto))", text)
+        re.findall(
+            r"\b((?:seqsal|server_kit|seqsal_cli|saliency_server|inference_server|ui|proto)/[\w/]+\.(?:py|proto))",
+            text,
+        )
     )
     bare = set(re.findall(r"\(((?:validation|memory|checkpointing|logprobs|params)\.py)\)", text))
     assert len(named) >= 25, named

@@ -513,6 +513,93 @@ async def test_identical_perturbation_requests_in_flight_score_once(
         await wait_for(lambda: not serving._inflight, "the flights to be forgotten")
 
 
+def verify_answer(response: saliency_pb2.VerifyResponse) -> saliency_pb2.VerifyResponse:
+    """``response`` without what differs between two answers of one computation (times, cache hit)."""
+    out = saliency_pb2.VerifyResponse()
+    out.CopyFrom(response)
+    out.server_time_ms = out.saliency.server_time_ms = 0.0
+    out.saliency.cache_hit = False
+    return out
+
+
+async def test_identical_verify_calls_in_flight_score_once_and_repeats_come_from_the_cache(
+    run_saliency_server, tiny_llama_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The second of two identical Verify calls joins the first one's computation: one scoring
+    job, one answer. The same call afterwards is answered from the cache; another seed or another
+    k scores again. When the first caller goes away, the one that joined scores itself."""
+    import asyncio
+
+    async with (
+        run_saliency_server(settings(tiny_llama_dir)) as srv,
+        AsyncSaliencyClient(srv.address) as client,
+    ):
+        serving, scoring = srv.serving, srv.serving.perturbation
+        real_score, real_run = scoring.score, serving.verifies.run
+        scored: list[int] = []
+        arrived: list[int] = []  # calls that reached the in-flight table (missed the cache)
+        gate = asyncio.Event()
+
+        async def counted_score(*args: Any, **kwargs: Any) -> Any:  # the real scorer, counted and held
+            scored.append(len(args[1]))
+            await gate.wait()
+            return await real_score(*args, **kwargs)
+
+        async def counted_run(*args: Any, **kwargs: Any) -> Any:
+            arrived.append(1)
+            return await real_run(*args, **kwargs)
+
+        scoring.score = counted_score  # type: ignore[method-assign]
+        serving.verifies.run = counted_run  # type: ignore[method-assign]
+
+        def verify(seed: int, **kwargs: Any) -> Any:
+            return client.verify(
+                prompt=PROMPT,
+                target=TARGET,
+                methods=[common_pb2.GRAD_DOT_INPUT],
+                granularity=SENTENCES,
+                random_draws=5,
+                seed=seed,
+                **kwargs,
+            )
+
+        both = asyncio.gather(verify(3), verify(3))  # sent together
+        await wait_for(lambda: scored and len(arrived) == 2, "both calls to miss the cache, one to score")
+        gate.set()
+        a, b = await both
+        assert len(scored) == 1 and scored[0] == 1 + 3 * (2 + 5)  # one job: the full prompt; k = 1, 2, 3
+        assert verify_answer(a) == verify_answer(b) and len(a.steps) == 3
+        assert not a.saliency.cache_hit and not b.saliency.cache_hit
+        assert len(serving.verifies) == 0
+
+        again = await verify(3)
+        assert len(scored) == 1 and len(arrived) == 2  # the cache's answer
+        assert verify_answer(again) == verify_answer(a) and again.saliency.cache_hit
+
+        other = await verify(4)  # the random draws depend on the seed: part of the key
+        assert len(scored) == 2
+        assert [list(s.random_drops) for s in other.steps] != [list(s.random_drops) for s in a.steps]
+        assert [s.topk_drop for s in other.steps] == pytest.approx([s.topk_drop for s in a.steps], abs=1e-5)
+        fewer = await verify(3, k=[1])
+        assert len(scored) == 3 and [s.k for s in fewer.steps] == [1]
+        assert (await verify(4)).steps == other.steps and len(scored) == 3
+
+        # the first caller goes away while the second waits for it: the second scores itself
+        gate.clear()
+        first = asyncio.create_task(verify(5))
+        await wait_for(lambda: len(scored) == 4, "the first call to score")
+        second = asyncio.create_task(verify(5))
+        await wait_for(lambda: len(arrived) == 6, "the second call to join the first")
+        first.cancel()
+        await wait_for(lambda: len(scored) == 5 or second.done(), "the joined call to score itself")
+        gate.set()
+        alone = await second
+        assert [s.k for s in alone.steps] == [1, 2, 3] and len(scored) == 5
+        assert first.cancelled()
+        assert len(serving.verifies) == 0
+        assert verify_answer(await verify(5)) == verify_answer(alone) and len(scored) == 5
+
+
 async def test_the_scorer_dtype_is_part_of_the_cache_key(
     run_inference_server, run_saliency_server, tiny_llama_dir: Path, remote, local
 ) -> None:  # type: ignore[no-untyped-def]
