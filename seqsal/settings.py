@@ -194,6 +194,13 @@ class Settings(BaseSettings):
         description="Shared password for the UI (used when no OIDC login is set in .streamlit/secrets.toml).",
     )
     ui_password_file: Path | None = Field(default=None, description="File holding the UI's shared password.")
+    ui_session_ttl_days: float = Field(
+        default=30,
+        ge=0,
+        description="Lifetime (days) of a saved named UI session, counted from when it was last saved or "
+        "opened (opening one keeps it); 0 = kept until deleted. Applies in Redis and in the UI's own "
+        "process alike.",
+    )
 
     # --- `seqsal up` (the whole stack on one machine) -------------------------
     ui_port: int = Field(default=8501, ge=1, le=65535, description="Port of the Streamlit UI.")

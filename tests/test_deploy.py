@@ -830,7 +830,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "inference": {"gpus": 2, "tensorParallelSize": 2, "maxModelLen": 8192},
         "saliency": {"autoscaling": {"queueDepth": {"enabled": True}}},
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
-        "ui": {"replicas": 2, "ingress": {"className": "nginx", "tlsSecretName": "seqsal-ui-cert"}},
+        "ui": {
+            "replicas": 2,
+            "ingress": {"className": "nginx", "tlsSecretName": "seqsal-ui-cert"},
+            "sessionTtlDays": 7,
+        },
     },
     "small": {
         "auth": {"enabled": False},
@@ -1089,6 +1093,14 @@ def test_redis_in_chart_or_external(rendered: dict[str, list[dict[str, Any]]]) -
     ]
     assert env_of(find(everything, "Deployment", "saliency"))["REDIS_URL"] == "rediss://cache.example:6380/0"
     assert "REDIS_URL" not in env_of(find(rendered["small"], "Deployment", "saliency"))
+
+
+def test_ui_keeps_saved_sessions_for_their_lifetime(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The UI's saved sessions expire after ui.sessionTtlDays (30 by default, as in compose)."""
+    assert env_of(find(rendered["defaults"], "Deployment", "ui"))["SEQSAL_UI_SESSION_TTL_DAYS"] == "30"
+    assert env_of(find(rendered["everything"], "Deployment", "ui"))["SEQSAL_UI_SESSION_TTL_DAYS"] == "7"
+    compose_ui = compose_model()["services"]["ui"]["environment"]
+    assert compose_ui["SEQSAL_UI_SESSION_TTL_DAYS"] == "30"
 
 
 def test_pods_run_unprivileged_with_pinned_images(rendered: dict[str, list[dict[str, Any]]]) -> None:

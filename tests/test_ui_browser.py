@@ -520,7 +520,8 @@ def test_first_token_is_left_out_of_the_scale_until_toggled(stack: RunningStack,
 def test_a_saved_session_opens_in_another_browser(
     stack: RunningStack, page: Page, browser: Browser, tmp_path: Path
 ) -> None:
-    """Save a named session in one browser context, open it in another: the same view comes back."""
+    """Save a named session in one browser context (saving again under its name asks first, and
+    Replace replaces it), open it in another: the same view comes back."""
     open_app(page, stack)
     page.locator(f'{TARGET_UNITS}[data-index="1"]').click()
     settled(page, lambda d: d["selected"] == [1], "the heatmap of the second sentence")
@@ -531,7 +532,14 @@ def test_a_saved_session_opens_in_another_browser(
     box = page.get_by_label("Session name", exact=True)
     box.fill(name)
     page.get_by_role("button", name="Save this view").click()  # a form: sends the name with the click
-    expect(page.get_by_text(f"Saved session “{name}”.")).to_be_visible()
+    expect(page.get_by_text(f"Saved session “{name}” (expires in 30 days")).to_be_visible()
+    page.get_by_role("button", name="Save this view").click()  # the same name again: refused, asked
+    taken = page.locator('[data-testid="stAlert"]', has_text=f"A session “{name}” already exists (saved on ")
+    expect(taken).to_be_visible()
+    shot(page, tmp_path, "08-saved-session-name-taken", taken)
+    page.locator(".st-key-session_replace button").click()
+    expect(page.get_by_text(f"Replaced session “{name}”")).to_be_visible()
+    expect(page.locator(".st-key-session_replace")).to_have_count(0)
     link = query(page)
 
     other = browser.new_context(viewport={"width": 1600, "height": 1200})
@@ -541,7 +549,7 @@ def test_a_saved_session_opens_in_another_browser(
         teammate.goto(stack.url + "/")
         settled(teammate, lambda d: d["units"] > 0, "the teammate's first heatmap")
         picker = teammate.get_by_role("combobox", name="Open a saved session")
-        expect(picker).to_have_value(name)  # the newest session comes first
+        expect(picker).to_have_value(re.compile(f"^{re.escape(name)} · "))  # the newest first, and when
         teammate.locator(".st-key-session_open button").click()  # (the selectboxes' arrows are "Open" too)
         theirs = settled(
             teammate, lambda d: d["selected"] == [1] and d["chips"], "the saved view in the other browser"

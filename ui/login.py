@@ -41,6 +41,13 @@ def shared_password(settings: Settings) -> str | None:
     return None
 
 
+def user_name() -> str:
+    """Who is logged in (the OIDC login's e-mail, else its name); "" without an OIDC login."""
+    if not oidc_configured() or not st.user.is_logged_in:
+        return ""
+    return str(st.user.get("email") or st.user.get("name") or "")
+
+
 def require_login(settings: Settings) -> None:
     """Stop the script run until the visitor is let in; a no-op on an open instance."""
     if oidc_configured():
@@ -50,7 +57,7 @@ def require_login(settings: Settings) -> None:
             st.button("Log in", on_click=st.login, type="primary")
             st.stop()
         with st.sidebar:
-            st.caption(f"Logged in as {st.user.get('email') or st.user.get('name') or 'you'}")
+            st.caption(f"Logged in as {user_name() or 'you'}")
             st.button("Log out", on_click=st.logout)
         return
     password = shared_password(settings)

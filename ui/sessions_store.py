@@ -2,10 +2,19 @@
 and the responses it showed, saved under a name and listed for everyone on the same instance.
 
 With a Redis configured (the cache's ``REDIS_URL``, key prefix ``SEQSAL_CACHE_PREFIX``) sessions
-live in one Redis hash, ``<prefix>:ui-sessions:v1`` (name -> JSON), shared by every UI process
-that uses that Redis, and survive restarts; they do not expire (the cache's entries do), so
-delete the ones you no longer need. Without Redis they are kept in this UI process only (every
-browser session of this process sees them; a restart loses them), and the page says so.
+are kept in that Redis (:mod:`ui.sessions_redis`), shared by every UI process that uses it, and
+survive restarts. Without Redis they are kept in this UI process only (every browser session of
+this process sees them; a restart loses them), and the page says so.
+
+Lifetime: a session lasts ``SEQSAL_UI_SESSION_TTL_DAYS`` (30 days) from when it was last saved
+*or opened* (opening one is using it, so it is kept), 0 = until deleted; both stores expire the
+same way.
+
+A name is never taken over silently: saving under a name that exists raises :class:`NameTaken`
+with who saved the one there and when, and replaces it only when the caller passes that very
+session (its ``rev``) back as ``replace`` (a confirmation); were it replaced by someone else
+meanwhile, the confirmation no longer matches and :class:`NameTaken` names the new one. The
+check and the write are one atomic step in both stores (two saves of one name: one wins).
 
 A saved view is the link's query (:func:`ui.state.to_query`) with every field spelled out
 against the defaults (so a changed examples file cannot change it) and the long texts a link
@@ -18,20 +27,49 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from ui.generation import CandidateText, Generation
 from ui.state import SideState, ViewState, from_query, to_query
 
-KEY_VERSION = "v1"
 MAX_NAME_CHARS = 80
+DAY_S = 24 * 3600.0
+#: The default lifetime of a saved session (the setting ``ui_session_ttl_days``).
+DEFAULT_TTL_S = 30 * DAY_S
 #: Timeout of each Redis operation (seconds): a dead Redis must not hang the page.
 REDIS_TIMEOUT_S = 2.0
 
 
 class StoreError(RuntimeError):
     """Saving or reading sessions failed: plain words for the page."""
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What the list shows of a saved session, and the revision a replacement must name."""
+
+    name: str
+    saved_at: float
+    #: Who saved it (the login's e-mail or name); "" when the instance has no login.
+    saved_by: str = ""
+    #: When it expires (epoch seconds) unless opened or saved again; None = kept until deleted.
+    expires_at: float | None = None
+    #: Changes with every save: a replacement names the revision it was shown.
+    rev: str = ""
+
+
+class NameTaken(StoreError):
+    """A session of that name exists and was not named as the one to replace."""
+
+    def __init__(self, existing: SessionInfo) -> None:
+        self.existing = existing
+        who = f" by {existing.saved_by}" if existing.saved_by else ""
+        super().__init__(
+            f"A session “{existing.name}” was already saved{who}; replace it or choose another name."
+        )
 
 
 @dataclass(frozen=True)
@@ -42,8 +80,19 @@ class SavedSession:
     view: ViewState
     generations: dict[str, Generation] = field(default_factory=dict)
     saved_at: float = field(default_factory=time.time)
+    #: Who saved it, when known (see :class:`SessionInfo`).
+    saved_by: str = ""
     #: Notes about anything in the stored view that could not be used (as for a link).
     notes: tuple[str, ...] = ()
+
+
+def new_rev() -> str:
+    return uuid.uuid4().hex
+
+
+def ttl_seconds(days: float) -> float:
+    """The lifetime setting in seconds (0 = forever)."""
+    return max(0.0, float(days)) * DAY_S
 
 
 def check_name(name: str) -> str:
@@ -111,6 +160,7 @@ def encode(session: SavedSession) -> str:
         {
             "name": session.name,
             "saved_at": session.saved_at,
+            "saved_by": session.saved_by,
             "query": _full_query(session.view),
             "generations": {side: asdict(g) for side, g in session.generations.items()},
         },
@@ -130,6 +180,7 @@ def decode(text: str | bytes) -> SavedSession:
             view=view,
             generations=generations,
             saved_at=float(raw["saved_at"]),
+            saved_by=str(raw.get("saved_by", "")),  # sessions saved before it: unknown
             notes=tuple(notes),
         )
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -141,22 +192,38 @@ class Store(Protocol):
 
     #: True when every UI process sharing the configuration sees the same sessions.
     shared: bool
+    #: Lifetime of a session from its last save or opening, seconds; 0 = until deleted.
+    ttl_s: float
 
-    def save(self, session: SavedSession) -> bool:
-        """Store ``session`` under its name; True when it replaced one of that name."""
+    def save(self, session: SavedSession, replace: SessionInfo | None = None) -> SessionInfo:
+        """Store ``session`` under its name and say how it is stored. Where one of that name is
+        kept, replace it only when ``replace`` is that one (same ``rev``); else :class:`NameTaken`."""
         ...
 
-    def names(self) -> list[tuple[str, float]]:
-        """(name, saved_at) of every session, newest first."""
+    def list_sessions(self) -> list[SessionInfo]:
+        """Every session not expired, newest first."""
         ...
 
-    def load(self, name: str) -> SavedSession | None: ...
+    def load(self, name: str) -> SavedSession | None:
+        """The session of that name (its lifetime starts again), None when there is none."""
+        ...
 
     def delete(self, name: str) -> None: ...
 
 
-def _newest_first(items: list[tuple[str, float]]) -> list[tuple[str, float]]:
-    return sorted(items, key=lambda item: (-item[1], item[0]))
+def newest_first(items: list[SessionInfo]) -> list[SessionInfo]:
+    return sorted(items, key=lambda info: (-info.saved_at, info.name))
+
+
+def may_replace(current_rev: str | None, replace: SessionInfo | None) -> bool:
+    """True when a save may write: no session of that name, or the one the caller confirmed."""
+    return current_rev is None or (replace is not None and replace.rev == current_rev)
+
+
+@dataclass
+class _Kept:
+    info: SessionInfo
+    text: str
 
 
 class MemoryStore:
@@ -164,99 +231,77 @@ class MemoryStore:
 
     shared = False
 
-    def __init__(self) -> None:
+    def __init__(self, ttl_s: float = DEFAULT_TTL_S, clock: Callable[[], float] = time.time) -> None:
+        self.ttl_s = ttl_s
+        self._clock = clock
         self._lock = threading.Lock()
-        self._items: dict[str, str] = {}
+        self._items: dict[str, _Kept] = {}
 
-    def save(self, session: SavedSession) -> bool:
-        with self._lock:
-            replaced = session.name in self._items
-            self._items[session.name] = encode(session)
-            return replaced
+    def _expiry(self) -> float | None:
+        return self._clock() + self.ttl_s if self.ttl_s > 0 else None
 
-    def names(self) -> list[tuple[str, float]]:
+    def _prune(self) -> None:
+        """Drop the expired sessions (under the lock)."""
+        now = self._clock()
+        for name in [
+            n for n, k in self._items.items() if k.info.expires_at is not None and k.info.expires_at <= now
+        ]:
+            del self._items[name]
+
+    def save(self, session: SavedSession, replace: SessionInfo | None = None) -> SessionInfo:
+        text = encode(session)
         with self._lock:
-            stored = list(self._items.items())
-        return _newest_first([(name, decode(text).saved_at) for name, text in stored])
+            self._prune()
+            kept = self._items.get(session.name)
+            if not may_replace(None if kept is None else kept.info.rev, replace):
+                assert kept is not None
+                raise NameTaken(kept.info)
+            info = SessionInfo(
+                name=session.name,
+                saved_at=session.saved_at,
+                saved_by=session.saved_by,
+                expires_at=self._expiry(),
+                rev=new_rev(),
+            )
+            self._items[session.name] = _Kept(info, text)
+            return info
+
+    def list_sessions(self) -> list[SessionInfo]:
+        with self._lock:
+            self._prune()
+            infos = [kept.info for kept in self._items.values()]
+        return newest_first(infos)
 
     def load(self, name: str) -> SavedSession | None:
         with self._lock:
-            text = self._items.get(name)
-        return None if text is None else decode(text)
+            self._prune()
+            kept = self._items.get(name)
+            if kept is None:
+                return None
+            kept.info = replace(kept.info, expires_at=self._expiry())
+            text = kept.text
+        return decode(text)
 
     def delete(self, name: str) -> None:
         with self._lock:
             self._items.pop(name, None)
 
 
-class RedisStore:
-    """Sessions in one Redis hash shared by every UI process that uses this Redis."""
-
-    shared = True
-
-    def __init__(self, url: str, prefix: str) -> None:
-        import redis  # only the UI processes that save sessions to Redis need it
-
-        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
-        self.key = f"{prefix}:ui-sessions:{KEY_VERSION}"
-        self._stamps = f"{self.key}:saved-at"
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
-        )
-
-    def _do(self, what: str, op: Any) -> Any:
-        try:
-            return op()
-        except self._errors as exc:
-            raise StoreError(
-                f"Could not {what}: the Redis server did not answer ({type(exc).__name__}). "
-                "Check that it runs (REDIS_URL)."
-            ) from None
-
-    def save(self, session: SavedSession) -> bool:
-        def op() -> bool:
-            with self._client.pipeline() as pipe:
-                pipe.hset(self.key, session.name, encode(session))
-                pipe.hset(self._stamps, session.name, repr(session.saved_at))
-                added, _ = pipe.execute()
-            return not added
-
-        return bool(self._do("save the session", op))
-
-    def names(self) -> list[tuple[str, float]]:
-        stamps = self._do("list the saved sessions", lambda: self._client.hgetall(self._stamps))
-        out = []
-        for name, stamp in stamps.items():
-            try:
-                out.append((name.decode("utf-8"), float(stamp)))
-            except (UnicodeDecodeError, ValueError):
-                continue
-        return _newest_first(out)
-
-    def load(self, name: str) -> SavedSession | None:
-        text = self._do("open the session", lambda: self._client.hget(self.key, name))
-        return None if text is None else decode(text)
-
-    def delete(self, name: str) -> None:
-        def op() -> None:
-            with self._client.pipeline() as pipe:
-                pipe.hdel(self.key, name)
-                pipe.hdel(self._stamps, name)
-                pipe.execute()
-
-        self._do("delete the session", op)
-
-
-_STORES: dict[tuple[str, str], Store] = {}
+_STORES: dict[tuple[str, str, float], Store] = {}
 _STORES_LOCK = threading.Lock()
 
 
-def store_for(redis_url: str | None, prefix: str) -> Store:
-    """The store of this configuration (one per Redis URL and prefix, shared by the process)."""
-    key = (redis_url or "", prefix if redis_url else "")
+def store_for(redis_url: str | None, prefix: str, ttl_s: float = DEFAULT_TTL_S) -> Store:
+    """The store of this configuration (one per Redis URL, prefix and lifetime, shared by the process)."""
+    key = (redis_url or "", prefix if redis_url else "", ttl_s)
     with _STORES_LOCK:
         store = _STORES.get(key)
         if store is None:
-            store = RedisStore(redis_url, prefix) if redis_url else MemoryStore()
+            if redis_url:
+                from ui.sessions_redis import RedisStore  # needs the redis package
+
+                store = RedisStore(redis_url, prefix, ttl_s)
+            else:
+                store = MemoryStore(ttl_s)
             _STORES[key] = store
         return store
