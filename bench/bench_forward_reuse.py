@@ -92,13 +92,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from saliency_server.engine import SaliencyInputs
-    from seqsal.settings import Settings
     from server_kit.default_model import ensure_default_model
     from server_kit.model_registry import load_causal_lm, load_tokenizer
+    from server_kit.settings import ModelSettings
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = Path(args.model) if args.model else ensure_default_model(Settings())
+    path = Path(args.model) if args.model else ensure_default_model(ModelSettings())
     model = load_causal_lm(path, torch.device("cpu"), torch.float32)
     tokenizer = load_tokenizer(path)
     rows: list[dict[str, Any]] = []

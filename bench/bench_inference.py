@@ -62,8 +62,8 @@ from rich.console import Console
 from rich.table import Table
 
 from inference_server.server import build_server, build_serving
+from inference_server.settings import InferenceSettings
 from seqsal.client import AsyncInferenceClient, generate_request
-from seqsal.settings import Settings
 from seqsal.v1 import inference_pb2
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -150,7 +150,7 @@ BACKEND_IMPORTS = {
 }
 
 
-def import_backend(backend: str, settings: Settings) -> float:
+def import_backend(backend: str, settings: InferenceSettings) -> float:
     """Import the backend's packages (a no-op when already imported); returns the seconds it took."""
     started = time.perf_counter()
     if backend == "vllm":
@@ -330,19 +330,19 @@ class Bench:
             )
 
 
-def settings_for(args: argparse.Namespace, backend: str) -> Settings:
+def settings_for(args: argparse.Namespace, backend: str) -> InferenceSettings:
     kwargs: dict[str, Any] = {
         "data_dir": args.data_dir,
         "backend": backend,
         "max_model_len": args.max_model_len,
         "vllm_kv_cache_gb": args.kv_cache_gb,
-        "inference_host": "127.0.0.1",
-        "inference_port": 0,
+        "host": "127.0.0.1",
+        "port": 0,
         "log_level": "WARNING",
     }
     if args.model is not None:
         kwargs["models"] = [str(args.model)]
-    return Settings(**kwargs)
+    return InferenceSettings(**kwargs)
 
 
 async def run_backend(args: argparse.Namespace, backend: str) -> BackendResult:

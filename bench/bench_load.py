@@ -72,10 +72,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from saliency_server.settings import SaliencySettings  # noqa: E402
 from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient  # noqa: E402
 from seqsal.errors import SeqsalError  # noqa: E402
-from seqsal.settings import DEFAULT_MODEL_ID, Settings  # noqa: E402
 from seqsal.v1 import common_pb2  # noqa: E402
+from server_kit.settings import DEFAULT_MODEL_ID, ModelSettings  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 140, log_path=False)
 
@@ -295,25 +296,19 @@ def tiny_model(root: Path) -> str:
 def default_model(data_dir: Path) -> str:
     from server_kit.default_model import ensure_default_model
 
-    return f"{DEFAULT_MODEL_ID}={ensure_default_model(Settings(_env_file=None, data_dir=data_dir))}"  # type: ignore[call-arg]
+    return f"{DEFAULT_MODEL_ID}={ensure_default_model(ModelSettings(_env_file=None, data_dir=data_dir))}"  # type: ignore[call-arg]
 
 
 @contextlib.contextmanager
 def own_stack(model: str, backend: str, log_dir: Path, quiet: bool) -> Iterator[tuple[str, str]]:
     """The stack as ``seqsal up`` starts it (no UI) on free loopback ports; stopped on exit."""
+    from inference_server.settings import InferenceSettings
     from seqsal_cli.stack import Stack
 
     saliency_port, inference_port = free_port(), free_port()
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        models=[model],
-        backend=backend,
-        host="127.0.0.1",
-        port=saliency_port,
-        inference_host="127.0.0.1",
-        inference_port=inference_port,
-    )
-    stack = Stack(settings, log_dir=log_dir, console=Console(quiet=quiet, stderr=True))
+    saliency = SaliencySettings(_env_file=None, models=[model], host="127.0.0.1", port=saliency_port)  # type: ignore[call-arg]
+    inference = InferenceSettings(_env_file=None, models=[model], backend=backend, port=inference_port)  # type: ignore[call-arg]
+    stack = Stack(saliency, inference, log_dir=log_dir, console=Console(quiet=quiet, stderr=True))
     components = stack.plan(redis_port=free_port(), ui_port=free_port(), with_ui=False)
     for component in components:
         component.env |= {"SEQSAL_METRICS_PORT": "0", "SEQSAL_INFERENCE_METRICS_PORT": "0"}

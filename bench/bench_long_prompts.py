@@ -231,10 +231,10 @@ def machine_info() -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from seqsal.settings import Settings
     from server_kit.default_model import ensure_default_model
+    from server_kit.settings import ModelSettings
 
-    model = args.model or str(ensure_default_model(Settings(data_dir=args.data_dir)))
+    model = args.model or str(ensure_default_model(ModelSettings(data_dir=args.data_dir)))
     scratch = Path(tempfile.mkdtemp(prefix="seqsal-long-"))
     machine = machine_info()
     rows: list[dict[str, Any]] = []

@@ -81,11 +81,11 @@ def _seqsal(model_dir: Path, workloads: list[tuple[str, list[int], list[int]]]) 
     import numpy as np
 
     from saliency_server.server import build_server, build_serving
+    from saliency_server.settings import SaliencySettings
     from seqsal.client import AsyncSaliencyClient
-    from seqsal.settings import Settings
     from seqsal.v1 import common_pb2
 
-    settings = Settings(  # type: ignore[call-arg]
+    settings = SaliencySettings(  # type: ignore[call-arg]
         _env_file=None, models=[str(model_dir)], device="cpu", dtype="float32", redis_url=None, metrics_port=0
     )
 

@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from saliency_server.engine import GradientEngine, SaliencyInputs
     from saliency_server.perturbation import ablate, perturbation_segments, prompt_features
+    from saliency_server.settings import SaliencySettings
     from seqsal import segmentation
-    from seqsal.settings import Settings
     from seqsal.v1 import common_pb2
     from server_kit.default_model import ensure_default_model
     from server_kit.model_registry import load_causal_lm, load_tokenizer
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from server_kit.tokenization import tokenize
 
     machine = machine_info()  # the load average when the run starts
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = SaliencySettings(_env_file=None)  # type: ignore[call-arg]
     model_dir = ensure_default_model(settings)
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, torch.device("cpu"), torch.float32)

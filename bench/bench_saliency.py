@@ -60,8 +60,8 @@ from rich.table import Table
 
 from saliency_server.server import build_server, build_serving
 from saliency_server.serving import SaliencyServing
+from saliency_server.settings import SaliencySettings
 from seqsal.client import AsyncSaliencyClient, all_segments_request, saliency_request
-from seqsal.settings import Settings
 from seqsal.v1 import common_pb2
 from server_kit.tokenization import tokenize
 
@@ -567,7 +567,7 @@ def machine_info() -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def saliency_server(settings: Settings) -> AsyncIterator[tuple[SaliencyServing, int]]:
+async def saliency_server(settings: SaliencySettings) -> AsyncIterator[tuple[SaliencyServing, int]]:
     """A saliency server in this process on a free loopback port: its serving layer and port.
 
     On exit the server is stopped (0.5 s grace) and the serving layer and its cache are closed.
@@ -596,7 +596,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.model is not None:
         settings_kwargs["models"] = [str(args.model)]
-    settings = Settings(**settings_kwargs)
+    settings = SaliencySettings(**settings_kwargs)
     started = time.perf_counter()
     results: dict[str, Any] = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}}
     async with saliency_server(settings) as (serving, port):

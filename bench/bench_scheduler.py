@@ -55,9 +55,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.bench_saliency import Workload, machine_info, median, ratio, saliency_server  # noqa: E402
+from saliency_server.settings import SaliencySettings  # noqa: E402
 from seqsal import segmentation  # noqa: E402
 from seqsal.client import AsyncSaliencyClient, all_segments_request, saliency_request  # noqa: E402
-from seqsal.settings import Settings  # noqa: E402
 from seqsal.v1 import common_pb2  # noqa: E402
 from server_kit.tokenization import tokenize  # noqa: E402
 
@@ -238,7 +238,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.model is not None:
         settings_kwargs["models"] = [str(args.model)]
-    settings = Settings(**settings_kwargs)
+    settings = SaliencySettings(**settings_kwargs)
     async with saliency_server(settings) as (serving, port):
         model = serving.host.default.info
         info.update(model=model.id, dtype=model.dtype, device=model.device)

@@ -372,7 +372,7 @@ def check_concurrency(plan: Plan, deadline: float) -> dict[str, Any]:
     from saliency_server.cache import make_cache
     from saliency_server.model_host import HostedModel, ModelHost
     from saliency_server.serving import SaliencyServing
-    from seqsal.settings import Settings
+    from saliency_server.settings import SaliencySettings
     from seqsal.v1 import saliency_pb2
     from server_kit.model_registry import ModelSpec
 
@@ -380,7 +380,7 @@ def check_concurrency(plan: Plan, deadline: float) -> dict[str, Any]:
     dtype = torch.bfloat16 if plan.device != "cpu" else torch.float32
     tokenizer = _tokenizer()
     model = build_model(shape, plan.device, dtype)
-    settings = Settings(max_queue=max(plan.concurrency) * 2, redis_url=None, max_tokens=1 << 20)
+    settings = SaliencySettings(max_queue=max(plan.concurrency) * 2, redis_url=None, max_tokens=1 << 20)
     hosted = HostedModel(
         spec=ModelSpec(id="random-8b", path=Path("/nonexistent")),
         tokenizer=tokenizer,

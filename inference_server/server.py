@@ -10,7 +10,7 @@ import grpc
 
 from inference_server.backends.base import Backend
 from inference_server.serving import InferenceModel, InferenceServing, model_info
-from seqsal.settings import Settings
+from inference_server.settings import InferenceSettings
 from seqsal.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from server_kit.grpc_server import GrpcServer, preflight
 from server_kit.metrics import ServerMetrics
@@ -70,7 +70,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return await self.serving.list_models(request)
 
 
-def make_backend(spec: ModelSpec, tokenizer: object, settings: Settings) -> Backend:
+def make_backend(spec: ModelSpec, tokenizer: object, settings: InferenceSettings) -> Backend:
     """The backend the settings name; never a silent fallback to another one."""
     if settings.backend == "vllm":
         from inference_server.backends.vllm_backend import VllmBackend
@@ -85,7 +85,7 @@ def make_backend(spec: ModelSpec, tokenizer: object, settings: Settings) -> Back
     return OpenAIBackend(spec, tokenizer, settings)
 
 
-async def build_serving(settings: Settings) -> InferenceServing:
+async def build_serving(settings: InferenceSettings) -> InferenceServing:
     """Create and start the backends of every configured model (slow: loads engines)."""
     models = []
     for i, spec in enumerate(model_specs(settings)):
@@ -110,7 +110,7 @@ async def build_serving(settings: Settings) -> InferenceServing:
     return InferenceServing(models, settings)
 
 
-def build_server(serving: InferenceServing, settings: Settings) -> GrpcServer:
+def build_server(serving: InferenceServing, settings: InferenceSettings) -> GrpcServer:
     server = GrpcServer(settings, [SERVICE], name="inference")
     metrics = server.metrics
     inflight = serving.inflight
@@ -123,15 +123,15 @@ def build_server(serving: InferenceServing, settings: Settings) -> GrpcServer:
     return server
 
 
-async def serve(settings: Settings) -> None:
-    """Start the engines, listen on inference_host:inference_port, serve until SIGTERM/SIGINT, then drain."""
-    preflight(settings, settings.inference_host, "inference server")
+async def serve(settings: InferenceSettings) -> None:
+    """Start the engines, listen on settings.host:settings.port, serve until SIGTERM/SIGINT, then drain."""
+    preflight(settings, settings.host, "inference server")
     serving = await build_serving(settings)
     server = build_server(serving, settings)
-    port = server.bind(settings.inference_host, settings.inference_port)
+    port = server.bind(settings.host, settings.port)
     await server.start()
-    server.start_configured_metrics(settings.inference_host, settings.inference_metrics_port)
-    logger.info("inference server listening on %s:%d (%s)", settings.inference_host, port, settings.backend)
+    server.start_configured_metrics(settings.host, settings.metrics_port)
+    logger.info("inference server listening on %s:%d (%s)", settings.host, port, settings.backend)
     try:
         await server.serve_until_signalled()
     finally:

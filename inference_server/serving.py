@@ -14,8 +14,8 @@ from inference_server.backends.base import Backend
 from inference_server.chat import apply_chat_template
 from inference_server.detokenize import StreamedText, candidate_text, text_token_count
 from inference_server.params import sampling_params
+from inference_server.settings import InferenceSettings
 from seqsal.errors import InvalidArgumentError
-from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, inference_pb2
 from server_kit.admission import Admission
 from server_kit.model_registry import ModelSpec, model_revision, pick_model
@@ -60,14 +60,14 @@ def model_info(spec: ModelSpec, backend: Backend, *, context: int, is_default: b
 class InferenceServing:
     """Answers InferenceService calls for a set of models."""
 
-    def __init__(self, models: list[InferenceModel], settings: Settings) -> None:
+    def __init__(self, models: list[InferenceModel], settings: InferenceSettings) -> None:
         if not models:
             raise ValueError("an inference server needs at least one model")
         self.models = {m.spec.id: m for m in models}
         self.default = models[0]
         self.settings = settings
         # generation calls in flight (the backend batches them); beyond the bound: RESOURCE_EXHAUSTED
-        self.inflight = Admission(settings.inference_max_concurrency, "SEQSAL_INFERENCE_MAX_CONCURRENCY")
+        self.inflight = Admission(settings.max_concurrency, "SEQSAL_INFERENCE_MAX_CONCURRENCY")
 
     def get(self, model_id: str) -> InferenceModel:
         return pick_model(self.models, model_id, self.default)

@@ -50,7 +50,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 if TYPE_CHECKING:
-    from seqsal.settings import Settings
+    from saliency_server.settings import SaliencySettings
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -444,7 +444,7 @@ class RedisCache(CacheBackend):
             logger.debug("closing Redis client: %r", exc)
 
 
-def make_cache(settings: Settings) -> CacheBackend:
+def make_cache(settings: SaliencySettings) -> CacheBackend:
     """The configured backend: Redis if ``settings.redis_url`` is set, else an in-process LRU.
 
     The LRU is bounded by ``settings.cache_max_mb`` MiB; both use ``settings.cache_ttl_s``.

@@ -9,15 +9,15 @@ import asyncio
 from typing import Any
 
 from saliency_server.server import build_serving
+from saliency_server.settings import SaliencySettings
 from seqsal.client import all_segments_request, saliency_request, verify_request
-from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, saliency_pb2
 
 
 class LocalSaliencyClient:
     """Has the blocking :class:`~seqsal.client.SaliencyClient` API, served in-process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: SaliencySettings) -> None:
         self.serving = build_serving(settings)
         self.loop = asyncio.new_event_loop()
 

@@ -11,7 +11,7 @@ from saliency_server.checkpointing import CheckpointPolicy
 from saliency_server.engine import GradientEngine
 from saliency_server.forward_cache import ForwardCache
 from saliency_server.memory import MIB
-from seqsal.settings import Settings
+from saliency_server.settings import SaliencySettings
 from seqsal.v1 import common_pb2
 from server_kit.fingerprint import directory_signature
 from server_kit.model_registry import (
@@ -67,7 +67,7 @@ def _max_tokens(model: Any, limit: int | None) -> int:
     return min(limit, context) if context is not None else limit
 
 
-def load_hosted_model(spec: ModelSpec, settings: Settings, *, is_default: bool) -> HostedModel:
+def load_hosted_model(spec: ModelSpec, settings: SaliencySettings, *, is_default: bool) -> HostedModel:
     """Load one model for gradient computation, as the settings say (device, dtype, batch sizes)."""
     started = time.perf_counter()
     device = resolve_device(settings.device)
@@ -132,7 +132,7 @@ class ModelHost:
         self.default = models[0]
 
     @classmethod
-    def load(cls, specs: list[ModelSpec], settings: Settings) -> ModelHost:
+    def load(cls, specs: list[ModelSpec], settings: SaliencySettings) -> ModelHost:
         return cls([load_hosted_model(s, settings, is_default=i == 0) for i, s in enumerate(specs)])
 
     def get(self, model_id: str) -> HostedModel:

@@ -36,9 +36,9 @@ from saliency_server.engine_client import SaliencyEngine
 from saliency_server.perturbation import Scorer
 from saliency_server.scheduler import Priority, Scheduler, TicketSteps
 from saliency_server.scores import MethodEntry
+from saliency_server.settings import SaliencySettings
 from saliency_server.validation import Problem, problem_message
 from seqsal.errors import InvalidArgumentError, SeqsalError, UnavailableError
-from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, inference_pb2, saliency_pb2
 from server_kit.admission import Admission
 from server_kit.threads import stream_from_thread
@@ -113,7 +113,7 @@ class PerturbationScoring:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: SaliencySettings,
         *,
         admission: Admission,
         schedulers: Mapping[str, Scheduler],

@@ -14,7 +14,7 @@ from saliency_server.cache import make_cache
 from saliency_server.metrics import SaliencyCollector
 from saliency_server.model_host import ModelHost
 from saliency_server.serving import SaliencyServing
-from seqsal.settings import Settings
+from saliency_server.settings import SaliencySettings
 from seqsal.v1 import common_pb2, saliency_pb2, saliency_pb2_grpc
 from server_kit.call_lifecycle import client_var
 from server_kit.grpc_server import GrpcServer, preflight
@@ -97,13 +97,13 @@ class SaliencyServicer(saliency_pb2_grpc.SaliencyServiceServicer):
         return await self.serving.request_status(request)
 
 
-def build_serving(settings: Settings) -> SaliencyServing:
+def build_serving(settings: SaliencySettings) -> SaliencyServing:
     """Load the configured models and cache (slow: loads weights)."""
     host = ModelHost.load(model_specs(settings), settings)
     return SaliencyServing(host, make_cache(settings), settings)
 
 
-def build_server(serving: SaliencyServing, settings: Settings) -> GrpcServer:
+def build_server(serving: SaliencyServing, settings: SaliencySettings) -> GrpcServer:
     """A ready-to-start server for ``serving`` (health and reflection included)."""
     server = GrpcServer(settings, [SERVICE], name="saliency")
     metrics = server.metrics
@@ -118,7 +118,7 @@ def build_server(serving: SaliencyServing, settings: Settings) -> GrpcServer:
     return server
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: SaliencySettings) -> None:
     """Load models, listen on settings.host:settings.port and serve until SIGTERM/SIGINT, then drain.
 
     The security settings are checked before the models load (see :func:`server_kit.grpc_server.preflight`);

@@ -30,10 +30,10 @@ from saliency_server.perturbing import PerturbationScoring, VerifyOptions, check
 from saliency_server.request_status import StatusBoard, TrackedCall
 from saliency_server.scheduler import Priority, Scheduler, Ticket, TicketSteps, priority_from_wire
 from saliency_server.scores import MethodEntry, from_cache, from_result, to_cache, to_wire
+from saliency_server.settings import SaliencySettings
 from saliency_server.validation import Problem, build_problem, problem_message, resolve_selection
 from seqsal import segmentation
 from seqsal.errors import CancelledError
-from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, saliency_pb2
 from server_kit.admission import Admission
 from server_kit.logging_setup import request_id_var
@@ -122,7 +122,7 @@ class SaliencyServing:
         self,
         host: ModelHost,
         cache: CacheBackend,
-        settings: Settings,
+        settings: SaliencySettings,
         *,
         job_cost: JobCost | None = None,
         budget_bytes: int | None = None,

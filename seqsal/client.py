@@ -33,7 +33,7 @@ from seqsal.errors import ERRORS_BY_CODE, SeqsalError
 from seqsal.request_ids import REQUEST_ID_KEY, new_request_id
 from seqsal.retry import DEFAULT_RETRY, RetryPolicy
 from seqsal.segment_scores import with_scores
-from seqsal.settings import Settings
+from seqsal.settings import ClientSettings
 from seqsal.tls import ClientTLS, aio_channel, sync_channel
 from seqsal.v1 import common_pb2, inference_pb2, inference_pb2_grpc, saliency_pb2, saliency_pb2_grpc
 
@@ -41,12 +41,12 @@ _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 def _security(
-    token: str | None, tls: ClientTLS | bool | None, settings: Settings | None
+    token: str | None, tls: ClientTLS | bool | None, settings: ClientSettings | None
 ) -> tuple[str | None, ClientTLS]:
     """The token and TLS to use: the arguments, with what they leave open taken from the settings."""
     if token is not None and tls is not None and tls is not True:
         return token or None, tls if isinstance(tls, ClientTLS) else ClientTLS(enabled=False)
-    settings = settings or Settings()
+    settings = settings or ClientSettings()
     if token is None:
         token = settings.auth_token.get_secret_value() if settings.auth_token else None
     if isinstance(tls, ClientTLS):
@@ -319,7 +319,7 @@ class _Client:
         max_message_mb: int = 64,
         token: str | None = None,
         tls: ClientTLS | bool | None = None,
-        settings: Settings | None = None,
+        settings: ClientSettings | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         """Connect to ``target`` (``host:port``).

@@ -1,6 +1,6 @@
-"""The ``seqsal`` command line: serve, up, batch, saliency, tokenize, models and model-path.
+"""The ``seqsal`` command line: serve, up, tokenize, saliency, verify, report, batch, models and model-path.
 
-A thin layer over :class:`seqsal.settings.Settings`: flags override the
+A thin layer over each component's settings (:mod:`seqsal.settings`): flags override the
 ``SEQSAL_*`` environment variables, which override the defaults.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -22,9 +22,10 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from seqsal.errors import SeqsalError
-from seqsal.settings import Settings
+from seqsal.settings import ClientSettings, SeqsalSettings
 from seqsal.v1 import common_pb2
 from server_kit.logging_setup import LogFormat, configure_json_logging, resolve_format
+from server_kit.settings import ModelSettings, ServerSettings
 
 app = typer.Typer(help="seqsal: interactive prompt debugging with sequence saliency.", no_args_is_help=True)
 serve_app = typer.Typer(help="Run a seqsal server.", no_args_is_help=True)
@@ -89,9 +90,14 @@ _CLIENT_FLAG_ENV = {
 }
 
 
-def _settings(**overrides: Any) -> Settings:
+S = TypeVar("S", bound=SeqsalSettings)
+
+
+def _settings(cls: type[S] = ClientSettings, **overrides: Any) -> S:  # type: ignore[assignment]
+    """Settings of one component (``cls``): the global client flags and ``overrides`` that were given
+    (None = not given), over ``SEQSAL_*`` and ``.env``."""
     values = _client_flags | overrides
-    return Settings(**{k: v for k, v in values.items() if v is not None and v != []})
+    return cls(**{k: v for k, v in values.items() if v is not None and v != []})
 
 
 @contextmanager
@@ -145,13 +151,17 @@ def main(
     )
 
 
-def _serve(what: str, run: Any, **overrides: Any) -> None:
+def _serve(
+    what: str, run: Any, cls: type[ServerSettings], *, model: list[str] | None, **overrides: Any
+) -> None:
     """Run a server's ``serve(settings)`` with the flags that were given (None = not given);
     configuration errors become one clear line and exit code 2."""
     from seqsal.tls import TlsConfigError
     from server_kit.auth import BindPolicyError
 
-    settings = _settings(**overrides)
+    unknown = set(overrides) - set(cls.model_fields)
+    assert not unknown, f"flags without a setting of the same name in {cls.__name__}: {unknown}"
+    settings = _settings(cls, models=model, **overrides)
     _setup_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(run(settings))
@@ -214,22 +224,11 @@ def serve_saliency(
     ] = None,
 ) -> None:
     """Serve SaliencyService over gRPC until SIGTERM/SIGINT (then drain in-flight calls)."""
+    flags = dict(locals())  # each flag is the setting of the same name (--model: models)
     from saliency_server.server import serve
+    from saliency_server.settings import SaliencySettings
 
-    _serve(
-        "saliency",
-        serve,
-        host=host,
-        port=port,
-        models=model,
-        device=device,
-        dtype=dtype,
-        max_tokens=max_tokens,
-        max_concurrency=max_concurrency,
-        max_queue=max_queue,
-        redis_url=redis_url,
-        metrics_port=metrics_port,
-    )
+    _serve("saliency", serve, SaliencySettings, **flags)
 
 
 @serve_app.command("inference")
@@ -253,22 +252,11 @@ def serve_inference(
     ] = None,
 ) -> None:
     """Serve InferenceService (generation and scoring) over gRPC until SIGTERM/SIGINT."""
+    flags = dict(locals())  # each flag is the setting of the same name (--model: models)
     from inference_server.server import serve
+    from inference_server.settings import InferenceSettings
 
-    _serve(
-        "inference",
-        serve,
-        inference_host=host,
-        inference_port=port,
-        models=model,
-        backend=backend,
-        openai_url=openai_url,
-        tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization,
-        max_model_len=max_model_len,
-        dtype=dtype,
-        inference_metrics_port=metrics_port,
-    )
+    _serve("inference", serve, InferenceSettings, **flags)
 
 
 @app.command()
@@ -283,16 +271,19 @@ def up(
     log_dir: Annotated[Path, typer.Option(help="Where each component's log goes.")] = Path("logs"),
 ) -> None:
     """Run the whole product on this machine: cache, inference, saliency (and the UI); Ctrl-C stops it."""
+    from inference_server.settings import InferenceSettings
+    from saliency_server.settings import SaliencySettings
+    from seqsal_cli.settings import StackSettings
     from seqsal_cli.stack import Stack, StackError
 
-    settings = _settings(
-        models=model, backend=backend, port=port, inference_port=inference_port, ui_port=ui_port
-    )
-    _setup_logging(settings.log_level)
-    _prepare_models(settings)
-    stack = Stack(settings, log_dir=log_dir, console=err_console)
+    saliency = _settings(SaliencySettings, models=model, port=port)
+    inference = _settings(InferenceSettings, models=model, backend=backend, port=inference_port)
+    own = _settings(StackSettings, ui_port=ui_port)
+    _setup_logging(saliency.log_level)
+    _prepare_models(saliency)
+    stack = Stack(saliency, inference, log_dir=log_dir, console=err_console)
     try:
-        stack.start(stack.plan(redis_port=settings.stack_redis_port, ui_port=settings.ui_port))
+        stack.start(stack.plan(redis_port=own.stack_redis_port, ui_port=own.ui_port))
     except StackError as error:
         err_console.print(f"[bold red]could not start the stack[/]: {error}")
         raise typer.Exit(code=1) from None
@@ -311,7 +302,7 @@ def up(
     raise typer.Exit(code=code)
 
 
-def _prepare_models(settings: Settings) -> None:
+def _prepare_models(settings: ModelSettings) -> None:
     """Convert GGUF models here, with their progress on this terminal, before the servers start."""
     from server_kit.model_registry import model_specs
 
@@ -338,7 +329,7 @@ def model_path(
     from server_kit.gguf_convert import ModelConversionError
     from server_kit.gguf_models import resolve_model_path
 
-    settings = _settings()
+    settings = _settings(ModelSettings)
     _setup_logging(settings.log_level)
     try:
         print(resolve_model_path(source, settings) if source else ensure_default_model(settings))
@@ -355,8 +346,9 @@ def _client(server: str | None, model: list[str] | None) -> Any:
             raise typer.BadParameter("with --server, give at most one --model: the hosted model's id")
         return SaliencyClient(server, settings=_settings())
     from saliency_server.local import LocalSaliencyClient
+    from saliency_server.settings import SaliencySettings
 
-    settings = _settings(models=model)
+    settings = _settings(SaliencySettings, models=model)
     _setup_logging("WARNING")
     return LocalSaliencyClient(settings)
 

@@ -24,9 +24,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from inference_server.settings import InferenceSettings
+from saliency_server.settings import SaliencySettings
 from seqsal.health import grpc_serving as grpc_serving  # re-exported
-from seqsal.settings import Settings
-from seqsal.tls import ClientTLS, server_tls_enabled
+from seqsal.tls import ClientTLS
+from server_kit.server_tls import server_tls_enabled
+from server_kit.settings import ServerSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 UI_APP = REPO_ROOT / "ui" / "app.py"
@@ -95,7 +98,7 @@ def http_ready(url: str) -> bool:
         return False
 
 
-def client_tls(settings: Settings) -> ClientTLS:
+def client_tls(settings: ServerSettings) -> ClientTLS:
     """How the stack (and its UI) reach its servers: the client TLS settings; if only the servers
     have TLS configured, TLS trusting their own certificate (right for a self-signed one)."""
     tls = ClientTLS.from_settings(settings)
@@ -110,7 +113,7 @@ def client_tls(settings: Settings) -> ClientTLS:
     )
 
 
-def security_env(settings: Settings) -> tuple[dict[str, str], dict[str, str]]:
+def security_env(settings: ServerSettings) -> tuple[dict[str, str], dict[str, str]]:
     """Environment for the servers (accepted tokens) and for the clients (token, TLS) of the stack."""
     servers: dict[str, str] = {}
     clients: dict[str, str] = {}
@@ -139,8 +142,17 @@ def security_env(settings: Settings) -> tuple[dict[str, str], dict[str, str]]:
 class Stack:
     """Starts components in order, waits for each, stops them in reverse."""
 
-    def __init__(self, settings: Settings, *, log_dir: Path, console: Console | None = None) -> None:
-        self.settings = settings
+    def __init__(
+        self,
+        saliency: SaliencySettings,
+        inference: InferenceSettings,
+        *,
+        log_dir: Path,
+        console: Console | None = None,
+    ) -> None:
+        #: the servers' settings; their models, security and TLS are the saliency server's, passed to both
+        self.saliency = saliency
+        self.inference = inference
         self.log_dir = log_dir
         self.console = console or Console(stderr=True)
         self.components: list[Component] = []
@@ -152,7 +164,7 @@ class Stack:
 
     def plan(self, *, redis_port: int, ui_port: int, with_ui: bool = True) -> list[Component]:
         """The components to run for these settings."""
-        s = self.settings
+        s, i = self.saliency, self.inference
         python = sys.executable
         env: dict[str, str] = {"SEQSAL_DATA_DIR": str(s.data_dir)}
         if s.models:
@@ -185,20 +197,20 @@ class Stack:
             )
         if redis_url:
             env["REDIS_URL"] = redis_url
-        inference = f"{s.inference_host}:{s.inference_port}"
+        inference = f"{i.host}:{i.port}"
         saliency = f"{s.host}:{s.port}"
         server_env, client_env = security_env(s)
         tls = client_tls(s)
         scheme = "grpcs" if tls.enabled else "grpc"
         components.append(
             Component(
-                name=f"inference ({s.backend})",
-                command=[python, "-m", "seqsal_cli", "serve", "inference", "--backend", s.backend],
+                name=f"inference ({i.backend})",
+                command=[python, "-m", "seqsal_cli", "serve", "inference", "--backend", i.backend],
                 ready=lambda: grpc_serving(inference, tls=tls),
                 url=f"{scheme}://{inference}",
                 env=env
                 | server_env
-                | {"SEQSAL_INFERENCE_HOST": s.inference_host, "SEQSAL_INFERENCE_PORT": str(s.inference_port)},
+                | {"SEQSAL_INFERENCE_HOST": i.host, "SEQSAL_INFERENCE_PORT": str(i.port)},
             )
         )
         components.append(

@@ -4,7 +4,7 @@ refused at once when they are all taken.
 The saliency server holds at most ``max_concurrency + max_queue`` requests (computing, paused or
 waiting); which admitted request computes when is the scheduler's business
 (:mod:`saliency_server.scheduler`), and ``running`` is what it reports. The inference server holds
-at most ``inference_max_concurrency`` generation calls in flight (the backend batches them). A
+at most ``SEQSAL_INFERENCE_MAX_CONCURRENCY`` generation calls in flight (the backend batches them). A
 request beyond the bound is refused at once with RESOURCE_EXHAUSTED naming the setting that raises
 it, instead of piling up.
 """

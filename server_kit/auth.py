@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from seqsal.bearer import AUTHORIZATION_KEY, BEARER_PREFIX
-from seqsal.settings import Settings
+from server_kit.settings import ServerSettings
 
 logger = logging.getLogger("seqsal.auth")
 
@@ -98,7 +98,7 @@ class TokenAuth:
             self._reload(force=True)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> TokenAuth | None:
+    def from_settings(cls, settings: ServerSettings) -> TokenAuth | None:
         """The authenticator the settings ask for, or None when no token is configured."""
         tokens = [t.get_secret_value() for t in settings.auth_tokens]
         if not any(t.strip() for t in tokens) and settings.auth_token_file is None:
@@ -168,7 +168,9 @@ class TokenAuth:
         return token
 
 
-def check_bind_policy(host: str, settings: Settings, *, authenticated: bool, what: str = "server") -> None:
+def check_bind_policy(
+    host: str, settings: ServerSettings, *, authenticated: bool, what: str = "server"
+) -> None:
     """Refuse a non-loopback address for a server without authentication, unless explicitly allowed."""
     if authenticated or is_loopback(host) or settings.allow_unauthenticated:
         return  # the server's start-up log says which mode it runs in

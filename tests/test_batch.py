@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from seqsal.settings import Settings
+from inference_server.settings import InferenceSettings
+from saliency_server.settings import SaliencySettings
 from seqsal.v1 import common_pb2
 from seqsal_cli.batch import BatchOptions, run_batch
 
@@ -29,8 +30,8 @@ async def servers(
 ) -> AsyncIterator[tuple[str, str]]:  # type: ignore[no-untyped-def]
     models = [f"tiny={tiny_llama_dir}"]
     async with (
-        run_inference_server(Settings(models=models, backend="transformers")) as inference,
-        run_saliency_server(Settings(models=models)) as saliency,
+        run_inference_server(InferenceSettings(models=models, backend="transformers")) as inference,
+        run_saliency_server(SaliencySettings(models=models)) as saliency,
     ):
         yield saliency.address, inference.address
 

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from bench import bench_load
-from seqsal.settings import Settings
+from inference_server.settings import InferenceSettings
+from saliency_server.settings import SaliencySettings
 
 if TYPE_CHECKING:
     from conftest import SaliencyServerFactory
@@ -19,17 +20,16 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 async def test_load_generator_runs_every_rpc_and_stops_by_itself(
     run_saliency_server: SaliencyServerFactory, run_inference_server: Any, tiny_llama_dir: Path
 ) -> None:
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        models=[f"tiny={tiny_llama_dir}"],
-        backend="transformers",
-        device="cpu",
-        redis_url=None,
-    )
+    values: dict[str, Any] = {"models": [f"tiny={tiny_llama_dir}"], "device": "cpu"}
+    saliency_settings = SaliencySettings(_env_file=None, redis_url=None, **values)  # type: ignore[call-arg]
+    inference_settings = InferenceSettings(_env_file=None, backend="transformers", **values)  # type: ignore[call-arg]
     args = bench_load.parse_args(
         ["--quick", "--clients", "1,3", "--requests", "6", "--saliency", "x", "--inference", "y"]
     )
-    async with run_saliency_server(settings) as saliency, run_inference_server(settings) as inference:
+    async with (
+        run_saliency_server(saliency_settings) as saliency,
+        run_inference_server(inference_settings) as inference,
+    ):
         result = await bench_load.drive(args, saliency.address, inference.address)
     levels = result["levels"]
     assert [level["clients"] for level in levels] == [1, 3]

@@ -37,7 +37,7 @@ from saliency_server.cache import (
     make_key,
     put_entry,
 )
-from seqsal.settings import Settings
+from saliency_server.settings import SaliencySettings
 
 TEST_REDIS_URL = os.environ.get("SEQSAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REDIS_SERVER = shutil.which("redis-server")
@@ -245,11 +245,13 @@ def test_memory_cache_from_threads() -> None:
 
 
 def test_make_cache_from_settings() -> None:
-    memory = make_cache(Settings(_env_file=None, redis_url=None, cache_max_mb=3, cache_ttl_s=60))
+    memory = make_cache(SaliencySettings(_env_file=None, redis_url=None, cache_max_mb=3, cache_ttl_s=60))
     assert isinstance(memory, InMemoryCache)
     assert (memory.max_bytes, memory.ttl_s) == (3 * 1024 * 1024, 60)
     remote = make_cache(
-        Settings(_env_file=None, redis_url="redis://127.0.0.1:1/0", cache_ttl_s=5, redis_timeout_s=0.25)
+        SaliencySettings(
+            _env_file=None, redis_url="redis://127.0.0.1:1/0", cache_ttl_s=5, redis_timeout_s=0.25
+        )
     )
     assert isinstance(remote, RedisCache)
     assert (remote.ttl_s, remote.timeout_s) == (5, 0.25)

@@ -26,8 +26,8 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from saliency_server.cache import CACHE_FORMAT_VERSION, CorruptEntryError, RedisCache, decode_entry
+from saliency_server.settings import SaliencySettings
 from seqsal.client import AsyncSaliencyClient
-from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, saliency_pb2
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ needs_redis_server = pytest.mark.skipif(
 )
 
 
-def make_settings(model_spec: str, redis_url: str, prefix: str, **overrides: Any) -> Settings:
+def make_settings(model_spec: str, redis_url: str, prefix: str, **overrides: Any) -> SaliencySettings:
     values: dict[str, Any] = {
         "models": [model_spec],
         "port": 0,
@@ -71,7 +71,7 @@ def make_settings(model_spec: str, redis_url: str, prefix: str, **overrides: Any
         "redis_timeout_s": 0.5,
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return SaliencySettings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 def scores_of(response: saliency_pb2.SaliencyResponse) -> dict[int, list[float]]:

@@ -30,8 +30,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from saliency_server.cache import InMemoryCache, decode_entry
+from saliency_server.settings import SaliencySettings
 from seqsal.client import channel_options
-from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, saliency_pb2, saliency_pb2_grpc
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def redis_up() -> bool:
         return False
 
 
-def server_settings(model_dirs: dict[str, Path], **overrides: Any) -> Settings:
+def server_settings(model_dirs: dict[str, Path], **overrides: Any) -> SaliencySettings:
     values: dict[str, Any] = {
         "models": [f"tiny={model_dirs['llama']}", f"gpt2={model_dirs['gpt2']}"],
         "port": 0,
@@ -64,7 +64,7 @@ def server_settings(model_dirs: dict[str, Path], **overrides: Any) -> Settings:
         "ig_steps": DEFAULT_IG_STEPS,
         "max_concurrency": 1,
     }
-    return Settings(_env_file=None, **(values | overrides))  # type: ignore[call-arg]
+    return SaliencySettings(_env_file=None, **(values | overrides))  # type: ignore[call-arg]
 
 
 async def in_thread(address: str, body: Callable[[saliency_pb2_grpc.SaliencyServiceStub], None]) -> None:

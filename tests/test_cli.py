@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from seqsal.settings import Settings
+from saliency_server.settings import SaliencySettings
 from seqsal_cli.cli import app
 
 runner = CliRunner()
@@ -133,7 +133,7 @@ def running_server(tiny_llama_dir: Path) -> Iterator[str]:
     """A real saliency server in a background thread."""
     from saliency_server.server import build_server, build_serving
 
-    settings = Settings(models=[f"tiny={tiny_llama_dir}"], port=0)
+    settings = SaliencySettings(models=[f"tiny={tiny_llama_dir}"], port=0)
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     holder: dict[str, object] = {}
@@ -200,3 +200,16 @@ def test_saliency_scale_options(tiny_llama_dir: Path, tmp_path: Path) -> None:
         app, ["saliency", "--prompt", "x", "--target", "y", "--clip", "0", *_model_args(tiny_llama_dir)]
     )
     assert result.exit_code == 2 and "clip_percentile" in result.output
+
+
+def test_every_serve_flag_is_a_setting_of_its_server() -> None:
+    """`seqsal serve X --flag` sets the setting of the same name (a flag without one would be lost)."""
+    import inspect
+
+    from inference_server.settings import InferenceSettings
+    from saliency_server.settings import SaliencySettings
+    from seqsal_cli.cli import serve_inference, serve_saliency
+
+    for command, cls in ((serve_saliency, SaliencySettings), (serve_inference, InferenceSettings)):
+        flags = set(inspect.signature(command).parameters) - {"model"}
+        assert flags and flags <= set(cls.model_fields), flags - set(cls.model_fields)

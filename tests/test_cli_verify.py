@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from seqsal.settings import Settings
+from inference_server.settings import InferenceSettings
+from saliency_server.settings import SaliencySettings
 from seqsal.v1 import common_pb2
 from seqsal_cli.batch import BatchOptions, run_batch
 from seqsal_cli.cli import app
@@ -86,10 +87,10 @@ async def servers(
     models = [f"tiny={tiny_llama_dir}"]
     async with (
         run_inference_server(
-            Settings(models=models, backend="transformers", inference_metrics_port=0)
+            InferenceSettings(models=models, backend="transformers", metrics_port=0)
         ) as inference,
         run_saliency_server(
-            Settings(models=models, metrics_port=0, score_address=inference.address)
+            SaliencySettings(models=models, metrics_port=0, score_address=inference.address)
         ) as saliency,
     ):
         yield saliency.address, inference.address

@@ -14,8 +14,8 @@ from typing import Any
 
 from conftest import SaliencyServerFactory
 
+from saliency_server.settings import SaliencySettings
 from seqsal.client import AsyncSaliencyClient
-from seqsal.settings import Settings
 from seqsal.v1 import common_pb2
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,7 +65,7 @@ print(json.dumps({
 """
 
 
-def make_settings(model: str) -> Settings:
+def make_settings(model: str) -> SaliencySettings:
     values: dict[str, Any] = {
         "models": [model],
         "device": "cpu",
@@ -75,7 +75,7 @@ def make_settings(model: str) -> Settings:
         "auth_token_file": None,
         "rate_limit_per_minute": 0,
     }
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return SaliencySettings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 async def test_the_client_calls_a_server_without_torch_numpy_or_server_code(

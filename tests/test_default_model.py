@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqsal.settings import DEFAULT_MODEL_ID, Settings
 from server_kit import default_model
 from server_kit.default_model import (
     CONVERSION_VERSION,
@@ -26,6 +25,7 @@ from server_kit.default_model import (
     find_default_gguf,
     is_complete,
 )
+from server_kit.settings import DEFAULT_MODEL_ID, ModelSettings
 
 PROMPT = "The capital of France is"
 
@@ -99,7 +99,7 @@ def test_logits_equal_the_gguf_model(default_model_dir: Path, gguf_model_and_tok
 def test_second_call_is_a_no_op(default_model_dir: Path) -> None:
     weights = default_model_dir / "model.safetensors"
     before = (weights.stat().st_mtime_ns, (default_model_dir / MARKER_NAME).stat().st_mtime_ns)
-    again = ensure_default_model(Settings(data_dir=default_model_dir.parent.parent))
+    again = ensure_default_model(ModelSettings(data_dir=default_model_dir.parent.parent))
     assert again == default_model_dir
     assert (weights.stat().st_mtime_ns, (default_model_dir / MARKER_NAME).stat().st_mtime_ns) == before
     leftovers = [p.name for p in default_model_dir.parent.iterdir() if ".tmp-" in p.name]
@@ -110,7 +110,7 @@ def test_second_call_is_a_no_op(default_model_dir: Path) -> None:
 
 
 def test_default_model_dir_is_under_data_dir(tmp_path: Path) -> None:
-    assert default_model_dir(Settings(data_dir=tmp_path)) == tmp_path / "models" / DEFAULT_MODEL_ID
+    assert default_model_dir(ModelSettings(data_dir=tmp_path)) == tmp_path / "models" / DEFAULT_MODEL_ID
 
 
 def test_find_default_gguf_explains_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -492,27 +492,38 @@ def test_compose_builds_existing_dockerfile_targets(cpu: bool) -> None:
         assert build["target"] in stages and build["target"] in FINAL_TARGETS, name
 
 
-def settings_env_names() -> set[str]:
-    from seqsal.settings import Settings
+def settings_env_names(service: str = "") -> set[str]:
+    """The environment variables the component named in ``service`` reads (saliency, inference, ui);
+    any other name: those of every component."""
+    from inference_server.settings import InferenceSettings
+    from saliency_server.settings import SaliencySettings
+    from seqsal_cli.settings import StackSettings
+    from ui.settings import UISettings
 
-    names = {"REDIS_URL"}
-    prefix = Settings.model_config.get("env_prefix", "")
-    for field_name, field in Settings.model_fields.items():
-        names.add(f"{prefix}{field_name}".upper())
-        alias = field.validation_alias
-        for choice in getattr(alias, "choices", [alias] if isinstance(alias, str) else []):
-            if isinstance(choice, str):
-                names.add(choice.upper())
-    return names
+    components = {"saliency": SaliencySettings, "inference": InferenceSettings, "ui": UISettings}
+    chosen = [cls for key, cls in components.items() if key in service] or [
+        *components.values(),
+        StackSettings,
+    ]
+    return {name for cls in chosen for name in cls.env_names()}
+
+
+def test_each_component_reads_its_own_port() -> None:
+    assert "SEQSAL_PORT" in settings_env_names("saliency")
+    assert "SEQSAL_PORT" not in settings_env_names("inference")  # the saliency server's port
+    assert {"SEQSAL_INFERENCE_PORT", "SEQSAL_INFERENCE_HOST"} <= settings_env_names("inference")
+    assert "SEQSAL_SALIENCY_ADDRESS" in settings_env_names(
+        "ui"
+    ) and "SEQSAL_MODELS" not in settings_env_names("ui")
 
 
 def test_compose_sets_only_settings_that_exist() -> None:
-    known = settings_env_names()
     for cpu in (False, True):
         for name, service in compose_model(cpu=cpu)["services"].items():
+            known = settings_env_names(name)
             for variable in service.get("environment", {}):
                 if variable.startswith("SEQSAL_") or variable == "REDIS_URL":
-                    assert variable in known, f"{name}: {variable} is no seqsal setting"
+                    assert variable in known, f"{name}: {variable} is no setting of {name}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1119,9 +1130,9 @@ def test_pods_run_unprivileged_with_pinned_images(rendered: dict[str, list[dict[
 
 
 def test_chart_sets_only_settings_that_exist(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    known = settings_env_names()
     for documents in rendered.values():
         for deployment in (d for d in documents if d["kind"] == "Deployment"):
+            known = settings_env_names(deployment["metadata"]["name"])
             for spec in deployment["spec"]["template"]["spec"]["containers"]:
                 for item in spec.get("env", []):
                     if item["name"].startswith("SEQSAL_"):

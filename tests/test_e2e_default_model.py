@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from saliency_server.server import build_server, build_serving
+from saliency_server.settings import SaliencySettings
 from seqsal.client import AsyncSaliencyClient
-from seqsal.settings import Settings
 from seqsal.v1 import common_pb2
 from server_kit.model_registry import load_causal_lm, load_tokenizer
 
@@ -26,7 +26,7 @@ PROMPT = (
 
 @pytest.fixture(scope="module")
 async def client(default_model_dir: Path) -> AsyncIterator[AsyncSaliencyClient]:
-    settings = Settings(models=[f"SmolLM2-135M-Instruct={default_model_dir}"], port=0)
+    settings = SaliencySettings(models=[f"SmolLM2-135M-Instruct={default_model_dir}"], port=0)
     serving = build_serving(settings)
     server = build_server(serving, settings)
     port = server.bind("127.0.0.1", 0)

@@ -24,6 +24,7 @@ from procs import REDIS_SERVER, ServerProcess, free_port, metric_value, server_p
 
 from saliency_server.cache import decode_entry
 from saliency_server.engine import CancelCheck, SaliencyResult
+from saliency_server.settings import SaliencySettings
 from seqsal.client import AsyncSaliencyClient, InferenceClient, SaliencyClient
 from seqsal.errors import (
     DeadlineExceededError,
@@ -32,7 +33,6 @@ from seqsal.errors import (
     UnavailableError,
 )
 from seqsal.retry import RetryPolicy
-from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, saliency_pb2
 from seqsal_cli.stack import grpc_serving
 
@@ -47,7 +47,7 @@ TARGET = " Paris is the capital. It is big. The river is long."
 RIDES_OUT = RetryPolicy(wait_for_ready=True)
 
 
-def make_settings(model_spec: str, **overrides: Any) -> Settings:
+def make_settings(model_spec: str, **overrides: Any) -> SaliencySettings:
     values: dict[str, Any] = {
         "models": [model_spec],
         "port": 0,
@@ -57,7 +57,7 @@ def make_settings(model_spec: str, **overrides: Any) -> Settings:
         "max_concurrency": 1,
         "max_queue": 16,
     }
-    return Settings(_env_file=None, **(values | overrides))  # type: ignore[call-arg]
+    return SaliencySettings(_env_file=None, **(values | overrides))  # type: ignore[call-arg]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import fuzz_support as fz
 import pytest
 from hypothesis import strategies as st
 
-from seqsal.settings import Settings
+from inference_server.settings import InferenceSettings
 from seqsal.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 if TYPE_CHECKING:
@@ -36,16 +36,15 @@ STUB = inference_pb2_grpc.InferenceServiceStub
 async def fuzz_srv(
     run_inference_server: Any, tiny_chat_llama_dir: Path, tiny_model_dirs: dict[str, Path]
 ) -> AsyncIterator[RunningInferenceServer]:
-    settings = Settings(
+    settings = InferenceSettings(
         _env_file=None,  # type: ignore[call-arg]
         models=[f"tiny={tiny_chat_llama_dir}", f"gpt2={tiny_model_dirs['gpt2']}"],
         backend="transformers",
         device="cpu",
         dtype="float32",
-        max_tokens=MAX_TOKENS,
         max_candidates=4,
         default_max_new_tokens=4,
-        inference_max_concurrency=4,
+        max_concurrency=4,
     )
     async with run_inference_server(settings) as running:
         yield running

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 import torch
 
+from inference_server.settings import InferenceSettings
+from saliency_server.settings import SaliencySettings
 from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient
-from seqsal.settings import Settings
 from seqsal.v1 import common_pb2
 from server_kit.model_registry import load_tokenizer
+from server_kit.settings import ModelSettings
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +61,7 @@ def gemma_gguf(gemma_model_dir: Path) -> Path:
 
     from server_kit.gguf_models import gemma3_gguf
 
-    return gemma3_gguf(Settings(data_dir=models_data_dir()))[0]
+    return gemma3_gguf(ModelSettings(data_dir=models_data_dir()))[0]
 
 
 def _check_tokenizer_against_file(model_dir: Path, gguf: Path, *, bos_added: bool) -> dict[str, Any]:
@@ -106,10 +108,10 @@ def test_smollm2_tokenizer_is_the_files(default_model_dir: Path) -> None:
 async def clients(
     gemma_model_dir: Path, run_saliency_server: Any, run_inference_server: Any
 ) -> AsyncIterator[tuple[AsyncInferenceClient, AsyncSaliencyClient]]:
-    settings = Settings(models=[f"gemma={gemma_model_dir}"], backend="transformers", port=0)
+    models = [f"gemma={gemma_model_dir}"]
     async with (
-        run_inference_server(settings) as inference,
-        run_saliency_server(settings) as saliency,
+        run_inference_server(InferenceSettings(models=models, backend="transformers")) as inference,
+        run_saliency_server(SaliencySettings(models=models, port=0)) as saliency,
         AsyncInferenceClient(inference.address) as inference_client,
         AsyncSaliencyClient(saliency.address) as saliency_client,
     ):
@@ -195,5 +197,5 @@ def test_short_name_resolves_to_the_cached_conversion(gemma_model_dir: Path) -> 
 
     from server_kit.model_registry import model_specs
 
-    (spec,) = model_specs(Settings(data_dir=models_data_dir(), models=["gemma3"]))
+    (spec,) = model_specs(ModelSettings(data_dir=models_data_dir(), models=["gemma3"]))
     assert (spec.id, spec.path) == ("gemma-3-270m", gemma_model_dir)

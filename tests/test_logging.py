@@ -27,9 +27,9 @@ import grpc
 import pytest
 
 from saliency_server.server import SERVICE
+from saliency_server.settings import SaliencySettings
 from seqsal.client import AsyncSaliencyClient, SaliencyClient
 from seqsal.errors import InternalError, UnauthenticatedError
-from seqsal.settings import Settings
 from seqsal.v1 import common_pb2
 from seqsal_cli.stack import grpc_serving
 from server_kit.logging_setup import JsonFormatter, json_handler, request_id_var, resolve_format
@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "log-test-token-123"
 
 
-def make_settings(models: list[str], **overrides: Any) -> Settings:
+def make_settings(models: list[str], **overrides: Any) -> SaliencySettings:
     values: dict[str, Any] = {
         "models": models,
         "device": "cpu",
@@ -52,7 +52,7 @@ def make_settings(models: list[str], **overrides: Any) -> Settings:
         "rate_limit_per_minute": 0,
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return SaliencySettings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 class Captured:
@@ -85,7 +85,7 @@ def captured() -> Iterator[Captured]:
 
 @pytest.fixture(scope="module")
 async def srv(
-    run_saliency_server: Callable[[Settings], AbstractAsyncContextManager[RunningSaliencyServer]],
+    run_saliency_server: Callable[[SaliencySettings], AbstractAsyncContextManager[RunningSaliencyServer]],
     tiny_llama_dir: Path,
 ) -> AsyncIterator[RunningSaliencyServer]:
     async with run_saliency_server(make_settings([f"tiny={tiny_llama_dir}"])) as running:
@@ -217,7 +217,7 @@ async def test_sync_client_request_ids(srv: RunningSaliencyServer) -> None:
 
 
 async def test_tracing_spans_continue_the_callers_trace(
-    run_saliency_server: Callable[[Settings], AbstractAsyncContextManager[RunningSaliencyServer]],
+    run_saliency_server: Callable[[SaliencySettings], AbstractAsyncContextManager[RunningSaliencyServer]],
     tiny_llama_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

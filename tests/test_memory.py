@@ -14,8 +14,8 @@ from saliency_server import memory
 from saliency_server.memory import estimate_peak_bytes, memory_budget_bytes, model_dims
 from saliency_server.model_host import MAX_TOKENS_CAP, _max_tokens
 from saliency_server.server import build_serving
+from saliency_server.settings import SaliencySettings
 from seqsal.errors import ResourceExhaustedError
-from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, saliency_pb2
 
 GIB = 1024**3
@@ -79,7 +79,7 @@ def test_budget_from_setting_or_available_memory() -> None:
     assert memory_budget_bytes(auto, available=10 * GIB, weights_bytes=GIB) == 8 * GIB
     free = memory.available_bytes()
     assert free is not None and free > 0
-    assert memory_budget_bytes(Settings(_env_file=None)) is not None  # type: ignore[call-arg]
+    assert memory_budget_bytes(SaliencySettings(_env_file=None)) is not None  # type: ignore[call-arg]
 
 
 async def test_concurrent_work_is_admitted_by_memory(tiny_llama_dir: Path) -> None:
@@ -107,7 +107,7 @@ async def test_concurrent_work_is_admitted_by_memory(tiny_llama_dir: Path) -> No
         await serving.cache.close()
 
 
-def make_settings(model_dir: Path, **overrides: Any) -> Settings:
+def make_settings(model_dir: Path, **overrides: Any) -> SaliencySettings:
     values: dict[str, Any] = {
         "models": [f"llama={model_dir}"],
         "device": "cpu",
@@ -117,7 +117,7 @@ def make_settings(model_dir: Path, **overrides: Any) -> Settings:
         "metrics_port": 0,
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return SaliencySettings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 async def test_request_over_the_budget_is_refused_before_compute(
@@ -168,4 +168,4 @@ def test_max_tokens_defaults_to_the_context() -> None:
     assert _max_tokens(model(), None) == 4096
     nested = model(text_config=SimpleNamespace(max_position_embeddings=4096))
     assert _max_tokens(nested, None) == 4096
-    assert Settings(_env_file=None).max_tokens is None  # type: ignore[call-arg]
+    assert SaliencySettings(_env_file=None).max_tokens is None  # type: ignore[call-arg]

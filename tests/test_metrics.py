@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import numpy as np
@@ -23,10 +23,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from inference_server.settings import InferenceSettings
 from saliency_server.engine import SaliencyResult
+from saliency_server.settings import SaliencySettings
 from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient
 from seqsal.errors import InvalidArgumentError
-from seqsal.settings import Settings
 from seqsal.v1 import common_pb2
 from server_kit.metrics import ServerMetrics
 
@@ -36,7 +37,10 @@ if TYPE_CHECKING:
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def make_settings(models: list[str], **overrides: Any) -> Settings:
+S = TypeVar("S", SaliencySettings, InferenceSettings)
+
+
+def make_settings(models: list[str], *, cls: type[S] = SaliencySettings, **overrides: Any) -> S:  # type: ignore[assignment]
     values: dict[str, Any] = {
         "models": models,
         "device": "cpu",
@@ -48,7 +52,7 @@ def make_settings(models: list[str], **overrides: Any) -> Settings:
         "rate_limit_per_minute": 0,
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return cls(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 def scrape(port: int) -> Samples:
@@ -73,7 +77,7 @@ def names(samples: Samples) -> set[str]:
 
 @pytest.fixture(scope="module")
 async def saliency(
-    run_saliency_server: Callable[[Settings], AbstractAsyncContextManager[RunningSaliencyServer]],
+    run_saliency_server: Callable[[SaliencySettings], AbstractAsyncContextManager[RunningSaliencyServer]],
     tiny_llama_dir: Path,
 ) -> AsyncIterator[tuple[RunningSaliencyServer, int]]:
     async with run_saliency_server(make_settings([f"tiny={tiny_llama_dir}"])) as srv:
@@ -82,10 +86,12 @@ async def saliency(
 
 @pytest.fixture(scope="module")
 async def inference(
-    run_inference_server: Callable[[Settings], AbstractAsyncContextManager[RunningInferenceServer]],
+    run_inference_server: Callable[[InferenceSettings], AbstractAsyncContextManager[RunningInferenceServer]],
     tiny_chat_llama_dir: Path,
 ) -> AsyncIterator[tuple[RunningInferenceServer, int]]:
-    async with run_inference_server(make_settings([f"tiny={tiny_chat_llama_dir}"])) as srv:
+    async with run_inference_server(
+        make_settings([f"tiny={tiny_chat_llama_dir}"], cls=InferenceSettings)
+    ) as srv:
         yield srv, srv.server.start_metrics("127.0.0.1", 0)
 
 
@@ -237,7 +243,7 @@ async def _next_status(stream: Any) -> int:
 
 
 async def test_readiness_flips_to_not_serving_at_once_on_sigterm(
-    run_saliency_server: Callable[[Settings], AbstractAsyncContextManager[RunningSaliencyServer]],
+    run_saliency_server: Callable[[SaliencySettings], AbstractAsyncContextManager[RunningSaliencyServer]],
     tiny_llama_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

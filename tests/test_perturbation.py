@@ -9,16 +9,17 @@ from __future__ import annotations
 import itertools
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
 import torch
 
+from inference_server.settings import InferenceSettings
 from saliency_server import perturbation
+from saliency_server.settings import SaliencySettings
 from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient, perturbation_options
 from seqsal.errors import InvalidArgumentError
-from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, saliency_pb2
 from server_kit.model_registry import load_causal_lm
 
@@ -29,7 +30,10 @@ TARGET = " Paris."
 SENTENCES = common_pb2.SENTENCES
 
 
-def settings(model_dir: Path, **overrides: Any) -> Settings:
+S = TypeVar("S", SaliencySettings, InferenceSettings)
+
+
+def settings(model_dir: Path, *, cls: type[S] = SaliencySettings, **overrides: Any) -> S:  # type: ignore[assignment]
     values: dict[str, Any] = {
         "models": [f"tiny={model_dir}"],
         "port": 0,
@@ -38,14 +42,13 @@ def settings(model_dir: Path, **overrides: Any) -> Settings:
         "redis_url": None,
         "backend": "transformers",
         "metrics_port": 0,
-        "inference_metrics_port": 0,
     }
-    return Settings(_env_file=None, **(values | overrides))  # type: ignore[call-arg]
+    return cls(_env_file=None, **(values | overrides))  # type: ignore[call-arg]
 
 
 @pytest.fixture(scope="module")
 async def inference(run_inference_server, tiny_llama_dir: Path):  # type: ignore[no-untyped-def]
-    async with run_inference_server(settings(tiny_llama_dir)) as srv:
+    async with run_inference_server(settings(tiny_llama_dir, cls=InferenceSettings)) as srv:
         yield srv
 
 
@@ -618,7 +621,7 @@ async def test_the_scorer_dtype_is_part_of_the_cache_key(
         "perturbation": perturbation_options(filler=" dtype"),
     }
     async with (
-        run_inference_server(settings(tiny_llama_dir, dtype="bfloat16")) as bf16,
+        run_inference_server(settings(tiny_llama_dir, cls=InferenceSettings, dtype="bfloat16")) as bf16,
         run_saliency_server(settings(tiny_llama_dir, score_address=bf16.address)) as through_bf16,
         AsyncSaliencyClient(remote.address) as c32,
         AsyncSaliencyClient(through_bf16.address) as c16,

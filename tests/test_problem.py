@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 import pytest
 
+from inference_server.settings import InferenceSettings
 from saliency_server.cache import InMemoryCache
+from saliency_server.settings import SaliencySettings
 from seqsal.client import (
     AsyncInferenceClient,
     AsyncSaliencyClient,
@@ -21,7 +23,6 @@ from seqsal.client import (
     saliency_request,
 )
 from seqsal.errors import InvalidArgumentError
-from seqsal.settings import Settings
 from seqsal.v1 import common_pb2, saliency_pb2, saliency_pb2_grpc
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -37,7 +38,10 @@ FLAT = {
 }
 
 
-def settings(model_dir: Path) -> Settings:
+S = TypeVar("S", SaliencySettings, InferenceSettings)
+
+
+def settings(model_dir: Path, *, cls: type[S] = SaliencySettings) -> S:  # type: ignore[assignment]
     values: dict[str, Any] = {
         "models": [f"tiny={model_dir}"],
         "port": 0,
@@ -46,9 +50,8 @@ def settings(model_dir: Path) -> Settings:
         "redis_url": None,
         "backend": "transformers",
         "metrics_port": 0,
-        "inference_metrics_port": 0,
     }
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return cls(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +69,7 @@ async def client(saliency) -> AsyncIterator[AsyncSaliencyClient]:  # type: ignor
 @pytest.fixture(scope="module")
 async def inference(run_inference_server, tiny_chat_llama_dir: Path) -> AsyncIterator[AsyncInferenceClient]:  # type: ignore[no-untyped-def]
     async with (
-        run_inference_server(settings(tiny_chat_llama_dir)) as srv,
+        run_inference_server(settings(tiny_chat_llama_dir, cls=InferenceSettings)) as srv,
         AsyncInferenceClient(srv.address, timeout=60.0) as c,
     ):
         yield c

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import pytest
@@ -30,11 +30,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from typer.testing import CliRunner
 
 from inference_server.server import SERVICE as INFERENCE_SERVICE
+from inference_server.settings import InferenceSettings
 from saliency_server.server import SERVICE as SALIENCY_SERVICE
+from saliency_server.settings import SaliencySettings
 from seqsal.client import AsyncInferenceClient, AsyncSaliencyClient, error_from_rpc
 from seqsal.errors import ResourceExhaustedError, UnauthenticatedError, UnavailableError
-from seqsal.settings import Settings
-from seqsal.tls import ClientTLS, TlsConfigError, server_credentials
+from seqsal.tls import ClientTLS, TlsConfigError
 from seqsal.v1 import common_pb2
 from seqsal_cli.cli import app
 from seqsal_cli.stack import grpc_serving
@@ -42,6 +43,7 @@ from server_kit.admission import Admission
 from server_kit.auth import BindPolicyError, TokenAuth, is_loopback
 from server_kit.grpc_server import GrpcServer
 from server_kit.ratelimit import RateLimited, RateLimiter
+from server_kit.server_tls import server_credentials
 
 if TYPE_CHECKING:
     from conftest import RunningInferenceServer, RunningSaliencyServer
@@ -53,7 +55,10 @@ WRONG_TOKEN = "tok-wrong-5555555555"
 AnyClient = AsyncSaliencyClient | AsyncInferenceClient
 
 
-def make_settings(models: list[str], **overrides: Any) -> Settings:
+S = TypeVar("S", SaliencySettings, InferenceSettings)
+
+
+def make_settings(models: list[str], *, cls: type[S] = SaliencySettings, **overrides: Any) -> S:  # type: ignore[assignment]
     """Test settings: CPU, float32, transformers, no Redis, no metrics port, nothing from .env."""
     values: dict[str, Any] = {
         "models": models,
@@ -62,13 +67,12 @@ def make_settings(models: list[str], **overrides: Any) -> Settings:
         "redis_url": None,
         "backend": "transformers",
         "metrics_port": 0,
-        "inference_metrics_port": 0,
         "auth_tokens": [],
         "auth_token_file": None,
         "rate_limit_per_minute": 0,
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return cls(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 # --- certificates ----------------------------------------------------------------------------------
@@ -200,7 +204,7 @@ def inference_models(tiny_chat_llama_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 async def secured_saliency(
-    run_saliency_server: Callable[[Settings], AbstractAsyncContextManager[RunningSaliencyServer]],
+    run_saliency_server: Callable[[SaliencySettings], AbstractAsyncContextManager[RunningSaliencyServer]],
     saliency_models: list[str],
 ) -> AsyncIterator[RunningSaliencyServer]:
     settings = make_settings(saliency_models, auth_tokens=[TOKEN, OTHER_TOKEN])
@@ -210,10 +214,10 @@ async def secured_saliency(
 
 @pytest.fixture(scope="module")
 async def secured_inference(
-    run_inference_server: Callable[[Settings], AbstractAsyncContextManager[RunningInferenceServer]],
+    run_inference_server: Callable[[InferenceSettings], AbstractAsyncContextManager[RunningInferenceServer]],
     inference_models: list[str],
 ) -> AsyncIterator[RunningInferenceServer]:
-    settings = make_settings(inference_models, auth_tokens=[TOKEN, OTHER_TOKEN])
+    settings = make_settings(inference_models, cls=InferenceSettings, auth_tokens=[TOKEN, OTHER_TOKEN])
     async with run_inference_server(settings) as srv:
         yield srv
 
@@ -362,13 +366,13 @@ def test_token_file_is_reread_when_it_changes(tmp_path: Path) -> None:
 def test_settings_read_tokens_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SEQSAL_AUTH_TOKENS", f"{TOKEN}, {OTHER_TOKEN},")
     monkeypatch.setenv("SEQSAL_AUTH_TOKEN", TOKEN)
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = SaliencySettings(_env_file=None)  # type: ignore[call-arg]
     assert [t.get_secret_value() for t in settings.auth_tokens] == [TOKEN, OTHER_TOKEN]
     assert TOKEN not in repr(settings)  # secrets stay out of logs
     auth = TokenAuth.from_settings(settings)
     assert auth is not None and auth.matches(OTHER_TOKEN)
     monkeypatch.setenv("SEQSAL_AUTH_TOKENS", "")
-    assert TokenAuth.from_settings(Settings(_env_file=None)) is None  # type: ignore[call-arg]
+    assert TokenAuth.from_settings(SaliencySettings(_env_file=None)) is None  # type: ignore[call-arg]
 
 
 # --- where an open server may listen ---------------------------------------------------------------
@@ -421,7 +425,7 @@ def test_cli_refuses_before_loading_models(tmp_path: Path, monkeypatch: pytest.M
 
 
 async def test_tls(
-    run_saliency_server: Callable[[Settings], AbstractAsyncContextManager[RunningSaliencyServer]],
+    run_saliency_server: Callable[[SaliencySettings], AbstractAsyncContextManager[RunningSaliencyServer]],
     saliency_models: list[str],
     pki: Pki,
 ) -> None:
@@ -447,12 +451,13 @@ async def test_tls(
 
 
 async def test_mutual_tls_with_token_on_the_inference_server(
-    run_inference_server: Callable[[Settings], AbstractAsyncContextManager[RunningInferenceServer]],
+    run_inference_server: Callable[[InferenceSettings], AbstractAsyncContextManager[RunningInferenceServer]],
     inference_models: list[str],
     pki: Pki,
 ) -> None:
     settings = make_settings(
         inference_models,
+        cls=InferenceSettings,
         tls_cert_file=pki.server_cert,
         tls_key_file=pki.server_key,
         tls_client_ca_file=pki.ca,
@@ -479,7 +484,7 @@ async def test_mutual_tls_with_token_on_the_inference_server(
 
 
 async def test_mutual_tls_on_the_saliency_server_through_the_cli(
-    run_saliency_server: Callable[[Settings], AbstractAsyncContextManager[RunningSaliencyServer]],
+    run_saliency_server: Callable[[SaliencySettings], AbstractAsyncContextManager[RunningSaliencyServer]],
     saliency_models: list[str],
     pki: Pki,
 ) -> None:
@@ -541,7 +546,7 @@ def test_rate_limiter_refills_over_the_minute() -> None:
 
 
 async def test_rate_limit_per_token(
-    run_saliency_server: Callable[[Settings], AbstractAsyncContextManager[RunningSaliencyServer]],
+    run_saliency_server: Callable[[SaliencySettings], AbstractAsyncContextManager[RunningSaliencyServer]],
     saliency_models: list[str],
 ) -> None:
     limit = 3
@@ -584,7 +589,7 @@ async def test_rate_limit_per_token(
 
 
 async def test_rate_limit_without_auth_is_per_client_address(
-    run_saliency_server: Callable[[Settings], AbstractAsyncContextManager[RunningSaliencyServer]],
+    run_saliency_server: Callable[[SaliencySettings], AbstractAsyncContextManager[RunningSaliencyServer]],
     saliency_models: list[str],
 ) -> None:
     settings = make_settings(saliency_models, rate_limit_per_minute=2)
@@ -609,11 +614,11 @@ def test_in_flight_limit() -> None:
 
 
 async def test_inference_requests_in_flight_are_bounded(
-    run_inference_server: Callable[[Settings], AbstractAsyncContextManager[RunningInferenceServer]],
+    run_inference_server: Callable[[InferenceSettings], AbstractAsyncContextManager[RunningInferenceServer]],
     inference_models: list[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    settings = make_settings(inference_models, inference_max_concurrency=1)
+    settings = make_settings(inference_models, cls=InferenceSettings, max_concurrency=1)
     async with run_inference_server(settings) as srv:
         backend = srv.serving.default.backend
         real_generate = backend.generate
@@ -673,7 +678,8 @@ def test_stack_passes_tokens_and_tls_to_its_children(pki: Pki, tmp_path: Path) -
         tls_key_file=pki.server_key,
     )
     components = {
-        c.name.split()[0]: c for c in Stack(settings, log_dir=tmp_path).plan(redis_port=1, ui_port=2)
+        c.name.split()[0]: c
+        for c in Stack(settings, InferenceSettings(), log_dir=tmp_path).plan(redis_port=1, ui_port=2)
     }
     for name in ("inference", "saliency"):
         assert components[name].env["SEQSAL_AUTH_TOKENS"] == f"{TOKEN},{OTHER_TOKEN}"
@@ -682,10 +688,12 @@ def test_stack_passes_tokens_and_tls_to_its_children(pki: Pki, tmp_path: Path) -
     # the saliency server calls the inference server's Score (OCCLUSION, LIME, Verify) as a client
     saliency = components["saliency"].env
     assert saliency["SEQSAL_AUTH_TOKEN"] == TOKEN and saliency["SEQSAL_TLS_CA_FILE"] == str(pki.server_cert)
-    assert saliency["SEQSAL_SCORE_ADDRESS"].endswith(str(settings.inference_port))
+    assert saliency["SEQSAL_SCORE_ADDRESS"].endswith(str(InferenceSettings().port))
     if UI_APP.exists():
         ui = components["ui"].env
         assert ui["SEQSAL_AUTH_TOKEN"] == TOKEN and "SEQSAL_AUTH_TOKENS" not in ui
         assert ui["SEQSAL_TLS"] == "1" and ui["SEQSAL_TLS_CA_FILE"] == str(pki.server_cert)
-    plain = Stack(make_settings(["tiny=/models/tiny"]), log_dir=tmp_path).plan(redis_port=1, ui_port=2)
+    plain = Stack(make_settings(["tiny=/models/tiny"]), InferenceSettings(), log_dir=tmp_path).plan(
+        redis_port=1, ui_port=2
+    )
     assert not any(k.startswith(("SEQSAL_AUTH", "SEQSAL_TLS")) for c in plain for k in c.env)

@@ -179,11 +179,11 @@ async def test_shutdown_cancels_a_computation_whose_caller_is_still_there(tiny_l
     import asyncio
 
     from saliency_server.server import SHUTDOWN_WORKER_WAIT_S, build_serving
-    from seqsal.settings import Settings
+    from saliency_server.settings import SaliencySettings
     from seqsal.v1 import saliency_pb2
 
     serving = build_serving(
-        Settings(_env_file=None, models=[f"tiny={tiny_llama_dir}"], ig_batch_size=1)  # type: ignore[call-arg]
+        SaliencySettings(_env_file=None, models=[f"tiny={tiny_llama_dir}"], ig_batch_size=1)  # type: ignore[call-arg]
     )
     request = saliency_pb2.SaliencyAllSegmentsRequest(
         prompt=PROMPT,

@@ -98,7 +98,8 @@ def test_a_component_that_fails_is_restarted_with_backoff_and_the_rest_keep_runn
 
     from rich.console import Console
 
-    from seqsal.settings import Settings
+    from inference_server.settings import InferenceSettings
+    from saliency_server.settings import SaliencySettings
     from seqsal_cli.stack import Component, Stack
 
     marker = tmp_path / "starts"
@@ -115,7 +116,12 @@ def test_a_component_that_fails_is_restarted_with_backoff_and_the_rest_keep_runn
     ]
     output: list[str] = []
     console = Console(file=io.StringIO(), record=True, width=200)
-    stack = Stack(Settings(_env_file=None), log_dir=tmp_path / "logs", console=console)  # type: ignore[call-arg]
+    stack = Stack(
+        SaliencySettings(_env_file=None),
+        InferenceSettings(_env_file=None),
+        log_dir=tmp_path / "logs",
+        console=console,
+    )  # type: ignore[call-arg]
     stack.backoff_s = 0.2
     stack.start(components)
     steady = components[0].process

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from seqsal.settings import Settings
+from inference_server.settings import InferenceSettings
+from saliency_server.settings import SaliencySettings
 from ui import clients, prefetch
 from ui.examples import load_examples
 from ui.heatmap import unit_rows
@@ -47,7 +48,8 @@ def servers(tiny_chat_llama_dir: Path, tiny_model_dirs: dict[str, Path]) -> Iter
     from saliency_server.server import build_server, build_serving
 
     models = [f"tiny={tiny_chat_llama_dir}", f"gpt2={tiny_model_dirs['gpt2']}"]
-    settings = Settings(models=models, backend="transformers")
+    settings = SaliencySettings(models=models)
+    inference_settings = InferenceSettings(models=models, backend="transformers")
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     holder: dict[str, Any] = {}
@@ -57,8 +59,8 @@ def servers(tiny_chat_llama_dir: Path, tiny_model_dirs: dict[str, Path]) -> Iter
         server = build_server(serving, settings)
         holder["saliency"] = (server, server.bind("127.0.0.1", 0), serving)
         await server.start()
-        inference_serving = await build_inference_serving(settings)
-        inference = build_inference_server(inference_serving, settings)
+        inference_serving = await build_inference_serving(inference_settings)
+        inference = build_inference_server(inference_serving, inference_settings)
         holder["inference"] = (inference, inference.bind("127.0.0.1", 0), inference_serving)
         await inference.start()
         ready.set()

@@ -17,7 +17,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from test_ui_app import APP, TIMEOUT, payloads, run_ok, texts
 
-from seqsal.settings import Settings
+from inference_server.settings import InferenceSettings
+from saliency_server.settings import SaliencySettings
 from ui import outage
 
 
@@ -25,8 +26,9 @@ class RestartableServers:
     """Saliency and inference servers in a background event loop; the saliency one can be
     stopped and started again on its port."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: SaliencySettings, inference_settings: InferenceSettings) -> None:
         self.settings = settings
+        self.inference_settings = inference_settings
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -43,8 +45,8 @@ class RestartableServers:
 
         self.saliency_serving = build_serving(self.settings)
         await self._start_saliency()
-        self.inference_serving = await build_inference_serving(self.settings)
-        self.inference = build_inference_server(self.inference_serving, self.settings)
+        self.inference_serving = await build_inference_serving(self.inference_settings)
+        self.inference = build_inference_server(self.inference_serving, self.inference_settings)
         self.inference_port = self.inference.bind("127.0.0.1", 0)
         await self.inference.start()
 
@@ -75,9 +77,11 @@ class RestartableServers:
 
 @pytest.fixture(scope="module")
 def servers(tiny_chat_llama_dir: Path) -> Iterator[RestartableServers]:
+    models = [f"tiny={tiny_chat_llama_dir}"]
     stack = RestartableServers(
-        Settings(_env_file=None, models=[f"tiny={tiny_chat_llama_dir}"], backend="transformers")
-    )  # type: ignore[call-arg]
+        SaliencySettings(_env_file=None, models=models),  # type: ignore[call-arg]
+        InferenceSettings(_env_file=None, models=models, backend="transformers"),  # type: ignore[call-arg]
+    )
     try:
         yield stack
     finally:

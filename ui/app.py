@@ -1,7 +1,7 @@
 """seqsal workbench: ``streamlit run ui/app.py`` (``seqsal up`` starts it with the servers).
 
 Thin entry point: page set-up, layout and wiring. The servers' addresses come from
-:class:`seqsal.settings.Settings` (``SEQSAL_SALIENCY_ADDRESS``, ``SEQSAL_INFERENCE_ADDRESS``).
+:class:`seqsal.settings.UISettings` (``SEQSAL_SALIENCY_ADDRESS``, ``SEQSAL_INFERENCE_ADDRESS``).
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from typing import Literal, TypeVar
 from seqsal import errors
 from seqsal.client import InferenceClient, SaliencyClient
 from seqsal.retry import RetryPolicy
-from seqsal.settings import Settings
 from seqsal.v1 import common_pb2
+from ui.settings import UISettings
 
 Service = Literal["saliency", "inference"]
 
@@ -32,23 +32,23 @@ UI_RETRY = RetryPolicy(attempts=3, initial_backoff_s=0.1, max_backoff_s=0.4)
 
 @dataclass(frozen=True)
 class Endpoints:
-    """Where the two services are (from :class:`seqsal.settings.Settings`)."""
+    """Where the two services are (from :class:`seqsal.settings.UISettings`)."""
 
     saliency: str
     inference: str
     max_message_mb: int = 64
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Endpoints:
+    def from_settings(cls, settings: UISettings) -> Endpoints:
         return cls(settings.saliency_address, settings.inference_address, settings.max_message_mb)
 
     def address(self, service: Service) -> str:
         return self.saliency if service == "saliency" else self.inference
 
 
-def load_settings() -> Settings:
+def load_settings() -> UISettings:
     """The settings for this run: ``SEQSAL_*`` environment variables, ``.env``, defaults."""
-    return Settings()
+    return UISettings()
 
 
 # --------------------------------------------------------------------------- errors in plain words

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from seqsal.settings import Settings
+from ui.settings import UISettings
 
 _AUTHED = "_seqsal_password_ok"
 
@@ -29,7 +29,7 @@ def oidc_configured() -> bool:
         return False
 
 
-def shared_password(settings: Settings) -> str | None:
+def shared_password(settings: UISettings) -> str | None:
     """The configured shared password, from the setting or the file it names."""
     secret = getattr(settings, "ui_password", None)
     if secret is not None:
@@ -48,7 +48,7 @@ def user_name() -> str:
     return str(st.user.get("email") or st.user.get("name") or "")
 
 
-def require_login(settings: Settings) -> None:
+def require_login(settings: UISettings) -> None:
     """Stop the script run until the visitor is let in; a no-op on an open instance."""
     if oidc_configured():
         if not st.user.is_logged_in:

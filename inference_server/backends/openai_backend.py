@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 import httpx
 
 from inference_server.backends.base import Backend, CandidateDelta, GeneratedCandidate, SamplingParams
+from inference_server.settings import InferenceSettings
 from seqsal.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -41,7 +42,6 @@ from seqsal.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from seqsal.settings import Settings
 from seqsal.v1 import inference_pb2
 from server_kit.model_registry import ModelSpec
 
@@ -72,7 +72,7 @@ class OpenAIBackend(Backend):
 
     name = "openai"
 
-    def __init__(self, spec: ModelSpec, tokenizer: Any, settings: Settings) -> None:
+    def __init__(self, spec: ModelSpec, tokenizer: Any, settings: InferenceSettings) -> None:
         if not settings.openai_url:
             raise FailedPreconditionError(
                 "the openai backend needs the remote server's URL: pass --openai-url http://HOST:PORT/v1 "

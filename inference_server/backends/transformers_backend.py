@@ -21,8 +21,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from inference_server.backends.base import Backend, CandidateDelta, GeneratedCandidate, SamplingParams
+from inference_server.settings import InferenceSettings
 from seqsal.errors import CancelledError
-from seqsal.settings import Settings
 from seqsal.v1 import inference_pb2
 from server_kit.model_registry import ModelSpec, load_causal_lm, resolve_device, resolve_dtype
 from server_kit.teacher_forcing import score_rows
@@ -129,7 +129,7 @@ class TransformersBackend(Backend):
 
     name = "transformers"
 
-    def __init__(self, spec: ModelSpec, tokenizer: Any, settings: Settings) -> None:
+    def __init__(self, spec: ModelSpec, tokenizer: Any, settings: InferenceSettings) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
         self.settings = settings

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from inference_server.backends.base import Backend, CandidateDelta, GeneratedCandidate, SamplingParams
-from seqsal.settings import Settings
+from inference_server.settings import InferenceSettings
 from seqsal.v1 import inference_pb2
 from server_kit.model_registry import ModelSpec, resolve_device
 
@@ -37,7 +37,7 @@ def require_vllm() -> None:
         ) from exc
 
 
-def _set_vllm_environment(settings: Settings, on_cpu: bool) -> None:
+def _set_vllm_environment(settings: InferenceSettings, on_cpu: bool) -> None:
     """vLLM reads these at import and engine start; a user's own values win."""
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
@@ -53,7 +53,7 @@ class VllmBackend(Backend):
 
     name = "vllm"
 
-    def __init__(self, spec: ModelSpec, tokenizer: Any, settings: Settings) -> None:
+    def __init__(self, spec: ModelSpec, tokenizer: Any, settings: InferenceSettings) -> None:
         require_vllm()
         self.spec = spec
         self.tokenizer = tokenizer
