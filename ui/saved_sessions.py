@@ -11,6 +11,7 @@ time zone. Where sessions are kept and for how long: :mod:`ui.sessions_store`.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, tzinfo
@@ -21,13 +22,13 @@ import streamlit as st
 from ui import clients, login, session
 from ui.generation import Generation
 from ui.sessions_store import (
+    MemoryStore,
     NameTaken,
     SavedSession,
     SessionInfo,
     Store,
     StoreError,
     check_name,
-    store_for,
     ttl_seconds,
 )
 from ui.views import md_escape
@@ -37,6 +38,26 @@ PICK_KEY = "w_session_pick"
 MESSAGE_KEY = "v_session_message"
 #: (the session kept under the name asked for, whether it changed since the last warning).
 TAKEN_KEY = "v_session_taken"
+
+
+_STORES: dict[tuple[str, str, float], Store] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def store_for(redis_url: str | None, prefix: str, ttl_s: float) -> Store:
+    """The store of this configuration (one per Redis URL, prefix and lifetime, shared by the process)."""
+    key = (redis_url or "", prefix if redis_url else "", ttl_s)
+    with _STORES_LOCK:
+        store = _STORES.get(key)
+        if store is None:
+            if redis_url:
+                from ui.sessions_redis import RedisStore  # needs the redis package
+
+                store = RedisStore(redis_url, prefix, ttl_s)
+            else:
+                store = MemoryStore(ttl_s)
+            _STORES[key] = store
+        return store
 
 
 def _store() -> Store:

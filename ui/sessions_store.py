@@ -285,23 +285,3 @@ class MemoryStore:
     def delete(self, name: str) -> None:
         with self._lock:
             self._items.pop(name, None)
-
-
-_STORES: dict[tuple[str, str, float], Store] = {}
-_STORES_LOCK = threading.Lock()
-
-
-def store_for(redis_url: str | None, prefix: str, ttl_s: float = DEFAULT_TTL_S) -> Store:
-    """The store of this configuration (one per Redis URL, prefix and lifetime, shared by the process)."""
-    key = (redis_url or "", prefix if redis_url else "", ttl_s)
-    with _STORES_LOCK:
-        store = _STORES.get(key)
-        if store is None:
-            if redis_url:
-                from ui.sessions_redis import RedisStore  # needs the redis package
-
-                store = RedisStore(redis_url, prefix, ttl_s)
-            else:
-                store = MemoryStore(ttl_s)
-            _STORES[key] = store
-        return store
