@@ -1,2 +1,2 @@
-"""The application: the ``seqsal`` command (serve, ``seqsal up``, generate, saliency, verify, batch,
-report) on top of the client (:mod:`seqsal`), the servers and the server kit."""
+"""The application: the ``seqsal`` command (serve, ``seqsal up``, tokenize, saliency, verify, report,
+batch, models, model-path) on top of the client (:mod:`seqsal`), the servers and the server kit."""
