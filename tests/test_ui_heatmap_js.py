@@ -22,13 +22,16 @@ playwright_sync = pytest.importorskip("playwright.sync_api")
 
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
 
+from ui.heatmap import component_js  # noqa: E402
+from ui.state import apply_click  # noqa: E402
+
 HEATMAP_DIR = Path(__file__).resolve().parent.parent / "ui" / "heatmap"
 UNIT = '[data-testid="seqsal-heatmap"] span.seqsal-unit'
 
 
 @pytest.fixture(scope="module")
 def page() -> Iterator[Page]:
-    js = (HEATMAP_DIR / "heatmap.js").read_text(encoding="utf-8")
+    js = component_js(HEATMAP_DIR, "heatmap")  # as Streamlit gets it: the shared click rule first
     css = (HEATMAP_DIR / "heatmap.css").read_text(encoding="utf-8")
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
@@ -125,3 +128,24 @@ def test_a_click_during_a_run_survives_the_stale_redraw_and_goes_back_as_numbere
     draw(page, applied)
     assert "seqsal-busy" not in (root.get_attribute("class") or "")
     assert page.locator(f"{UNIT}.seqsal-selected").all_text_contents() == ["Yes", "!"]
+
+
+def test_the_scripts_click_rule_is_pythons(page: Page) -> None:
+    """selection.js (the heatmap's and the matrix view's clicks) selects what ui.state.apply_click does."""
+    import itertools
+
+    cases = [
+        (list(selection), index, additive)
+        for n in range(4)
+        for selection in itertools.combinations(range(4), n)
+        for index in range(4)
+        for additive in (False, True)
+    ]
+    got = page.evaluate(
+        "cases => cases.map(([sel, i, add]) => [...nextSelection(sel, i, add)].sort((a, b) => a - b))", cases
+    )
+    assert got == [list(apply_click(tuple(sel), i, add)) for sel, i, add in cases]
+    seqs = page.evaluate(
+        "() => { const s = {}; return [nextClickSeq(s, 0), nextClickSeq(s, 0), nextClickSeq({}, 9e15)]; }"
+    )
+    assert seqs[1] > seqs[0] and seqs[2] == 9e15 + 1  # always above the last sent and the last applied

@@ -24,12 +24,17 @@ _HERE = Path(__file__).resolve().parent
 COMPONENT_NAME = "seqsal_heatmap"
 
 
+def component_js(folder: Path, stem: str) -> str:
+    """The script of a component: the click rule every clickable view shares (``selection.js``),
+    then ``folder/stem.js``."""
+    shared = (_HERE / "selection.js").read_text(encoding="utf-8")
+    return shared + "\n" + (folder / f"{stem}.js").read_text(encoding="utf-8")
+
+
 def declare(name: str, folder: Path, stem: str) -> Any:
-    """A bidirectional component from ``folder/stem.js`` and ``folder/stem.css``."""
+    """A bidirectional component from ``folder/stem.js`` (after the click rule) and ``folder/stem.css``."""
     return st.components.v2.component(
-        name,
-        js=(folder / f"{stem}.js").read_text(encoding="utf-8"),
-        css=(folder / f"{stem}.css").read_text(encoding="utf-8"),
+        name, js=component_js(folder, stem), css=(folder / f"{stem}.css").read_text(encoding="utf-8")
     )
 
 

@@ -138,26 +138,16 @@ function onActivate(root, unit, additive) {
   if (!state || !state.data) return;
   const index = Number(unit.getAttribute("data-index"));
   // Optimistic: mark the new selection at once; Python answers with the new heatmap.
-  const next = new Set(state.selection);
-  if (additive) {
-    if (next.has(index)) next.delete(index);
-    else next.add(index);
-  } else if (next.size === 1 && next.has(index)) {
-    next.clear();
-  } else {
-    next.clear();
-    next.add(index);
-  }
+  const next = nextSelection(state.selection, index, additive);
   state.selection = next;
   markSelection(root, next, next.size === 0);
   root.classList.add("seqsal-busy");
   // The intended selection goes back as *state*, numbered: state persists in the page's widget
   // state and travels with every later rerun, so a click made while a run is in flight is applied
   // by the next run even if its own rerun request is coalesced away (a trigger could be lost).
-  const seq = Math.max(Date.now(), (state.seq || 0) + 1, Number(state.data.click_seq || 0) + 1);
-  state.seq = seq;
-  state.pending = { indices: [...next].sort((a, b) => a - b), seq };
-  state.setStateValue("selection", { ...state.pending, side: state.data.side });
+  const seq = nextClickSeq(state, state.data.click_seq);
+  state.pending = selectionState(next, seq, state.data.side);
+  state.setStateValue("selection", state.pending);
 }
 
 function install(root) {

@@ -71,24 +71,12 @@ function activate(root, tr, additive) {
   const state = root.seqsalState;
   if (!state || !state.data) return;
   const index = Number(tr.getAttribute("data-index"));
-  // the selection this click makes, numbered as the heatmap's are (Python applies each number once,
-  // at the click's callback or at the start of the next run, so a click during a run is not lost)
-  // the rules of ui.state.apply_click, as the heatmap's clicks (a click on the only selected row
-  // selects the whole target again)
-  const next = new Set(state.data.selected || []);
-  if (additive) {
-    if (next.has(index)) next.delete(index);
-    else next.add(index);
-  } else if (next.size === 1 && next.has(index)) {
-    next.clear();
-  } else {
-    next.clear();
-    next.add(index);
-  }
-  const seq = Math.max(Date.now(), (state.seq || 0) + 1);
-  state.seq = seq;
+  // the selection this click makes (ui/heatmap/selection.js: the heatmap's rule), numbered as the
+  // heatmap's clicks are, so Python applies it once even when it lands during a run
+  const next = nextSelection(state.data.selected || [], index, additive);
+  const seq = nextClickSeq(state, state.data.click_seq);
   root.classList.add("seqsal-busy");
-  state.setStateValue("selection", { indices: [...next].sort((a, b) => a - b), seq, side: state.data.for_side });
+  state.setStateValue("selection", selectionState(next, seq, state.data.for_side));
 }
 
 export default function (component) {
