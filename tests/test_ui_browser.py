@@ -25,7 +25,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -94,6 +95,8 @@ class RunningStack:
     process: subprocess.Popen[str]
     url: str
     log_dir: Path
+    #: host:port of its saliency server (for a test's own client)
+    saliency_address: str = ""
     output: list[str] = field(default_factory=list)
     started_s: float = 0.0
 
@@ -109,22 +112,25 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.fixture(scope="module")
-def stack(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    """``seqsal up`` with the default model on free ports; stopped with SIGINT (exit code 0)."""
+@contextmanager
+def running_stack(
+    model_dir: Path, log_dir: Path, env: Mapping[str, str] | None = None
+) -> Iterator[RunningStack]:
+    """``seqsal up`` with the default model on free ports (``env``: more SEQSAL_* settings), until
+    the block ends; stopped with SIGINT, which must exit with code 0."""
     saliency_port, inference_port, ui_port, redis_port = (free_port() for _ in range(4))
-    log_dir = tmp_path_factory.mktemp("ui_browser_stack") / "logs"
-    env = os.environ | {"SEQSAL_STACK_REDIS_PORT": str(redis_port), "SEQSAL_SHUTDOWN_GRACE_S": "5"}
-    env.pop("REDIS_URL", None)
+    environ = os.environ | {"SEQSAL_STACK_REDIS_PORT": str(redis_port), "SEQSAL_SHUTDOWN_GRACE_S": "5"}
+    environ |= dict(env or {})
+    environ.pop("REDIS_URL", None)
     command = [
         sys.executable, "-m", "seqsal.cli", "up", "--backend", "transformers",
-        "--model", f"{MODEL_ID}={default_model_dir}", "--port", str(saliency_port),
+        "--model", f"{MODEL_ID}={model_dir}", "--port", str(saliency_port),
         "--inference-port", str(inference_port), "--ui-port", str(ui_port), "--log-dir", str(log_dir),
     ]  # fmt: skip
     t0 = time.monotonic()
     process = subprocess.Popen(
         command,
-        env=env,
+        env=environ,
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -132,7 +138,12 @@ def stack(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         # A shell's background job ignores SIGINT, and children inherit that: give it Ctrl-C back.
         preexec_fn=_default_sigint,
     )
-    running = RunningStack(process=process, url=f"http://127.0.0.1:{ui_port}", log_dir=log_dir)
+    running = RunningStack(
+        process=process,
+        url=f"http://127.0.0.1:{ui_port}",
+        log_dir=log_dir,
+        saliency_address=f"127.0.0.1:{saliency_port}",
+    )
     up = threading.Event()
 
     def read() -> None:  # keeps the pipe drained for the whole run
@@ -163,6 +174,13 @@ def stack(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             code = None
         reader.join(5)
     assert code == 0, f"seqsal up exited with {code} after SIGINT:\n{running.log_tail()}"
+
+
+@pytest.fixture(scope="module")
+def stack(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    """``seqsal up`` with the default model on free ports, for the module's tests."""
+    with running_stack(default_model_dir, tmp_path_factory.mktemp("ui_browser_stack") / "logs") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
