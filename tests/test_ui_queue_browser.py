@@ -37,6 +37,7 @@ from test_ui_browser import (  # noqa: F401  (fixtures: browser, page)
     settled,
     shot,
     wait_precomputed,
+    wait_settled_after_precompute,
     wait_until,
 )
 
@@ -124,6 +125,7 @@ def test_a_click_behind_another_clients_precompute_says_where_it_stands(
     n_segments = units.count()
     assert n_segments >= 3, units.all_text_contents()
     wait_precomputed(page, n_segments)  # the page's own background work is over
+    wait_settled_after_precompute(page)
     units.nth(0).click()  # answered from what the precompute returned: no call
     settled(page, lambda d: d["selected"] == [0], "the heatmap of the first word")
 
