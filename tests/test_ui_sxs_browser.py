@@ -62,7 +62,7 @@ def two_model_stack(models: list[str], log_dir: Path) -> Iterator[RunningStack]:
     environ = os.environ | {"SEQSAL_STACK_REDIS_PORT": str(redis_port), "SEQSAL_SHUTDOWN_GRACE_S": "5"}
     environ.pop("REDIS_URL", None)
     command = [
-        sys.executable, "-m", "seqsal.cli", "up", "--backend", "transformers",
+        sys.executable, "-m", "seqsal_cli", "up", "--backend", "transformers",
         *(arg for model in models for arg in ("--model", model)), "--port", str(saliency_port),
         "--inference-port", str(inference_port), "--ui-port", str(ui_port), "--log-dir", str(log_dir),
     ]  # fmt: skip
