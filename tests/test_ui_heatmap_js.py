@@ -149,3 +149,48 @@ def test_the_scripts_click_rule_is_pythons(page: Page) -> None:
         "() => { const s = {}; return [nextClickSeq(s, 0), nextClickSeq(s, 0), nextClickSeq({}, 9e15)]; }"
     )
     assert seqs[1] > seqs[0] and seqs[2] == 9e15 + 1  # always above the last sent and the last applied
+
+
+def _extent(page: Page, selector: str) -> float:
+    """Top to bottom of everything an element draws on (all its line fragments, empty ones too)."""
+    return page.locator(selector).evaluate(
+        "u => { const rs = [...u.getClientRects()];"
+        " return Math.max(...rs.map(r => r.bottom)) - Math.min(...rs.map(r => r.top)); }"
+    )
+
+
+def test_a_sentences_trailing_newlines_stay_out_of_its_outline(page: Page) -> None:
+    """The last sentence of a response ending ".\\n\\n": selected, its outline covers one line."""
+    target = ["Tasty.", " Recommend it.\n\n"]
+    draw(page, build_payload(response(PROMPT, target), 0, side="main", selection=(1,)))
+    one_line = _extent(page, f'{UNIT}[data-part="target"][data-index="0"]')
+    assert one_line > 0 and _extent(page, f"{UNIT}.seqsal-selected") == pytest.approx(one_line, abs=1)
+    assert page.locator(f"{UNIT}.seqsal-selected").all_text_contents() == ["Recommend it."]
+    # The newlines are still drawn, after the unit and outside it.
+    text = page.locator('[data-testid="seqsal-text"]').text_content()
+    assert text == "".join(PROMPT) + "".join(target)
+
+
+def test_a_whitespace_only_response_unit_cannot_be_focused_clicked_or_outlined(page: Page) -> None:
+    target = ["Tasty", ".\n\n", "  ", "\n"]  # token units: the response ends in blank ones
+    draw(page, build_payload(response(PROMPT, target), 0, side="main", selection=(2, 3)))
+    page.evaluate("() => { window.sent = []; }")
+    for index in (2, 3):
+        unit = page.locator(f'{UNIT}[data-part="target"][data-index="{index}"]')
+        looks = unit.evaluate(
+            "u => { u.focus(); const s = getComputedStyle(u);"
+            " return [u.tabIndex, u.getAttribute('role'), document.activeElement === u,"
+            "         s.pointerEvents, s.outlineStyle]; }"
+        )
+        assert looks == [-1, None, False, "none", "none"], (index, looks)
+        # A real mouse click on it (where it has width) and a synthetic click select nothing.
+        for rect in unit.evaluate("u => [...u.getClientRects()].map(r => [r.x, r.y, r.width, r.height])"):
+            x, y, w, h = rect
+            if w > 0:
+                page.mouse.click(x + w / 2, y + h / 2)
+        unit.evaluate("u => u.click()")
+    assert page.locator(f'{UNIT}[data-part="target"][data-index="2"]').evaluate("u => u.offsetWidth") > 0
+    assert page.evaluate("() => window.sent") == []
+    # The visible units still are buttons, and a click on one is sent.
+    page.locator(f'{UNIT}[data-part="target"][data-index="0"]').click()
+    assert [v["indices"] for _, v in page.evaluate("() => window.sent")] == [[0]]

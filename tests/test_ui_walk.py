@@ -186,6 +186,48 @@ def test_an_integrated_gradients_residual_larger_than_the_threshold_is_warned_in
     assert side_loop.ig_residual_warning(grad, 0) is None
 
 
+def test_the_integrated_gradients_progress_line_names_its_steps_and_estimates_by_the_rule(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The status line of a long IG call: its steps, the seconds so far on a controlled clock, and the
+    estimate the last IG call's rate gives (ms per step and size unit, times this call's)."""
+    import streamlit as st
+
+    def request(prompt: str, target: str, steps: int) -> saliency_pb2.SaliencyRequest:
+        r = saliency_pb2.SaliencyRequest()
+        r.problem.prompt, r.problem.target, r.problem.ig_steps = prompt, target, steps
+        return r
+
+    monkeypatch.setitem(st.session_state, side_loop.IG_RATE, None)  # no rate yet (removed afterwards)
+    now = [1000.0]
+    first = request("x" * 90, " y" * 5, 16)
+    assert side_loop._ig_size(first) == 100
+    words = side_loop._ig_progress(first, clock=lambda: now[0])
+    now[0] += 3.2
+    assert words() == "Integrated gradients: 16 steps, each a forward and a backward pass · 3 s"
+    # It took 4 s on the server: 4000 ms / (16 steps x 100) = 2.5 ms per step and size unit.
+    side_loop._learn_ig_rate(first, saliency_pb2.SaliencyResponse(server_time_ms=4000))
+    assert st.session_state[side_loop.IG_RATE] == 2.5
+    side_loop._learn_ig_rate(first, saliency_pb2.SaliencyResponse(server_time_ms=9, cache_hit=True))
+    assert st.session_state[side_loop.IG_RATE] == 2.5  # a cache hit says nothing about the time
+
+    second = request("x" * 190, " y" * 5, 32)  # twice the size, twice the steps: 2.5 x 32 x 200 ms
+    words = side_loop._ig_progress(second, clock=lambda: now[0])
+    now[0] += 7.4
+    assert words() == (
+        "Integrated gradients: 32 steps, each a forward and a backward pass · 7 s of about 16 s "
+        "(estimated from your last IG call)"
+    )
+    now[0] += 20.0  # past the estimate: the seconds go on counting
+    assert words().startswith(
+        "Integrated gradients: 32 steps, each a forward and a backward pass · 27 s of about 16 s"
+    )
+    assert side_loop.ig_estimate_s(200, 32, 2.5) == 16.0 and side_loop.ig_estimate_s(200, 32, None) is None
+    assert side_loop.ig_progress_words(200, 32, None, 7.4) == (
+        "Integrated gradients: 32 steps, each a forward and a backward pass · 7 s"
+    )
+
+
 def test_integrated_gradients_in_the_page_warns_by_the_rule_and_learns_its_duration(app: AppTest) -> None:
     at = run_ok(app)
     at.radio(key="w_method").set_value("INTEGRATED_GRADIENTS")

@@ -189,7 +189,8 @@ def precompute_words(endpoints: Endpoints, request_id: str) -> str:
     if status is None:
         return ""
     if status.state == saliency_pb2.REQUEST_STATE_PAUSED:
-        return f"paused while {_ahead(status)} go first, resumes where it stopped"
+        go = "goes" if status.ahead == 1 else "go"
+        return f"paused while {_ahead(status)} {go} first, resumes where it stopped"
     if status.state == saliency_pb2.REQUEST_STATE_QUEUED:
         return f"waiting behind {_ahead(status)}"
     if status.state == saliency_pb2.REQUEST_STATE_RUNNING:

@@ -196,21 +196,31 @@ def _ig_steps(request: saliency_pb2.SaliencyRequest) -> int:
     return request.problem.ig_steps or clients.load_settings().ig_steps
 
 
-def _ig_progress(request: saliency_pb2.SaliencyRequest) -> Callable[[], str]:
+def ig_estimate_s(size: int, steps: int, rate: float | None) -> float | None:
+    """The rule of the estimate: the last IG call's ms per step and size unit (``rate``, see
+    :func:`_learn_ig_rate`) times this call's steps and size, in seconds (``None`` without a rate)."""
+    return rate * steps * size / 1000 if rate else None
+
+
+def ig_progress_words(size: int, steps: int, rate: float | None, elapsed_s: float) -> str:
+    """The status line of an integrated-gradients call of ``size`` (:func:`_ig_size`) and ``steps``
+    steps, ``elapsed_s`` seconds in, with the estimate from ``rate`` when there is one."""
+    text = f"Integrated gradients: {steps} steps, each a forward and a backward pass · {elapsed_s:.0f} s"
+    estimate_s = ig_estimate_s(size, steps, rate)
+    if estimate_s:
+        text += f" of about {estimate_s:.0f} s (estimated from your last IG call)"
+    return text
+
+
+def _ig_progress(
+    request: saliency_pb2.SaliencyRequest, clock: Callable[[], float] = time.monotonic
+) -> Callable[[], str]:
     """Words on the long integrated-gradients call, for its status line: its steps, the time so far
     and an estimate from this session's previous IG call (the server reports no IG steps)."""
-    steps, started = _ig_steps(request), time.monotonic()
+    steps, size, started = _ig_steps(request), _ig_size(request), clock()
     rate = st.session_state.get(IG_RATE)
-    estimate_s = rate * steps * _ig_size(request) / 1000 if isinstance(rate, float) else None
-
-    def words() -> str:
-        elapsed = time.monotonic() - started
-        text = f"Integrated gradients: {steps} steps, each a forward and a backward pass · {elapsed:.0f} s"
-        if estimate_s:
-            text += f" of about {estimate_s:.0f} s (estimated from your last IG call)"
-        return text
-
-    return words
+    rate = rate if isinstance(rate, float) else None
+    return lambda: ig_progress_words(size, steps, rate, clock() - started)
 
 
 def _learn_ig_rate(request: saliency_pb2.SaliencyRequest, response: saliency_pb2.SaliencyResponse) -> None:

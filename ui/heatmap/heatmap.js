@@ -13,11 +13,13 @@
 // Stable hooks for browser tests:
 //   root: data-testid="seqsal-heatmap" (+ class "seqsal-chips" in token-chip mode)
 //   unit: span.seqsal-unit with data-part (prompt|target|foil), data-index, data-score;
-//         selected response segments carry class "seqsal-selected".
+//         selected response segments carry class "seqsal-selected"; whitespace-only response
+//         segments carry class "seqsal-inert" (not focusable, not clickable, never outlined).
 //   root data-render-ms: time to build and attach the view (ms); data-units: unit count.
 
 const COLOR = /^#[0-9a-fA-F]{6}$/;
 const LEADING_SPACE = /^[ \t\u00a0]*/;
+const TRAILING_SPACE = /\s*$/;
 
 function fmt(x) {
   if (x === null || x === undefined || Number.isNaN(x)) return "n/a";
@@ -79,10 +81,12 @@ function buildUnits(data, frag, wanted, selected, whole) {
   const n = u.text.length;
   let count = 0;
   let firstTarget = null;
+  let marked = false;
   for (let i = 0; i < n; i += 1) {
     const part = u.part[i];
     if (!wanted(part)) continue;
-    if (part === "target" && firstTarget === null) {
+    if (part === "target" && !marked) {
+      marked = true;
       const mark = el("span", "seqsal-boundary");
       mark.title = "the response starts here";
       mark.setAttribute("aria-hidden", "true");
@@ -108,17 +112,27 @@ function buildUnits(data, frag, wanted, selected, whole) {
     // A unit's leading spaces go in front of it, uncoloured: where a line wraps before the word
     // they hang at the end of the line, and coloured they would draw a bar there.
     const text = String(u.text[i]);
-    const lead = LEADING_SPACE.exec(text)[0];
-    if (lead && lead.length < text.length) frag.appendChild(document.createTextNode(lead));
-    span.textContent = lead.length < text.length ? text.slice(lead.length) : text;
+    const blank = !text.trim();
+    const lead = blank ? "" : LEADING_SPACE.exec(text)[0];
+    // A response unit's trailing whitespace (the newlines that end a sentence) goes after it,
+    // uncoloured and not clickable: in the span it would stretch the selection's outline and the
+    // click target onto the empty line below.
+    const trail = blank || part !== "target" ? "" : TRAILING_SPACE.exec(text)[0];
+    if (lead) frag.appendChild(document.createTextNode(lead));
+    span.textContent = text.slice(lead.length, text.length - trail.length);
     // Blank lines (only whitespace with a newline) are not boxed in chip mode.
-    if (/\n/.test(text) && !text.trim()) span.classList.add("seqsal-blank");
-    if (part === "target") {
+    if (/\n/.test(text) && blank) span.classList.add("seqsal-blank");
+    if (part === "target" && blank) {
+      // Whitespace only (a trailing newline of the response): nothing to see, so nothing to
+      // click, focus or outline.
+      span.classList.add("seqsal-inert");
+    } else if (part === "target") {
       span.tabIndex = 0;
       span.setAttribute("role", "button");
       if (firstTarget === null) firstTarget = span;
     }
     frag.appendChild(span);
+    if (trail) frag.appendChild(document.createTextNode(trail));
     count += 1;
   }
   return { count, firstTarget };
@@ -136,6 +150,7 @@ function markSelection(root, selection, whole) {
 function onActivate(root, unit, additive) {
   const state = root.seqsalState;
   if (!state || !state.data) return;
+  if (unit.classList.contains("seqsal-inert")) return;
   const index = Number(unit.getAttribute("data-index"));
   // Optimistic: mark the new selection at once; Python answers with the new heatmap.
   const next = nextSelection(state.selection, index, additive);
