@@ -263,29 +263,6 @@ def test_sigterm_stops_a_background_precompute_within_the_grace(
     print(f"\n[sigterm] caller {caller}: exited {elapsed:.1f} s after SIGTERM (grace {PRECOMPUTE_GRACE_S} s)")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="grpcio's sync stream with channel retries: when the server drops a stream before its "
-    "first message and every retry fails, the call never ends (until its deadline); grpc.aio ends it",
-)
-def test_a_reading_caller_with_the_default_retries_is_told_when_the_server_exits(
-    tiny_llama_dir: Path, tmp_path: Path
-) -> None:
-    with (
-        _server(tiny_llama_dir, tmp_path, PRECOMPUTE_GRACE_S) as (process, address, _log_path),
-        SaliencyClient(address, timeout=30.0) as client,  # DEFAULT_RETRY, as the CLI's client
-    ):
-        precompute = _Precompute(client)
-        precompute.wait_running()
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=PRECOMPUTE_GRACE_S + EXIT_MARGIN_S + 30) == 0
-        told = precompute.ended.wait(10)  # the retries (~3 s) are over by then
-        if not told:
-            precompute.call.cancel()  # (frees the reader thread)
-    assert told, "the stream was still waiting 10 s after the server exited"
-    assert precompute.code == grpc.StatusCode.UNAVAILABLE
-
-
 async def test_shutdown_cancels_a_computation_whose_caller_is_still_there(tiny_llama_dir: Path) -> None:
     """After the drain the server closes its serving layer: a precompute still computing then (its
     stream still open) is cancelled and its worker thread ends at the next checkpoint, instead of
