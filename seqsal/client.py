@@ -74,9 +74,10 @@ class _CallMetadata:
 
 
 def channel_options(
-    max_message_mb: int = 64, retry: RetryPolicy = DEFAULT_RETRY
+    max_message_mb: int = 64, retry: RetryPolicy = DEFAULT_RETRY, *, retry_streams: bool = True
 ) -> list[tuple[str, int | str]]:
-    """Options of every client channel: message sizes, load balancing, the retry policy."""
+    """Options of every client channel: message sizes, load balancing, the retry policy
+    (``retry_streams``: whether streams are retried too, :meth:`RetryPolicy.service_config`)."""
     size = max_message_mb * 1024 * 1024
     return [
         ("grpc.max_receive_message_length", size),
@@ -85,7 +86,7 @@ def channel_options(
         # Service), spread calls over all of them instead of pinning one connection; a call that
         # fails with UNAVAILABLE (a replica restarting) is retried, as seqsal.retry explains
         ("grpc.lb_policy_name", "round_robin"),
-        *retry.channel_options(size),
+        *retry.channel_options(size, retry_streams=retry_streams),
     ]
 
 
@@ -308,6 +309,8 @@ class _Client:
     """Channel, deadline, metadata and request ids shared by every client."""
 
     stub_class: Any = None
+    #: Whether the channel retries server-streaming calls too (:mod:`seqsal.retry`).
+    retry_streams = True
 
     def __init__(
         self,
@@ -337,7 +340,8 @@ class _Client:
                 (:mod:`seqsal.retry`; ``RetryPolicy(wait_for_ready=True)`` rides out a restart).
         """
         token, tls_config = _security(token, tls, settings)
-        self.channel = channel or self._open(target, tls_config, channel_options(max_message_mb, retry))
+        options = channel_options(max_message_mb, retry, retry_streams=self.retry_streams)
+        self.channel = channel or self._open(target, tls_config, options)
         self.stub = self.stub_class(self.channel)
         self.timeout = timeout
         self._metadata = _CallMetadata(metadata, token)
@@ -360,6 +364,9 @@ class _SyncClient(_Client):
     """The blocking clients: calls return messages, streams are iterators."""
 
     _open = staticmethod(sync_channel)
+    # grpcio's sync stream never ends when the server drops it before its first message and the
+    # retries fail (seqsal.retry): the caller is told at once instead
+    retry_streams = False
 
     def _call(self, method: Any, request: Any, timeout: float | None, request_id: str | None = None) -> Any:
         kwargs = self._call_kwargs(timeout, request_id)

@@ -12,7 +12,10 @@ attempts (gRPC caps this at 5), all within the call's own deadline:
 * ``SaliencyAllSegments``, ``GenerateStream``: gRPC retries a stream only until the server has
   sent its response headers (seqsal servers send them with the first message), so a stream cut
   after its first message fails with ``UNAVAILABLE``; calling again is cheap for
-  ``SaliencyAllSegments``, whose finished segments are cached.
+  ``SaliencyAllSegments``, whose finished segments are cached. The blocking (sync) clients do
+  not retry streams at all (``retry_streams=False``): grpcio's sync stream, when the server
+  drops it before its first message and the retries fail, never ends until its deadline (up to
+  minutes; the asyncio stream ends), so there the caller is told ``UNAVAILABLE`` at once.
 
 Other codes are never retried here: ``RESOURCE_EXHAUSTED`` means overload (retrying would
 feed it; the caller decides, helped by the ``RetryInfo`` detail of rate limits), and
@@ -73,9 +76,22 @@ class RetryPolicy:
         if self.initial_backoff_s <= 0 or self.max_backoff_s < self.initial_backoff_s or self.multiplier < 1:
             raise ValueError("backoff must be > 0, max_backoff_s >= initial_backoff_s and multiplier >= 1")
 
-    def service_config(self) -> dict[str, object]:
-        """The service config (as a dict) that applies this policy to every seqsal method."""
+    def service_config(self, *, retry_streams: bool = True) -> dict[str, object]:
+        """The service config (as a dict) that applies this policy to every seqsal method.
+
+        ``retry_streams=False`` leaves the server-streaming methods out of the retries (a method's
+        own entry wins over its service's in gRPC's service config).
+        """
         method: dict[str, object] = {"name": [{"service": service.full_name} for service in SERVICES]}
+        configs: list[dict[str, object]] = [method]
+        if not retry_streams and self.attempts > 1:
+            streams = [
+                {"service": service.full_name, "method": m.name}
+                for service in SERVICES
+                for m in service.methods
+                if m.server_streaming
+            ]
+            configs.append({"name": streams, **({"waitForReady": True} if self.wait_for_ready else {})})
         if self.wait_for_ready:
             method["waitForReady"] = True
         if self.attempts > 1:
@@ -87,17 +103,20 @@ class RetryPolicy:
                 "retryableStatusCodes": ["UNAVAILABLE"],
             }
         return {
-            "methodConfig": [method],
+            "methodConfig": configs,
             # while more than half of a channel's recent calls fail, stop retrying
             "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
         }
 
-    def channel_options(self, max_message_bytes: int) -> list[tuple[str, int | str]]:
-        """Channel options that install the policy."""
+    def channel_options(
+        self, max_message_bytes: int, *, retry_streams: bool = True
+    ) -> list[tuple[str, int | str]]:
+        """Channel options that install the policy (``retry_streams``: see :meth:`service_config`)."""
         reconnect_ms = int(self.max_reconnect_backoff_s * 1000)
+        config = self.service_config(retry_streams=retry_streams)
         return [
             ("grpc.enable_retries", 1 if self.attempts > 1 else 0),
-            ("grpc.service_config", json.dumps(self.service_config())),
+            ("grpc.service_config", json.dumps(config)),
             # only ours: a DNS TXT record must not replace it
             ("grpc.service_config_disable_resolution", 1),
             # a request is retried only while it fits the retry buffer: let any allowed message fit

@@ -117,6 +117,46 @@ async def test_unavailable_is_retried_by_the_channel_and_overload_is_not(
         assert busy.calls == 1  # overload is the caller's decision, never retried by the channel
 
 
+class FlakyStream:
+    """Stands in for ``serving.saliency_all_segments``: the first ``failures`` streams fail with
+    UNAVAILABLE before their first message."""
+
+    def __init__(self, real: Callable[..., Any], failures: int) -> None:
+        self.real, self.failures, self.calls = real, failures, 0
+
+    async def __call__(self, request: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise UnavailableError("restarting")
+        async for message in self.real(request, **kwargs):
+            yield message
+
+
+async def test_a_stream_is_retried_by_asyncio_clients_and_not_by_sync_ones(
+    run_saliency_server: SaliencyServerFactory, model_spec: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream the server fails before its first message: the asyncio client's channel retries
+    it; the sync client's does not (grpcio's sync stream would wait for its deadline once the
+    retries fail, seqsal.retry), so its caller is told at once."""
+    request = dict(prompt=PROMPT, target=TARGET, granularity=common_pb2.SENTENCES)
+    async with run_saliency_server(make_settings(model_spec)) as srv:
+        flaky = FlakyStream(srv.serving.saliency_all_segments, failures=1)
+        monkeypatch.setattr(srv.serving, "saliency_all_segments", flaky)
+        async with AsyncSaliencyClient(srv.address, timeout=60.0) as client:
+            messages = [m async for m in client.saliency_all_segments(**request)]
+        assert len(messages) == 3 and flaky.calls == 2  # one retry, then the three sentences
+
+        flaky.calls = 0
+
+        def read_sync() -> None:
+            with SaliencyClient(srv.address, timeout=60.0) as client:
+                list(client.saliency_all_segments(**request))
+
+        with pytest.raises(UnavailableError):
+            await asyncio.to_thread(read_sync)
+        assert flaky.calls == 1  # no retry: the caller decides
+
+
 # --- Redis killed and restarted mid-run ----------------------------------------------------------
 
 

@@ -232,10 +232,11 @@ def test_sigterm_stops_a_background_precompute_within_the_grace(
     way the computation stops at a checkpoint, and the process exits with 0 within the grace plus
     a margin, without the warning that a computation did not stop.
 
-    The caller's channel does not retry (attempts=1): see the test below for what the default
-    policy does to a stream the server dropped."""
+    The caller is the UI's: a sync client with the default retry policy. Its stream must end when
+    the server exits (grpcio's sync stream with retries once waited for its deadline, minutes:
+    seqsal.retry leaves streams of the sync clients out of the retries)."""
     with _server(tiny_llama_dir, tmp_path, PRECOMPUTE_GRACE_S) as (process, address, log_path):
-        with SaliencyClient(address, timeout=30.0, retry=RetryPolicy(attempts=1)) as client:
+        with SaliencyClient(address, timeout=30.0) as client:  # DEFAULT_RETRY, as the UI's
             precompute = _Precompute(client)
             precompute.wait_running()
             if caller == "gone":
