@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,17 +114,19 @@ def _default_sigint() -> None:
 
 @contextmanager
 def running_stack(
-    model_dir: Path, log_dir: Path, env: Mapping[str, str] | None = None
+    models: Path | Sequence[str], log_dir: Path, env: Mapping[str, str] | None = None
 ) -> Iterator[RunningStack]:
-    """``seqsal up`` with the default model on free ports (``env``: more SEQSAL_* settings), until
-    the block ends; stopped with SIGINT, which must exit with code 0."""
+    """``seqsal up`` on free ports (``env``: more SEQSAL_* settings), until the block ends; stopped
+    with SIGINT, which must exit with code 0. ``models``: the default model's folder, or the
+    models to host ('ID=PATH', the first is the default)."""
+    specs = [f"{MODEL_ID}={models}"] if isinstance(models, Path) else list(models)
     saliency_port, inference_port, ui_port, redis_port = (free_port() for _ in range(4))
     environ = os.environ | {"SEQSAL_STACK_REDIS_PORT": str(redis_port), "SEQSAL_SHUTDOWN_GRACE_S": "5"}
     environ |= dict(env or {})
     environ.pop("REDIS_URL", None)
     command = [
         sys.executable, "-m", "seqsal_cli", "up", "--backend", "transformers",
-        "--model", f"{MODEL_ID}={model_dir}", "--port", str(saliency_port),
+        *(arg for spec in specs for arg in ("--model", spec)), "--port", str(saliency_port),
         "--inference-port", str(inference_port), "--ui-port", str(ui_port), "--log-dir", str(log_dir),
     ]  # fmt: skip
     t0 = time.monotonic()
@@ -333,10 +335,11 @@ def wait_settled_after_precompute(page: Page) -> None:
     wait_idle(page)
 
 
-def open_expander(page: Page, label: str) -> Locator:
-    """Open the expander ``label`` and wait for its opening animation to end (so that the next
-    click lands on a settled layout); returns the expander."""
-    expander = page.locator('[data-testid="stExpander"]').filter(has_text=label).first
+def open_expander(page: Page, label: str | re.Pattern[str]) -> Locator:
+    """Open the expander ``label`` (its exact text, or a pattern) and wait for its opening
+    animation to end (so that the next click lands on a settled layout); returns the expander."""
+    summary = page.get_by_text(label, exact=True)
+    expander = page.locator('[data-testid="stExpander"]').filter(has=summary).first
     expander.get_by_text(label, exact=True).click()
     details = expander.locator("details").first
     wait_until(
@@ -454,9 +457,13 @@ def test_click_recommendation_colours_prompt_by_score(
     shot(page, tmp_path, "04-token-chips")
 
     # The matrix view (rows = response segments): a click on a row selects that segment alone.
-    page.get_by_text(re.compile(r"^Matrix: \d+ response segments")).click()
+    # Opened once no run is redrawing the page and its animation is over: a row that moves between a
+    # click's press and release loses the click (see wait_settled_after_precompute).
+    wait_idle(page)
+    open_expander(page, re.compile(r"^Matrix: \d+ response segments × \d+ prompt segments$"))
     row = page.locator(f'{MATRIX_ROWS}[data-index="{recommendation}"]')
     expect(page.locator(MATRIX_ROWS)).to_have_count(len(texts))
+    expect(row).to_be_visible()
     t0 = time.monotonic()
     row.click()
     data = settled(page, lambda d: d["selected"] == [recommendation], "the heatmap of the row clicked")

@@ -6,22 +6,15 @@ a user would: pin the restaurant example, move the current side to ``gpt2``, see
 (each component's root says which side it draws in ``data-side``), turn on the shared colour
 scale, then change what the pinned side explains without unpinning it.
 
-:func:`test_ui_browser.running_stack` starts the stack with the one default model, so this
-module starts its own ``seqsal up`` with both models, and takes everything else (browser, page,
-helpers) from test_ui_browser.py.
+The stack, browser, page and helpers come from test_ui_browser.py (:func:`running_stack` with
+both models).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +22,13 @@ import pytest
 from test_ui_browser import (  # noqa: F401  (fixtures: browser, page)
     CHROMIUM,
     HEATMAP,
-    REPO_ROOT,
-    START_TIMEOUT_S,
     WAIT_MS,
     RunningStack,
     browser,
-    free_port,
     open_app,
     page,
     query,
+    running_stack,
     shot,
     wait_query,
     wait_until,
@@ -54,72 +45,12 @@ from playwright.sync_api import Locator, Page, expect  # noqa: E402
 SIDES = ("pin", "main")
 
 
-@contextmanager
-def two_model_stack(models: list[str], log_dir: Path) -> Iterator[RunningStack]:
-    """``seqsal up`` hosting ``models`` ('ID=PATH', the first is the default) on free ports, until the
-    block ends; stopped with SIGINT, which must exit with code 0 (as running_stack, which takes one)."""
-    saliency_port, inference_port, ui_port, redis_port = (free_port() for _ in range(4))
-    environ = os.environ | {"SEQSAL_STACK_REDIS_PORT": str(redis_port), "SEQSAL_SHUTDOWN_GRACE_S": "5"}
-    environ.pop("REDIS_URL", None)
-    command = [
-        sys.executable, "-m", "seqsal_cli", "up", "--backend", "transformers",
-        *(arg for model in models for arg in ("--model", model)), "--port", str(saliency_port),
-        "--inference-port", str(inference_port), "--ui-port", str(ui_port), "--log-dir", str(log_dir),
-    ]  # fmt: skip
-    t0 = time.monotonic()
-    process = subprocess.Popen(
-        command,
-        env=environ,
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job ignores it
-    )
-    running = RunningStack(
-        process=process,
-        url=f"http://127.0.0.1:{ui_port}",
-        log_dir=log_dir,
-        saliency_address=f"127.0.0.1:{saliency_port}",
-    )
-    up = threading.Event()
-
-    def read() -> None:  # keeps the pipe drained for the whole run
-        assert process.stdout is not None
-        for line in process.stdout:
-            running.output.append(line)
-            if "seqsal is up" in line:
-                up.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not up.wait(0.5):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"seqsal up did not come up (exit code {process.poll()}):\n{running.log_tail()}")
-        running.started_s = time.monotonic() - t0
-        print(f"\n[ui-sxs-browser] stack up in {running.started_s:.1f} s at {running.url}")
-        yield running
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-        try:
-            code = process.wait(90)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            code = None
-        reader.join(5)
-    assert code == 0, f"seqsal up exited with {code} after SIGINT:\n{running.log_tail()}"
-
-
 @pytest.fixture(scope="module")
 def sxs_stack(
     tiny_chat_llama_dir: Path, tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningStack]:
     models = [f"tiny={tiny_chat_llama_dir}", f"gpt2={tiny_model_dirs['gpt2']}"]
-    with two_model_stack(models, tmp_path_factory.mktemp("ui_sxs_browser_stack") / "logs") as running:
+    with running_stack(models, tmp_path_factory.mktemp("ui_sxs_browser_stack") / "logs") as running:
         yield running
 
 
