@@ -421,11 +421,18 @@ def test_scale_controls(app: AppTest) -> None:
     assert not any(every["units"]["excluded"]) and every["legend"]["rules"] == ""
     assert at.query_params["all"] == "1"
 
-    at.selectbox(key="w_clip").set_value(90.0)
+    clip = at.selectbox(key="w_clip")  # the default is an option shown by name, not a placeholder
+    assert clip.index == 0 and clip.value == 100.0 and clip.options[0] == "largest |score|"
+    clip.set_value(90.0)
     run_ok(at)
     clipped = payloads(at)["main"]
     assert clipped["legend"]["max"] < every["legend"]["max"] and clipped["legend"]["percentile"] == 90.0
     assert at.query_params["clip"] == "90"
+    at.selectbox(key="w_clip").set_value(100.0)
+    run_ok(at)
+    assert "clip" not in at.query_params and payloads(at)["main"]["legend"]["max"] == every["legend"]["max"]
+    at.selectbox(key="w_clip").set_value(90.0)
+    run_ok(at)
 
     at.radio(key="w_aggregate").set_value("mean")
     run_ok(at)

@@ -23,9 +23,11 @@ playwright_sync = pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
 
 from ui.heatmap import component_js  # noqa: E402
+from ui.matrix import build_matrix  # noqa: E402
 from ui.state import apply_click  # noqa: E402
 
 HEATMAP_DIR = Path(__file__).resolve().parent.parent / "ui" / "heatmap"
+MATRIX_DIR = HEATMAP_DIR.parent / "matrix"
 UNIT = '[data-testid="seqsal-heatmap"] span.seqsal-unit'
 
 
@@ -194,3 +196,34 @@ def test_a_whitespace_only_response_unit_cannot_be_focused_clicked_or_outlined(p
     # The visible units still are buttons, and a click on one is sent.
     page.locator(f'{UNIT}[data-part="target"][data-index="0"]').click()
     assert [v["indices"] for _, v in page.evaluate("() => window.sent")] == [[0]]
+
+
+def test_a_whitespace_only_segments_matrix_row_cannot_be_clicked(page: Page) -> None:
+    """The matrix view's row of a whitespace-only response segment is inert, as its heatmap unit."""
+    js = component_js(MATRIX_DIR, "matrix")
+    browser = page.context.browser
+    assert browser is not None
+    page = browser.new_page()  # its own page: both scripts declare the same top-level names
+    page.set_content('<div id="host"></div>')
+    page.add_style_tag(content=(MATRIX_DIR / "matrix.css").read_text(encoding="utf-8"))
+    page.add_script_tag(content=js.replace("export default function", "window.seqsalMatrix = function"))
+    texts = ["Tasty.", "\n\n", "Try it."]
+    segments = [common_pb2.Segment(text=t) for t in texts]
+    responses = {i: response(PROMPT, texts) for i in range(len(texts))}
+    data = build_matrix(responses, segments, lambda r: 0, side="main")
+    assert data is not None and [r["inert"] for r in data["rows"]] == [False, True, False]
+    page.evaluate(
+        """data => { window.sent = [];
+            window.seqsalMatrix({data, parentElement: document.getElementById("host"),
+                                 setStateValue: (name, value) => window.sent.push([name, value])}); }""",
+        data,
+    )
+    rows = page.locator('[data-testid="seqsal-matrix"] tr.seqsal-matrix-row')
+    assert rows.count() == 3
+    blank = rows.nth(1)
+    assert blank.evaluate("r => [r.classList.contains('seqsal-inert'), r.tabIndex]") == [True, -1]
+    blank.evaluate("r => r.click()")
+    assert page.evaluate("() => window.sent") == []
+    rows.nth(2).evaluate("r => r.click()")
+    assert [v["indices"] for _, v in page.evaluate("() => window.sent")] == [[2]]
+    page.close()

@@ -115,9 +115,19 @@ def write_side(ss: MutableMapping[str, Any], side: SideState) -> None:
     ss[selection_key("main")] = tuple(side.selection)
 
 
+#: The colour-range widget's value for "the largest |score|" (``DisplayState.clip`` None): the
+#: 100th percentile is the largest, and a selectbox shows a placeholder for a None value.
+CLIP_LARGEST = 100.0
+
+
 def write_display(ss: MutableMapping[str, Any], display: DisplayState) -> None:
     for name, key in D.items():
-        ss[key] = getattr(display, name)
+        value = getattr(display, name)
+        ss[key] = CLIP_LARGEST if name == "clip" and value is None else value
+
+
+def _clip(value: Any) -> float | None:
+    return None if value is None or float(value) >= CLIP_LARGEST else float(value)
 
 
 def read_side(ss: Mapping[str, Any], default_model: str = "") -> SideState:
@@ -148,7 +158,7 @@ def read_display(ss: Mapping[str, Any]) -> DisplayState:
         chips=bool(ss.get(D["chips"], d.chips)),
         compact=bool(ss.get(D["compact"], d.compact)),
         scale_all=bool(ss.get(D["scale_all"], d.scale_all)),
-        clip=None if ss.get(D["clip"], d.clip) is None else float(ss[D["clip"]]),
+        clip=_clip(ss.get(D["clip"], d.clip)),
         aggregate=str(ss.get(D["aggregate"], d.aggregate)),
         shared_scale=bool(ss.get(D["shared_scale"], d.shared_scale)),
         template=bool(ss.get(D["template"], d.template)),

@@ -368,7 +368,9 @@ def _explain(
         same_target = isinstance(previous, tuple) and previous[0] == target_key
         selection = tuple(segments_overlapping(result.target_segments, previous[1])) if same_target else ()
     ss[ctx_key] = context
-    selection = tuple(i for i in selection if 0 <= i < len(masks))
+    # whitespace-only segments (a response's trailing newline) are not selectable from anywhere:
+    # a click on them is ignored by the heatmap and the matrix, and a link's sel= drops them
+    selection = tuple(i for i in selection if 0 <= i < len(masks) and masks[i][0].text.strip())
     ss[selection_key(name)] = selection
     spans = [(masks[i][0].char_start, masks[i][0].char_end) for i in selection]
     ss[spans_key] = (target_key, spans)

@@ -36,7 +36,7 @@ UPLOADED = "v_uploaded_examples"
 UPLOAD_PROBLEMS = "v_upload_problems"
 INTENSITIES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 #: Colour-range choices: the largest |score|, or a percentile of them (seqsal.scale).
-CLIPS: tuple[float | None, ...] = (None, 99.0, 95.0, 90.0)
+CLIPS: tuple[float, ...] = (session.CLIP_LARGEST, 99.0, 95.0, 90.0)
 
 _MD_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")
 
@@ -203,7 +203,7 @@ def sidebar(report: ModelsReport, endpoints: Endpoints) -> None:
                 INTENSITIES, key=lambda x: abs(x - float(ss[session.D["intensity"]]))
             )
         if ss.get(session.D["clip"]) not in CLIPS:
-            ss[session.D["clip"]] = None
+            ss[session.D["clip"]] = session.CLIP_LARGEST
         st.select_slider(
             "Colour intensity",
             INTENSITIES,
@@ -231,7 +231,9 @@ def sidebar(report: ModelsReport, endpoints: Endpoints) -> None:
         st.selectbox(
             "Colour range",
             CLIPS,
-            format_func=lambda p: "largest |score|" if p is None else f"{p:g}th percentile of |score|",
+            format_func=lambda p: (
+                "largest |score|" if p >= session.CLIP_LARGEST else f"{p:g}th percentile of |score|"
+            ),
             key=session.D["clip"],
             help="A percentile keeps one outlier from washing out the rest (units beyond it saturate).",
         )
@@ -477,9 +479,12 @@ def prefetch_panel(result: SideResult) -> None:
             else:
                 st.progress(0.0, text=f"Precomputing every segment in the background…{where}")
         else:
-            st.caption(
-                f":material/bolt: All {p.total} segments precomputed in {p.elapsed_s:.1f} s: "
-                "clicks are answered from the cache."
+            # a full bar, not a caption: the same element and height as while it ran, so the end
+            # of the precompute moves nothing under it (a button moving mid-click loses the click)
+            st.progress(
+                1.0,
+                text=f"All {p.total} segments precomputed in {p.elapsed_s:.1f} s: "
+                "clicks are answered from the cache.",
             )
         if was_running and p.finished:
             st.rerun(scope="app")

@@ -8,7 +8,8 @@ whole matrix (the largest |cell|, or the display's percentile, by the rules of
 includes them), so rows can be compared. Columns are the prompt units the heatmap draws.
 
 A click on a row is the same as a click on that target segment in the heatmap: it sets the
-side's selection (shift-click adds or removes it), numbered as the heatmap's clicks are, so a
+side's selection (shift-click adds or removes it; a whitespace-only segment's row is inert, as
+its heatmap unit is), numbered as the heatmap's clicks are, so a
 click made while a run is in flight is applied by the next run (:func:`ui.session.apply_numbered_click`).
 Like the heatmap it is a bidirectional ``st.components.v2`` component (``matrix.js`` draws the
 table with DOM text nodes; ``matrix.css``).
@@ -84,7 +85,12 @@ def build_matrix(
     rows = []
     for index, segment in enumerate(target_segments):
         units = rows_units.get(index)
-        row: dict[str, Any] = {"index": index, "text": _label(segment.text), "title": segment.text}
+        row: dict[str, Any] = {
+            "index": index,
+            "text": _label(segment.text),
+            "title": segment.text,
+            "inert": not segment.text.strip(),  # whitespace only: not selectable, as in the heatmap
+        }
         if units is None or len(units) != len(first):
             row.update(ready=False, colors=[], scores=[])
         else:

@@ -7,7 +7,8 @@
 //
 // Stable hooks for browser tests: root data-testid="seqsal-matrix" (data-side, data-rows,
 // data-ready); each row tr.seqsal-matrix-row with data-index (target segment) and class
-// "seqsal-selected" when selected, "seqsal-pending" when not precomputed yet.
+// "seqsal-selected" when selected, "seqsal-pending" when not precomputed yet, "seqsal-inert" when
+// its segment is whitespace only (not clickable).
 
 const COLOR = /^#[0-9a-fA-F]{6}$/;
 
@@ -43,7 +44,8 @@ function build(root, data) {
   for (const row of data.rows) {
     const tr = el("tr", "seqsal-matrix-row");
     tr.setAttribute("data-index", String(row.index));
-    tr.setAttribute("tabindex", "0");
+    if (row.inert) tr.classList.add("seqsal-inert");
+    else tr.setAttribute("tabindex", "0");
     tr.classList.toggle("seqsal-selected", selected.has(row.index));
     tr.classList.toggle("seqsal-pending", !row.ready);
     const label = el("th", "seqsal-matrix-rowlabel", String(row.text));
@@ -69,7 +71,7 @@ function build(root, data) {
 
 function activate(root, tr, additive) {
   const state = root.seqsalState;
-  if (!state || !state.data) return;
+  if (!state || !state.data || tr.classList.contains("seqsal-inert")) return;
   const index = Number(tr.getAttribute("data-index"));
   // the selection this click makes (ui/heatmap/selection.js: the heatmap's rule), numbered as the
   // heatmap's clicks are, so Python applies it once even when it lands during a run
