@@ -143,6 +143,25 @@ def test_the_selection_survives_a_granularity_change_and_a_prompt_edit(app: AppT
     assert payloads(at)["main"]["selected"] == []
 
 
+def test_a_whitespace_only_segment_cannot_be_selected_by_a_link_or_state(app: AppTest) -> None:
+    """A response's newline token is a whitespace-only segment at token granularity; a selection of
+    it (a link's sel=, or a stale click) is dropped: there is nothing to see or explain in it."""
+    at = run_ok(app)
+    at.text_area(key="w_reference").set_value("Tasty.\n\nTry it.\n")
+    at.selectbox(key="w_granularity").set_value("TOKENS")
+    run_ok(at)
+    rows = [r for r in unit_rows(payloads(at)["main"]) if r["part"] == "target"]
+    blank = sorted({r["index"] for r in rows if not r["text"].strip()})
+    assert blank, [r["text"] for r in rows]  # a newline is a token of its own
+    visible = next(r["index"] for r in rows if r["text"].strip())
+    at.session_state["sel_main"] = (blank[0], visible)
+    run_ok(at)
+    assert payloads(at)["main"]["selected"] == [visible] and at.query_params["sel"] == str(visible)
+    at.session_state["sel_main"] = (blank[0],)
+    run_ok(at)
+    assert payloads(at)["main"]["selected"] == [] and "sel" not in at.query_params
+
+
 def test_the_first_heatmap_of_a_reference_target_waits_for_no_generation(
     app: AppTest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
