@@ -216,7 +216,7 @@ async def test_a_tokens_once_stream_equals_the_whole_one_restored(
         assert answer(message.saliency) == answer(other.saliency)  # segment sums to the last bit
 
 
-def test_long_prompt_ids_take_the_tokenizers_offsets(saliency: Any) -> None:
+async def test_long_prompt_ids_take_the_tokenizers_offsets(saliency: Any) -> None:  # the module is asyncio
     from server_kit.tokenization import prompt_tokens_from_ids, tokenize, tokens_from_ids
 
     tokenizer = saliency.serving.host.get("").tokenizer
