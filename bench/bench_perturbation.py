@@ -153,9 +153,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.vllm:
         from inference_server.backends.vllm_backend import VllmBackend
+        from inference_server.settings import InferenceSettings
         from server_kit.model_registry import ModelSpec
 
-        backend = VllmBackend(ModelSpec(id="bench", path=model_dir), tokenizer, settings)
+        # the inference server's settings (SEQSAL_VLLM_KV_CACHE_GB, SEQSAL_MAX_MODEL_LEN, ...)
+        inference = InferenceSettings(_env_file=None)  # type: ignore[call-arg]
+        backend = VllmBackend(ModelSpec(id="bench", path=model_dir), tokenizer, inference)
 
         async def vllm_runs() -> tuple[list[float], np.ndarray]:
             await backend.start()
