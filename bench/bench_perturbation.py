@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, run in (("sequential", sequential), ("batched", batched), ("gradient", gradient)):
             seconds, result = median_time(run, 1)
             figures[name].append(seconds)
+            print(f"  {name}: {seconds:.1f} s", flush=True)  # kept in the log if the run is stopped
             if result is not None:
                 results[name] = result
 
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                     start = time.perf_counter()
                     scored = await backend.score_rows(rows)
                     times.append(time.perf_counter() - start)
+                    print(f"  vllm: {times[-1]:.1f} s", flush=True)
                     out = np.array([float(np.sum(np.asarray(lp, dtype=np.float64))) for lp in scored])
                 return times, out
             finally:
