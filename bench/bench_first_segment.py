@@ -48,11 +48,10 @@ from seqsal.scale import ScaleRules
 from seqsal.v1 import common_pb2, saliency_pb2
 from server_kit.default_model import default_model_dir
 from server_kit.settings import ModelSettings
+from ui.examples import load_examples
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO_ROOT / "ui" / "examples.jsonl"
 console = Console(width=None if sys.stdout.isatty() else 120, log_path=False)
-GRANULARITY = {"sentences": common_pb2.SENTENCES, "words": common_pb2.WORDS, "lines": common_pb2.LINES}
 
 
 @dataclass
@@ -95,20 +94,19 @@ def main() -> None:
     settings = SaliencySettings(  # type: ignore[arg-type]
         data_dir=args.data_dir, redis_url=None, log_level="WARNING", **models
     )
-    lines = EXAMPLES.read_text(encoding="utf-8").splitlines()
-    examples = [e for e in (json.loads(line) for line in lines if line.strip()) if e.get("target")]
+    examples = [e for e in load_examples()[0] if e.target]  # the workbench's own loader
     with LocalSaliencyClient(settings) as client:
         for example in examples:
-            granularity = GRANULARITY[example["granularity"]]
+            granularity = common_pb2.Granularity.Value(example.granularity or "SENTENCES")
             whole = client.saliency(
-                prompt=example["prompt"], target=example["target"], methods=[method], granularity=granularity
+                prompt=example.prompt, target=example.target, methods=[method], granularity=granularity
             )
             parts = client.saliency_all_segments(
-                prompt=example["prompt"], target=example["target"], methods=[method], granularity=granularity
+                prompt=example.prompt, target=example.target, methods=[method], granularity=granularity
             )
             restore = WholeMessages()  # the stream sends tokens and segments once
             views = [whole, *(restore(m).saliency for m in parts)]
-            row: dict[str, object] = {"example": example["id"], "granularity": example["granularity"]}
+            row: dict[str, object] = {"example": example.id, "granularity": example.granularity}
             for name, rule in rules.items():
                 ranks = [first_segment_rank(v, rule) for v in views]
                 counts[name].views += len(ranks)
@@ -116,7 +114,7 @@ def main() -> None:
                 counts[name].top3 += sum(r is not None and r <= 3 for r in ranks)
                 row[name] = {"views": len(ranks), "first": sum(r == 1 for r in ranks)}
             per_example.append(row)
-            console.log(f"{example['id']}: {len(views)} views")
+            console.log(f"{example.id}: {len(views)} views")
 
     table = Table(title=f"The prompt's first segment as the top unit ({args.method}, {model_dir.name})")
     for column in ("rules", "views", "ranks first", "in the top 3"):
